@@ -1,0 +1,253 @@
+"""A strategy = a statistics `Normalizer` (how BN layers normalise) + an optional gradient `Updater`.
+
+`source`, `norm`, `alpha_bn` and `unmix_tns` are normalisers alone; `tent`, `eata`, `eta` and `sar`
+are updaters over test-batch statistics; `unmix_tns+tent` etc. pair UnMix-TNS statistics with an
+updater. Every step is a pure function of (handle, batch, state, config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from adapters import losses
+from adapters._bn import active_plan
+from adapters.base import (
+    AdaptationState,
+    BatchTooSmallError,
+    IncompatibleModelError,
+    ModelHandle,
+    StateMismatchError,
+    StepResult,
+    StepStats,
+    StrategyConfig,
+)
+
+
+class StatPlan(Protocol):
+    batch_stats: dict[int, tuple[Tensor, Tensor]]
+
+    def normalize(self, layer: Any, x: Tensor) -> Tensor: ...
+
+    def updated_tensors(self) -> dict[str, Tensor]: ...
+
+
+# forward(batch, affine overrides or None, update_stats, record) -> (logits, plan)
+Forward = Callable[[Tensor, Mapping[str, Tensor] | None, bool, bool], tuple[Tensor, StatPlan]]
+
+
+class Normalizer(Protocol):
+    name: str
+    config_cls: type[StrategyConfig]
+    min_batch_size: int
+
+    def init_tensors(self, handle: ModelHandle, cfg: Any, seed: int) -> dict[str, Tensor]: ...
+
+    def plan(
+        self,
+        handle: ModelHandle,
+        cfg: Any,
+        tensors: Mapping[str, Tensor],
+        affine: Mapping[str, Tensor] | None,
+        update: bool,
+        record: bool,
+    ) -> StatPlan: ...
+
+
+@dataclass
+class UpdateOutcome:
+    logits: Tensor
+    plan: StatPlan
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    used: int = 0
+    filtered: int = 0
+    updated: bool = False
+    loss: float | None = None
+    reset: bool = False
+
+
+class Updater(Protocol):
+    name: str
+    config_cls: type[StrategyConfig]
+
+    def init_state(
+        self, handle: ModelHandle, cfg: Any, forward: Forward, seed: int
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]: ...
+
+    def step(
+        self, handle: ModelHandle, x: Tensor, state: AdaptationState, cfg: Any, forward: Forward
+    ) -> UpdateOutcome: ...
+
+
+def merge_configs(name: str, *classes: type[StrategyConfig]) -> type[StrategyConfig]:
+    """One frozen config class with the fields of all parts (field names must not clash)."""
+    unique = [c for i, c in enumerate(classes) if c is not StrategyConfig and c not in classes[:i]]
+    if not unique:
+        return StrategyConfig
+    if len(unique) == 1:
+        return unique[0]
+    seen: set[str] = set()
+    for c in unique:
+        clash = seen & set(c.model_fields)
+        if clash:
+            raise ValueError(f"config fields clash in {name}: {sorted(clash)}")
+        seen |= set(c.model_fields)
+    return type(name, tuple(unique), {"__doc__": " + ".join(c.__name__ for c in unique)})
+
+
+class ComposedStrategy:
+    """The concrete `Strategy`: runs a normaliser, then (if any) an updater, and reports stats."""
+
+    def __init__(
+        self, name: str, summary: str, normalizer: Normalizer, updater: Updater | None, state_version: int = 1
+    ) -> None:
+        self.name = name
+        self.summary = summary
+        self.normalizer = normalizer
+        self.updater = updater
+        self.needs_grad = updater is not None
+        self.state_version = state_version
+        parts: list[type[StrategyConfig]] = [normalizer.config_cls]
+        if updater is not None:
+            parts.append(updater.config_cls)
+        cfg_name = "".join(p.name.title().replace("_", "") for p in (normalizer, updater) if p) + "Config"
+        self.config_cls = merge_configs(cfg_name, *parts)
+
+    @property
+    def min_batch_size(self) -> int:
+        return 2 if self.updater is not None else self.normalizer.min_batch_size
+
+    def check_model(self, handle: ModelHandle) -> None:
+        if not handle.bn_layers:
+            raise IncompatibleModelError(f"{self.name} needs a model with BatchNorm2d layers")
+
+    def parse_config(self, raw: Mapping[str, Any] | StrategyConfig | None) -> StrategyConfig:
+        if isinstance(raw, self.config_cls):
+            return raw
+        if isinstance(raw, StrategyConfig):
+            raw = raw.model_dump()
+        return self.config_cls.model_validate(dict(raw or {}))
+
+    def _forward_fn(
+        self, handle: ModelHandle, cfg: Any, tensors: Mapping[str, Tensor], adapt: bool
+    ) -> Forward:
+        def forward(
+            x: Tensor, affine: Mapping[str, Tensor] | None, update_stats: bool, record: bool
+        ) -> tuple[Tensor, StatPlan]:
+            plan = self.normalizer.plan(handle, cfg, tensors, affine, update_stats and adapt, record)
+            with active_plan(plan):
+                logits = handle.model(x)
+            return logits, plan
+
+        return forward
+
+    def init_state(self, handle: ModelHandle, config: StrategyConfig, seed: int = 0) -> AdaptationState:
+        self.check_model(handle)
+        cfg = self.parse_config(config)
+        tensors = self.normalizer.init_tensors(handle, cfg, seed)
+        meta: dict[str, Any] = {
+            "strategy": self.name,
+            "schema_version": self.state_version,
+            "model": handle.fingerprint,
+            "seed": seed,
+            "steps": 0,
+            "updates": 0,
+            "samples_seen": 0,
+        }
+        if self.updater is not None:
+            forward = self._forward_fn(handle, cfg, tensors, adapt=False)
+            upd_tensors, upd_meta = self.updater.init_state(handle, cfg, forward, seed)
+            tensors.update(upd_tensors)
+            meta.update(upd_meta)
+        return AdaptationState({k: v.detach() for k, v in tensors.items()}, meta)
+
+    def check_state(self, handle: ModelHandle, state: AdaptationState) -> None:
+        meta = state.meta
+        if meta.get("strategy") != self.name:
+            raise StateMismatchError(
+                f"state was written by strategy {meta.get('strategy')!r}, not {self.name!r}"
+            )
+        if meta.get("schema_version") != self.state_version:
+            raise StateMismatchError(
+                f"state schema version {meta.get('schema_version')} != {self.state_version} for {self.name}"
+            )
+        if meta.get("model") != handle.fingerprint:
+            raise StateMismatchError(f"state was written for another model (fingerprint {meta.get('model')})")
+
+    def step(
+        self,
+        handle: ModelHandle,
+        batch: Tensor,
+        state: AdaptationState,
+        config: StrategyConfig,
+        adapt: bool = True,
+    ) -> StepResult:
+        cfg = self.parse_config(config)
+        self.check_state(handle, state)
+        if batch.ndim != 4 or batch.shape[0] == 0:
+            raise BatchTooSmallError(f"expected a non-empty NCHW batch, got shape {tuple(batch.shape)}")
+        if adapt and batch.shape[0] < self.min_batch_size:
+            raise BatchTooSmallError(
+                f"{self.name} needs at least {self.min_batch_size} images per adapting batch "
+                f"(got {batch.shape[0]}); send larger batches or use adapt=false"
+            )
+        x = batch.to(handle.device, non_blocking=True)
+        if handle.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        forward = self._forward_fn(handle, cfg, state.tensors, adapt)
+        if self.updater is None or not adapt:
+            outcome = self._predict_only(handle, x, state, forward)
+        else:
+            outcome = self.updater.step(handle, x, state, cfg, forward)
+        return self._finish(handle, state, outcome, batch.shape[0], adapt)
+
+    def _predict_only(
+        self, handle: ModelHandle, x: Tensor, state: AdaptationState, forward: Forward
+    ) -> UpdateOutcome:
+        affine = {k: state.tensors[k] for k in handle.affine_names()} if self.updater is not None else None
+        with torch.inference_mode():
+            logits, plan = forward(x, affine, True, True)
+            updated = plan.updated_tensors()
+        return UpdateOutcome(logits=logits, plan=plan, tensors=updated, updated=bool(updated))
+
+    def _finish(
+        self, handle: ModelHandle, state: AdaptationState, out: UpdateOutcome, n: int, adapt: bool
+    ) -> StepResult:
+        logits = out.logits.detach().float()
+        tensors = {**out.plan.updated_tensors(), **out.tensors} if adapt else {}
+        meta = dict(out.meta)
+        if adapt:
+            meta["steps"] = int(state.meta.get("steps", 0)) + 1
+            meta["samples_seen"] = int(state.meta.get("samples_seen", 0)) + n
+            meta["updates"] = int(state.meta.get("updates", 0)) + int(out.updated)
+        new_state = (
+            state.with_updates({k: v.detach() for k, v in tensors.items()}, **meta) if adapt else state
+        )
+        stats = StepStats(
+            samples=n,
+            used=out.used if self.updater is not None else (n if out.updated else 0),
+            filtered=out.filtered,
+            updated=out.updated and adapt,
+            mean_entropy=float(losses.softmax_entropy(logits).mean()),
+            mean_confidence=float(losses.mean_confidence(logits)),
+            loss=out.loss,
+            bn_distance=bn_distance(handle, out.plan.batch_stats),
+            reset=out.reset,
+        )
+        return StepResult(logits=logits, state=new_state, stats=stats)
+
+
+def bn_distance(handle: ModelHandle, batch_stats: Mapping[int, tuple[Tensor, Tensor]]) -> float | None:
+    """Mean over layers and channels of the symmetric KL between batch and source BN Gaussians."""
+    if not batch_stats:
+        return None
+    total = torch.zeros((), device=handle.device)
+    for index, (mean, var) in batch_stats.items():
+        layer = handle.bn_layers[index]
+        total = total + losses.gaussian_symmetric_kl(mean, var, layer.running_mean, layer.running_var).mean()
+    return float(total / len(batch_stats))

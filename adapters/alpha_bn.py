@@ -1,0 +1,52 @@
+"""`alpha_bn`: mix source and test-batch statistics, algorithms.md §2.
+
+mu = (1 - w) * mu_s + w * mu_B and var = (1 - w) * var_s + w * var_B(unbiased), where w = `test_weight`
+(the references' BN.ALPHA, default 0.1 = 90 % source). Stateless across batches.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from adapters._bn import AdaptiveBatchNorm2d, BasePlan, check_batch_stats_possible, normalize_with
+from adapters.base import ModelHandle, StrategyConfig
+
+
+class AlphaBNConfig(StrategyConfig):
+    test_weight: float = Field(
+        0.1, ge=0.0, le=1.0, description="weight of the test batch's statistics (1 - weight on the source's)"
+    )
+
+
+class AlphaStats:
+    name = "alpha_bn"
+    config_cls = AlphaBNConfig
+    min_batch_size = 1  # a single image still gives H*W values per channel
+
+    def init_tensors(self, handle: ModelHandle, cfg: AlphaBNConfig, seed: int) -> dict[str, Tensor]:
+        return {}
+
+    def plan(self, handle, cfg, tensors, affine, update, record):  # type: ignore[no-untyped-def]
+        return AlphaPlan(cfg.test_weight, affine, record)
+
+
+class AlphaPlan(BasePlan):
+    def __init__(self, test_weight: float, affine, record: bool) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(affine, record)
+        self.w = test_weight
+
+    def normalize(self, layer: AdaptiveBatchNorm2d, x: Tensor) -> Tensor:
+        check_batch_stats_possible(x, layer.layer_name)
+        var_b, mean_b = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+        n = x.shape[0] * x.shape[2] * x.shape[3]
+        self._record(layer, mean_b, var_b)
+        var_unbiased = var_b * (n / (n - 1))
+        mean = (1 - self.w) * layer.running_mean + self.w * mean_b
+        var = (1 - self.w) * layer.running_var + self.w * var_unbiased
+        w, b = self.weight_bias(layer)
+        return normalize_with(x, mean, var, w, b, layer.eps)
+
+    def updated_tensors(self) -> dict[str, Tensor]:
+        return {}

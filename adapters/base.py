@@ -1,0 +1,160 @@
+"""Core types shared by every strategy: the model handle, the adaptation state and step results."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+
+class AdaptError(Exception):
+    """Base class of every error raised by the adaptation core."""
+
+    error_type = "adaptation_error"
+
+
+class IncompatibleModelError(AdaptError):
+    """The model cannot be adapted by this strategy (for example it has no BatchNorm layers)."""
+
+    error_type = "incompatible_model"
+
+
+class BatchTooSmallError(AdaptError):
+    """The batch is too small for the statistics a strategy needs."""
+
+    error_type = "batch_too_small"
+
+
+class StateMismatchError(AdaptError):
+    """A stored state belongs to another model, strategy or schema version."""
+
+    error_type = "state_mismatch"
+
+
+class UnknownStrategyError(AdaptError):
+    """No strategy is registered under the requested name."""
+
+    error_type = "unknown_strategy"
+
+
+class StrategyConfig(BaseModel):
+    """Base of every strategy's hyper-parameters: frozen, strict about unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+@dataclass(frozen=True, eq=False)
+class BNLayer:
+    """One BatchNorm2d layer of the base model with its frozen source statistics."""
+
+    name: str
+    index: int
+    num_features: int
+    eps: float
+    running_mean: Tensor
+    running_var: Tensor
+    weight: Tensor
+    bias: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class ModelHandle:
+    """A loaded, frozen base model and what strategies need to know about it.
+
+    `model` maps float images in [0, 1] (NCHW) to logits; input normalisation is inside it.
+    `source_images(n, seed)` returns n clean in-distribution images for strategies that need source
+    data (EATA's Fisher); it is None when the model was declared without source data.
+    """
+
+    model_id: str
+    model: nn.Module
+    bn_layers: tuple[BNLayer, ...]
+    num_classes: int
+    fingerprint: str
+    device: torch.device
+    classes: tuple[str, ...] = ()
+    input_size: tuple[int, int] = (32, 32)
+    source_images: Callable[[int, int], Tensor] | None = None
+    channels_last: bool = False
+
+    def affine_names(self) -> list[str]:
+        """State keys of every BN layer's affine parameters, in layer order."""
+        return [f"{layer.name}.{p}" for layer in self.bn_layers for p in ("weight", "bias")]
+
+    def source_affine(self) -> dict[str, Tensor]:
+        """The source model's BN affine parameters keyed like `affine_names()`."""
+        out: dict[str, Tensor] = {}
+        for layer in self.bn_layers:
+            out[f"{layer.name}.weight"] = layer.weight
+            out[f"{layer.name}.bias"] = layer.bias
+        return out
+
+
+@dataclass(frozen=True)
+class AdaptationState:
+    """A stream's whole adaptive state: a flat mapping of tensors plus JSON-able meta."""
+
+    tensors: Mapping[str, Tensor]
+    meta: Mapping[str, Any]
+
+    def with_updates(self, tensors: Mapping[str, Tensor] | None = None, **meta: Any) -> AdaptationState:
+        """A copy with some tensors and meta entries replaced."""
+        new_tensors = dict(self.tensors)
+        if tensors:
+            new_tensors.update(tensors)
+        new_meta = dict(self.meta)
+        new_meta.update(meta)
+        return AdaptationState(new_tensors, new_meta)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Plain numbers describing one step, turned into metrics by the server."""
+
+    samples: int
+    used: int = 0
+    filtered: int = 0
+    updated: bool = False
+    mean_entropy: float = 0.0
+    mean_confidence: float = 0.0
+    loss: float | None = None
+    bn_distance: float | None = None
+    reset: bool = False
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    logits: Tensor
+    state: AdaptationState
+    stats: StepStats
+
+
+class Strategy(Protocol):
+    """What the engine needs from a strategy. Implementations do no I/O."""
+
+    name: str
+    summary: str
+    config_cls: type[StrategyConfig]
+    needs_grad: bool
+    state_version: int
+
+    def check_model(self, handle: ModelHandle) -> None: ...
+
+    def init_state(self, handle: ModelHandle, config: StrategyConfig, seed: int = 0) -> AdaptationState: ...
+
+    def step(
+        self,
+        handle: ModelHandle,
+        batch: Tensor,
+        state: AdaptationState,
+        config: StrategyConfig,
+        adapt: bool = True,
+    ) -> StepResult: ...

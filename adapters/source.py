@@ -1,0 +1,48 @@
+"""`source` (no adaptation) and `norm` (test-batch statistics, TBN): algorithms.md §1."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from adapters._bn import BatchStatsPlan, SourcePlan
+from adapters.base import ModelHandle, StrategyConfig
+
+
+class _Stateless:
+    config_cls = StrategyConfig
+
+    def init_tensors(self, handle: ModelHandle, cfg: StrategyConfig, seed: int) -> dict[str, Tensor]:
+        return {}
+
+
+class SourceStats(_Stateless):
+    """Frozen source running statistics: the control arm."""
+
+    name = "source"
+    min_batch_size = 1
+
+    def plan(self, handle, cfg, tensors, affine, update, record):  # type: ignore[no-untyped-def]
+        return _StatelessPlan(SourcePlan(affine, record))
+
+
+class BatchStats(_Stateless):
+    """Current test batch's statistics (biased variance), source affine parameters."""
+
+    name = "norm"
+    # A single 2-D sample still has H*W values per channel (instance normalisation, poor but defined).
+    min_batch_size = 1
+
+    def plan(self, handle, cfg, tensors, affine, update, record):  # type: ignore[no-untyped-def]
+        return _StatelessPlan(BatchStatsPlan(affine, record))
+
+
+class _StatelessPlan:
+    """Adapts a BasePlan to the StatPlan protocol: it changes no stored tensors."""
+
+    def __init__(self, inner: SourcePlan | BatchStatsPlan) -> None:
+        self.inner = inner
+        self.batch_stats = inner.batch_stats
+        self.normalize = inner.normalize
+
+    def updated_tensors(self) -> dict[str, Tensor]:
+        return {}

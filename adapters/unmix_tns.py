@@ -1,0 +1,145 @@
+"""`unmix_tns`: K statistics components per BN layer, mixed per instance (algorithms.md §3).
+
+Each sample is normalised with the moments of an equal-weight mixture of K components, in which the
+component nearest to the sample (by cosine similarity of channel means, temperature tau) is pulled
+towards the sample's own instance statistics; the components then drift towards the instances they
+were assigned. Nothing is pooled across the batch, so label-correlated batches do not bias it.
+
+Deviation from the reference: the component momentum is computed from the *actual* batch size of
+each request, lambda = 1 - (1 - m)^(B / B_max), instead of once from a configured batch size, so
+a service receiving batches of varying size updates at a consistent rate per sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from adapters._bn import AdaptiveBatchNorm2d, BasePlan
+from adapters.base import BatchTooSmallError, ModelHandle, StrategyConfig
+
+PREFIX = "unmix."
+
+
+class UnMixTNSConfig(StrategyConfig):
+    k: int = Field(16, ge=1, le=512, description="number of statistics components per BN layer")
+    tau: float = Field(0.07, gt=0, description="softmax temperature of the component assignment")
+    init_spread: float = Field(
+        0.5, ge=0, lt=1, description="share of source variance spread between components"
+    )
+    bn_momentum: float = Field(0.1, gt=0, le=1, description="component momentum at batch size batch_size_max")
+    batch_size_max: int = Field(64, ge=1, description="reference batch size B_max of the momentum scaling")
+
+
+def _keys(layer_name: str) -> tuple[str, str]:
+    return f"{PREFIX}{layer_name}.means", f"{PREFIX}{layer_name}.vars"
+
+
+class UnMixStats:
+    name = "unmix_tns"
+    config_cls = UnMixTNSConfig
+    min_batch_size = 1  # statistics are per instance
+
+    def init_tensors(self, handle: ModelHandle, cfg: UnMixTNSConfig, seed: int) -> dict[str, Tensor]:
+        """Components mu_k = mu_s + sqrt(a K/(K-1)) sigma_s xi_k, var_k = (1-a) var_s (a = 0 when K = 1)."""
+        gen = torch.Generator().manual_seed(seed)
+        a = cfg.init_spread if cfg.k > 1 else 0.0
+        spread = math.sqrt(a * cfg.k / (cfg.k - 1)) if cfg.k > 1 else 0.0
+        out: dict[str, Tensor] = {}
+        for layer in handle.bn_layers:
+            mu_s = layer.running_mean.float().cpu()
+            var_s = layer.running_var.float().cpu()
+            xi = torch.randn(cfg.k, layer.num_features, generator=gen)
+            means = mu_s[None] + spread * var_s.sqrt()[None] * xi
+            variances = ((1 - a) * var_s)[None].expand(cfg.k, -1).clone()
+            k_mean, k_var = _keys(layer.name)
+            out[k_mean], out[k_var] = means.to(handle.device), variances.to(handle.device)
+        return out
+
+    def plan(self, handle, cfg, tensors, affine, update, record):  # type: ignore[no-untyped-def]
+        return UnMixPlan(cfg, tensors, affine, update, record)
+
+
+class UnMixPlan(BasePlan):
+    def __init__(
+        self,
+        cfg: UnMixTNSConfig,
+        tensors: Mapping[str, Tensor],
+        affine: Mapping[str, Tensor] | None,
+        update: bool,
+        record: bool,
+    ) -> None:
+        super().__init__(affine, record)
+        self.cfg = cfg
+        self.tensors = tensors
+        self.update = update
+        self._updated: dict[str, Tensor] = {}
+
+    def normalize(self, layer: AdaptiveBatchNorm2d, x: Tensor) -> Tensor:
+        if x.shape[2] * x.shape[3] < 2:
+            raise BatchTooSmallError(f"unmix_tns needs spatial size >= 2 at BN layer {layer.layer_name!r}")
+        k_mean, k_var = _keys(layer.layer_name)
+        comp_mu, comp_var = self.tensors[k_mean], self.tensors[k_var]
+        # Instance statistics in fp32; they keep their graph so Tent-style gradients flow through them.
+        var_i, mu_i = torch.var_mean(x.float(), dim=(2, 3), correction=0)
+        p = assignment(mu_i.detach(), comp_mu, self.cfg.tau)
+        mean, var = mixture_moments(mu_i, var_i, comp_mu, comp_var, p)
+        if self.record:
+            batch_mean = mu_i.mean(0)
+            self._record(layer, batch_mean, (var_i + (mu_i - batch_mean) ** 2).mean(0))
+        if self.update:
+            lam = 1 - (1 - self.cfg.bn_momentum) ** (x.shape[0] / self.cfg.batch_size_max)
+            with torch.no_grad():
+                p_mean = p.mean(0)[:, None]  # (K, 1): average assignment over the batch
+                new_mu = comp_mu + lam * (p.T @ mu_i.detach() / x.shape[0] - p_mean * comp_mu)
+                new_var = comp_var + lam * (p.T @ var_i.detach() / x.shape[0] - p_mean * comp_var)
+            self._updated[k_mean], self._updated[k_var] = new_mu, new_var
+        w, b = self.weight_bias(layer)
+        return per_sample_normalize(x, mean, var, w, b, layer.eps)
+
+    def updated_tensors(self) -> dict[str, Tensor]:
+        return dict(self._updated)
+
+
+def assignment(mu_i: Tensor, comp_mu: Tensor, tau: float) -> Tensor:
+    """p_bk = softmax_k(cos(mu_i_b, mu_k) / tau), shape (B, K)."""
+    sim = F.normalize(mu_i, dim=1) @ F.normalize(comp_mu, dim=1).T
+    return (sim / tau).softmax(1)
+
+
+def mixture_moments(
+    mu_i: Tensor, var_i: Tensor, comp_mu: Tensor, comp_var: Tensor, p: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Mean and variance of the equal-weight mixture of mu_hat_bk = (1-p_bk) mu_k + p_bk mu_i_b (same for var).
+
+    Expanded into (B, K) @ (K, C) products so no (B, K, C) tensor is materialised.
+    """
+    k = comp_mu.shape[0]
+    p2 = p * p
+    sum_mu = comp_mu.sum(0)[None]
+    mean = (mu_i + sum_mu - p @ comp_mu) / k
+    mean_var = (var_i + comp_var.sum(0)[None] - p @ comp_var) / k
+    # (1/K) sum_k mu_hat_bk^2, with mu_hat = mu_k + p (mu_i - mu_k)
+    sq = (
+        (comp_mu**2).sum(0)[None]
+        + 2 * (mu_i * (p @ comp_mu) - p @ comp_mu**2)
+        + p2.sum(1, keepdim=True) * mu_i**2
+        - 2 * mu_i * (p2 @ comp_mu)
+        + p2 @ comp_mu**2
+    ) / k
+    var = mean_var + (sq - mean**2).clamp_min(0)
+    return mean, var
+
+
+def per_sample_normalize(x: Tensor, mean: Tensor, var: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    scale = w[None] * torch.rsqrt(var + eps)  # (B, C)
+    shift = b[None] - mean * scale
+    return x * scale[:, :, None, None].to(x.dtype) + shift[:, :, None, None].to(x.dtype)
+
+
+__all__ = ["UnMixStats", "UnMixTNSConfig", "assignment", "mixture_moments"]
