@@ -84,7 +84,7 @@ class EATAUpdater:
                 upd_tensors, upd_meta = apply_gradients(state, params, grads, cfg)
                 tensors.update(upd_tensors)
                 meta.update(upd_meta)
-                loss_value = loss.item()
+                loss_value = loss.detach().item()
         return UpdateOutcome(
             logits,
             plan,
