@@ -1,0 +1,80 @@
+"""Request dependencies: settings, engine, and the caller's stream namespace (auth + rate limit)."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from tta_server.engine import Engine
+from tta_server.errors import RateLimitedError, UnauthorizedError
+from tta_server.schemas import STREAM_ID_PATTERN
+from tta_server.settings import Settings
+
+DEFAULT_NAMESPACE = "default"
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine  # type: ignore[no-any-return]
+
+
+class RateLimiter:
+    """Token bucket per namespace (per replica): `per_minute` requests, bursts up to the same."""
+
+    def __init__(self, per_minute: int | None) -> None:
+        self.rate = per_minute / 60.0 if per_minute else None
+        self.capacity = float(per_minute or 0)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def check(self, ns: str) -> None:
+        if self.rate is None:
+            return
+        now = time.monotonic()
+        tokens, last = self._buckets.get(ns, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[ns] = (tokens, now)
+            retry = max(1, int((1.0 - tokens) / self.rate + 0.999))
+            raise RateLimitedError(
+                "rate limit exceeded for this API key", headers={"Retry-After": str(retry)}
+            )
+        self._buckets[ns] = (tokens - 1.0, now)
+
+
+def _presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def get_namespace(request: Request) -> str:
+    """Authenticate the caller; its key's name scopes every stream id it uses."""
+    keys: dict[str, str] = request.app.state.key_namespaces
+    ns = DEFAULT_NAMESPACE
+    if keys:
+        presented = _presented_key(request)
+        if not presented:
+            raise UnauthorizedError("missing API key (Authorization: Bearer <key> or X-API-Key)")
+        match = None
+        for secret, name in keys.items():
+            # Compare against every key so timing reveals nothing about which one is close.
+            if hmac.compare_digest(secret.encode(), presented.encode()):
+                match = name
+        if match is None:
+            raise UnauthorizedError("invalid API key")
+        ns = match
+    request.app.state.rate_limiter.check(ns)
+    return ns
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+NamespaceDep = Annotated[str, Depends(get_namespace)]
+StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="client-chosen stream id")]

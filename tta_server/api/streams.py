@@ -1,0 +1,185 @@
+"""Stream policies, state inspection, resets and predictions."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, Query, Request, Response
+from starlette.datastructures import UploadFile
+
+from tta_server import codec
+from tta_server.api.deps import EngineDep, NamespaceDep, SettingsDep, StreamId
+from tta_server.engine import Engine, Policy, PredictOutcome
+from tta_server.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaTypeError
+from tta_server.schemas import (
+    Drift,
+    DriftTop,
+    ErrorBody,
+    Prediction,
+    PredictResponse,
+    PredictStats,
+    StreamDrift,
+    StreamPolicy,
+    StreamPublic,
+    TopK,
+)
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)
+}
+router = APIRouter(prefix="/v1", tags=["streams"], responses=ERRORS)
+
+
+def _public(stream: str, policy: Policy, meta: dict[str, Any], version: int) -> StreamPublic:
+    return StreamPublic(
+        stream_id=stream,
+        model=policy.model,
+        strategy=policy.strategy,
+        config=policy.config,
+        seed=policy.seed,
+        steps=int(meta.get("steps", 0)),
+        updates=int(meta.get("updates", 0)),
+        samples_seen=int(meta.get("samples_seen", 0)),
+        version=version,
+        drift=Drift(**(meta.get("drift") or {})),
+    )
+
+
+async def _describe(engine: Engine, ns: str, stream: str) -> StreamPublic:
+    policy, meta, version = await engine.describe(ns, stream)
+    return _public(stream, policy, meta, version)
+
+
+@router.put("/streams/{stream_id}", response_model=StreamPublic)
+async def set_policy(
+    stream_id: StreamId, body: StreamPolicy, engine: EngineDep, ns: NamespaceDep
+) -> StreamPublic:
+    """Set or change a stream's adaptation policy; a changed policy starts from the source state."""
+    await engine.put_policy(ns, stream_id, body.model, body.strategy, body.config, body.seed)
+    return await _describe(engine, ns, stream_id)
+
+
+@router.get("/streams/{stream_id}", response_model=StreamPublic)
+async def read_stream(stream_id: StreamId, engine: EngineDep, ns: NamespaceDep) -> StreamPublic:
+    return await _describe(engine, ns, stream_id)
+
+
+@router.delete("/streams/{stream_id}", status_code=204, response_class=Response)
+async def delete_stream(stream_id: StreamId, engine: EngineDep, ns: NamespaceDep) -> Response:
+    await engine.delete(ns, stream_id)
+    return Response(status_code=204)
+
+
+@router.post("/streams/{stream_id}/reset", response_model=StreamPublic)
+async def reset_stream(stream_id: StreamId, engine: EngineDep, ns: NamespaceDep) -> StreamPublic:
+    """Return the stream to the source state (its policy is kept)."""
+    await engine.reset(ns, stream_id)
+    return await _describe(engine, ns, stream_id)
+
+
+@router.get("/drift/top", response_model=DriftTop)
+async def drift_top(
+    engine: EngineDep, ns: NamespaceDep, n: Annotated[int, Query(ge=1, le=1000)] = 10
+) -> DriftTop:
+    """Streams of this namespace with the largest BN-statistics distance from the source."""
+    rows = []
+    for stream, _score in await engine.store.top_drift(ns, n):
+        policy = await engine.get_policy(ns, stream)
+        if policy is None:
+            continue
+        stored = await engine.store.get_state(ns, stream, policy.epoch, with_blob=False)
+        drift = Drift(**((stored.meta.get("drift") if stored else None) or {}))
+        rows.append(StreamDrift(stream_id=stream, model=policy.model, strategy=policy.strategy, drift=drift))
+    return DriftTop(streams=rows)
+
+
+async def _read_batch(
+    request: Request, size: tuple[int, int], settings: SettingsDep, engine: Engine
+) -> torch.Tensor:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        async with request.form(max_files=settings.max_batch + 1, max_fields=16) as form:
+            files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+            if not files:
+                raise InvalidImageError("multipart body has no `files` parts")
+            if len(files) > settings.max_batch:
+                raise PayloadTooLargeError(f"at most {settings.max_batch} images per request")
+            blobs = [await f.read() for f in files]
+        return await engine.run(codec.decode_files, blobs, size, settings.max_image_pixels)
+    if ctype in ("application/x-npy", "application/octet-stream"):
+        body = await request.body()
+        batch = await engine.run(codec.decode_npy, body, size)
+        if batch.shape[0] > settings.max_batch:
+            raise PayloadTooLargeError(
+                f"at most {settings.max_batch} images per request, got {batch.shape[0]}"
+            )
+        return batch
+    raise UnsupportedMediaTypeError(
+        f"unsupported content type {ctype or 'none'!r}; send multipart/form-data `files` or application/x-npy"
+    )
+
+
+@router.post("/streams/{stream_id}/predict", response_model=PredictResponse)
+async def predict(
+    stream_id: StreamId,
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    ns: NamespaceDep,
+    adapt: Annotated[bool, Query(description="update the stream's state with this batch")] = True,
+    top_k: Annotated[int, Query(ge=1, le=1000)] = 3,
+) -> PredictResponse:
+    """Predict a batch of images for a stream, adapting its state unless adapt=false."""
+    policy = await engine.get_policy(ns, stream_id) or engine.default_policy
+    handle = engine.pool.get(policy.model)
+    batch = await _read_batch(request, handle.input_size, settings, engine)
+    outcome = await engine.predict(ns, stream_id, batch, adapt)
+    _observe(engine, outcome, adapt)
+    return _response(stream_id, outcome, handle.classes, top_k)
+
+
+def _observe(engine: Engine, out: PredictOutcome, adapt: bool) -> None:
+    m, labels, stats = engine.metrics, (out.policy.model, out.policy.strategy), out.result.stats
+    m.samples.labels(*labels).inc(stats.samples)
+    m.entropy.labels(*labels).observe(stats.mean_entropy)
+    m.confidence.labels(*labels).observe(stats.mean_confidence)
+    if stats.bn_distance is not None:
+        m.bn_distance.labels(*labels).observe(stats.bn_distance)
+    if adapt and out.adapted:
+        m.samples_adapted.labels(*labels).inc(stats.samples)
+        m.samples_used.labels(*labels).inc(stats.used)
+        m.samples_filtered.labels(*labels).inc(stats.filtered)
+
+
+def _response(stream: str, out: PredictOutcome, classes: tuple[str, ...], top_k: int) -> PredictResponse:
+    logits = out.result.logits
+    probs = logits.softmax(1)
+    k = min(top_k, probs.shape[1])
+    top_p, top_i = probs.topk(k, dim=1)
+    entropy = -(probs * logits.log_softmax(1)).sum(1)
+    preds = [
+        Prediction(
+            top_k=[TopK(index=i, label=classes[i], probability=p) for i, p in zip(idx, ps, strict=True)],
+            entropy=e,
+        )
+        for idx, ps, e in zip(top_i.tolist(), top_p.tolist(), entropy.tolist(), strict=True)
+    ]
+    s = out.result.stats
+    return PredictResponse(
+        stream_id=stream,
+        model=out.policy.model,
+        strategy=out.policy.strategy,
+        adapted=out.adapted,
+        conflict=out.conflict,
+        version=out.version,
+        predictions=preds,
+        stats=PredictStats(
+            samples=s.samples,
+            used=s.used,
+            filtered=s.filtered,
+            mean_entropy=s.mean_entropy,
+            mean_confidence=s.mean_confidence,
+            bn_distance=s.bn_distance,
+        ),
+    )

@@ -1,0 +1,312 @@
+"""One adaptation step per request: resolve the stream's policy, load its state, run the strategy,
+commit the new state with compare-and-set, and report stats. No HTTP here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+import adapters
+from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult, StrategyConfig
+from adapters.serialization import CorruptStateError, state_from_bytes, state_to_bytes
+from tta_server import drift
+from tta_server.errors import (
+    StateMismatchError,
+    UnknownStrategyError,
+    UnknownStreamError,
+    ValidationError,
+    from_core,
+)
+from tta_server.metrics import Metrics
+from tta_server.model_pool import ModelPool
+from tta_server.settings import Settings
+from tta_server.state_store import StateStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Policy:
+    model: str
+    strategy: str
+    config: dict[str, Any]
+    seed: int = 0
+    epoch: int = 0
+
+    def config_hash(self) -> str:
+        raw = json.dumps([self.model, self.strategy, self.config, self.seed], sort_keys=True)
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+@dataclass
+class PredictOutcome:
+    policy: Policy
+    result: StepResult
+    adapted: bool
+    conflict: bool
+    version: int
+
+
+class _StreamLocks:
+    """One asyncio.Lock per stream, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class Engine:
+    def __init__(self, settings: Settings, pool: ModelPool, store: StateStore, metrics: Metrics) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.store = store
+        self.metrics = metrics
+        devices = {h.device.type for h in pool.handles.values()}
+        workers = settings.compute_workers or (4 if "cuda" in devices else 1)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tta-step")
+        self.locks = _StreamLocks()
+        # Latest committed state per stream, kept on the device; used only when its version is current.
+        self._cache: OrderedDict[str, tuple[int, AdaptationState]] = OrderedDict()
+        self.default_policy = self.validate_policy(
+            None, settings.default_strategy, settings.default_config, 0
+        )
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Torch work happens off the event loop, in the step executor."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # ----------------------------------------------------------------- policies
+    def validate_policy(
+        self, model: str | None, strategy: str, config: dict[str, Any] | None, seed: int
+    ) -> Policy:
+        handle = self.pool.get(model)
+        strat = self.strategy(strategy)
+        try:
+            cfg = strat.parse_config(config or {})
+        except Exception as exc:  # pydantic.ValidationError: report every bad field
+            errors = getattr(exc, "errors", None)
+            detail = errors(include_url=False, include_context=False) if errors else str(exc)
+            raise ValidationError(f"invalid config for strategy {strategy!r}", detail=detail) from exc
+        try:
+            strat.check_model(handle)
+        except adapters.AdaptError as exc:
+            raise from_core(exc) from exc
+        return Policy(handle.model_id, strategy, cfg.model_dump(mode="json"), seed)
+
+    @staticmethod
+    def strategy(name: str) -> ComposedStrategy:
+        try:
+            return adapters.get_strategy(name)
+        except adapters.UnknownStrategyError as exc:
+            raise UnknownStrategyError(str(exc)) from exc
+
+    async def get_policy(self, ns: str, stream: str) -> Policy | None:
+        rec = await self.store.get_policy(ns, stream)
+        return Policy(**rec) if rec else None
+
+    async def put_policy(
+        self, ns: str, stream: str, model: str | None, strategy: str, config: dict[str, Any] | None, seed: int
+    ) -> Policy:
+        new = self.validate_policy(model, strategy, config, seed)
+        async with self.locks.hold(f"{ns}:{stream}"):
+            old = await self.get_policy(ns, stream)
+            if old is not None and (old.model, old.strategy, old.config, old.seed) == (
+                new.model,
+                new.strategy,
+                new.config,
+                new.seed,
+            ):
+                return old
+            # A new epoch points at a fresh state key: in-flight writes of the old policy cannot leak into it.
+            policy = Policy(new.model, new.strategy, new.config, new.seed, (old.epoch + 1) if old else 0)
+            await self.store.set_policy(ns, stream, policy.__dict__)
+            return policy
+
+    async def reset(self, ns: str, stream: str, reason: str = "api") -> Policy:
+        async with self.locks.hold(f"{ns}:{stream}"):
+            old = await self.get_policy(ns, stream)
+            if old is None:
+                raise UnknownStreamError(f"stream {stream!r} does not exist")
+            policy = Policy(old.model, old.strategy, old.config, old.seed, old.epoch + 1)
+            await self.store.set_policy(ns, stream, policy.__dict__)
+            self.metrics.resets.labels(policy.model, policy.strategy, reason).inc()
+            return policy
+
+    async def delete(self, ns: str, stream: str) -> None:
+        policy = await self.get_policy(ns, stream)
+        if policy is None:
+            raise UnknownStreamError(f"stream {stream!r} does not exist")
+        await self.store.delete_stream(ns, stream, policy.epoch)
+        self._cache.pop(f"{ns}:{stream}:{policy.epoch}", None)
+
+    async def describe(self, ns: str, stream: str) -> tuple[Policy, dict[str, Any], int]:
+        policy = await self.get_policy(ns, stream)
+        if policy is None:
+            raise UnknownStreamError(f"stream {stream!r} does not exist")
+        stored = await self.store.get_state(ns, stream, policy.epoch, with_blob=False)
+        return policy, (stored.meta if stored else {}), (stored.version if stored else 0)
+
+    # ------------------------------------------------------------------ predict
+    async def predict(self, ns: str, stream: str, batch_u8: torch.Tensor, adapt: bool) -> PredictOutcome:
+        policy = await self.get_policy(ns, stream)
+        if policy is None:
+            await self.store.set_policy(ns, stream, self.default_policy.__dict__, only_if_new=True)
+            policy = await self.get_policy(ns, stream) or self.default_policy
+        handle = self.pool.get(policy.model)
+        strat = self.strategy(policy.strategy)
+        cfg = strat.parse_config(policy.config)
+        x = batch_u8.float().div_(255.0)
+        key = f"{ns}:{stream}:{policy.epoch}"
+        async with self.locks.hold(key):
+            for attempt in range(self.settings.conflict_retries + 1):
+                version, state = await self._load(ns, stream, policy, handle, strat, cfg)
+                result = await self._step(handle, strat, cfg, x, state, adapt, policy)
+                if not adapt:
+                    return PredictOutcome(policy, result, False, False, version)
+                new_version = await self._commit(ns, stream, policy, result, version)
+                if new_version is not None:
+                    return PredictOutcome(policy, result, True, False, new_version)
+                self.metrics.conflicts.labels(policy.model, policy.strategy).inc()
+                self._cache.pop(key, None)
+                log.info("state conflict on %s (attempt %d)", key, attempt + 1)
+        return PredictOutcome(policy, result, False, True, version)
+
+    async def _load(
+        self,
+        ns: str,
+        stream: str,
+        policy: Policy,
+        handle: ModelHandle,
+        strat: ComposedStrategy,
+        cfg: StrategyConfig,
+    ) -> tuple[int, AdaptationState]:
+        key = f"{ns}:{stream}:{policy.epoch}"
+        cached = self._cache.get(key)
+        t0 = time.perf_counter()
+        stored = await self.store.get_state(ns, stream, policy.epoch, with_blob=cached is None)
+        if stored is not None and cached is not None and cached[0] != stored.version:
+            stored = await self.store.get_state(ns, stream, policy.epoch, with_blob=True)
+        self.metrics.store_duration.labels("load").observe(time.perf_counter() - t0)
+        if stored is None:
+            return 0, await self.run(strat.init_state, handle, cfg, policy.seed)
+        if cached is not None and cached[0] == stored.version:
+            self._cache.move_to_end(key)
+            return cached
+        if stored.meta.get("policy") != policy.config_hash():
+            raise StateMismatchError(
+                "stored state was written under another policy; reset the stream", detail={"stream": stream}
+            )
+        try:
+            state = await self.run(state_from_bytes, stored.blob or b"", handle.device)
+            strat.check_state(handle, state)
+        except (CorruptStateError, adapters.StateMismatchError) as exc:
+            log.warning("refusing stored state of %s: %s", key, exc)
+            raise from_core(exc) from exc
+        return stored.version, state
+
+    async def _step(
+        self,
+        handle: ModelHandle,
+        strat: ComposedStrategy,
+        cfg: StrategyConfig,
+        x: torch.Tensor,
+        state: AdaptationState,
+        adapt: bool,
+        policy: Policy,
+    ) -> StepResult:
+        t0 = time.perf_counter()
+        try:
+            result = await self.run(strat.step, handle, x, state, cfg, adapt)
+        except adapters.AdaptError as exc:
+            raise from_core(exc) from exc
+        self.metrics.step_duration.labels(policy.model, policy.strategy).observe(time.perf_counter() - t0)
+        if not bool(torch.isfinite(result.logits).all()):
+            # The stored state itself is unusable: start over from the source state and count it.
+            log.warning("non-finite predictions from a stored state; resetting to source")
+            self.metrics.resets.labels(policy.model, policy.strategy, "non_finite").inc()
+            fresh = await self.run(strat.init_state, handle, cfg, policy.seed)
+            result = await self.run(
+                strat.step, handle, x, fresh.with_updates(**_carry_counters(state)), cfg, adapt
+            )
+        return result
+
+    async def _commit(
+        self, ns: str, stream: str, policy: Policy, result: StepResult, version: int
+    ) -> int | None:
+        state = result.state
+        if not await self.run(_all_finite, state):
+            # Never store a broken update: the stream keeps its last good state.
+            self.metrics.resets.labels(policy.model, policy.strategy, "non_finite_rollback").inc()
+            log.warning("non-finite adapted state for %s/%s discarded", ns, stream)
+            return version
+        handle = self.pool.get(policy.model)
+        new_drift = drift.update(
+            state.meta.get("drift"), result, handle.num_classes, self.settings.drift_momentum
+        )
+        state = state.with_updates(drift=new_drift, policy=policy.config_hash())
+        blob = await self.run(state_to_bytes, state)
+        t0 = time.perf_counter()
+        new_version = await self.store.cas_state(
+            ns,
+            stream,
+            policy.epoch,
+            version,
+            blob,
+            dict(state.meta),
+            float(new_drift.get("bn_distance") or 0.0),
+        )
+        self.metrics.store_duration.labels("save").observe(time.perf_counter() - t0)
+        if new_version is not None:
+            self.metrics.state_bytes.labels(policy.model, policy.strategy).observe(len(blob))
+            self.metrics.updates.labels(policy.model, policy.strategy).inc()
+            if new_drift.get("class_shift") is not None:
+                self.metrics.class_shift.labels(policy.model, policy.strategy).observe(
+                    new_drift["class_shift"]
+                )
+            self._remember(f"{ns}:{stream}:{policy.epoch}", new_version, state)
+        return new_version
+
+    def _remember(self, key: str, version: int, state: AdaptationState) -> None:
+        if self.settings.state_cache_size <= 0:
+            return
+        self._cache[key] = (version, state)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.settings.state_cache_size:
+            self._cache.popitem(last=False)
+
+
+def _all_finite(state: AdaptationState) -> bool:
+    sums = [t.float().sum() for t in state.tensors.values() if t.is_floating_point()]
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
+
+
+def _carry_counters(state: AdaptationState) -> dict[str, Any]:
+    return {k: state.meta[k] for k in ("steps", "updates", "samples_seen") if k in state.meta}

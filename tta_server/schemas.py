@@ -1,0 +1,115 @@
+"""Wire models of the HTTP API (see docs/API.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+
+
+class StreamPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="model id; the server's default model when omitted")
+    strategy: str = Field(description="registered strategy name, see GET /v1/strategies")
+    config: dict[str, Any] = Field(default_factory=dict, description="strategy hyper-parameters")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class Drift(BaseModel):
+    entropy: float | None = None
+    confidence: float | None = None
+    bn_distance: float | None = None
+    class_shift: float | None = None
+    filtered_ratio: float | None = None
+    class_distribution: list[float] | None = None
+
+
+class StreamPublic(BaseModel):
+    stream_id: str
+    model: str
+    strategy: str
+    config: dict[str, Any]
+    seed: int
+    steps: int = 0
+    updates: int = 0
+    samples_seen: int = 0
+    version: int = 0
+    drift: Drift = Field(default_factory=Drift)
+
+
+class StreamDrift(BaseModel):
+    stream_id: str
+    model: str
+    strategy: str
+    drift: Drift
+
+
+class DriftTop(BaseModel):
+    streams: list[StreamDrift]
+
+
+class TopK(BaseModel):
+    index: int
+    label: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    top_k: list[TopK]
+    entropy: float
+
+
+class PredictStats(BaseModel):
+    samples: int
+    used: int
+    filtered: int
+    mean_entropy: float
+    mean_confidence: float
+    bn_distance: float | None
+
+
+class PredictResponse(BaseModel):
+    stream_id: str
+    model: str
+    strategy: str
+    adapted: bool
+    conflict: bool
+    version: int
+    predictions: list[Prediction]
+    stats: PredictStats
+
+
+class ModelInfo(BaseModel):
+    id: str
+    arch: str
+    num_classes: int
+    classes: list[str]
+    input_size: tuple[int, int]
+    fingerprint: str
+    device: str
+    default: bool
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class StrategyInfo(BaseModel):
+    name: str
+    summary: str
+    needs_grad: bool
+    min_batch_size: int
+    config_schema: dict[str, Any]
+
+
+class StrategyList(BaseModel):
+    strategies: list[StrategyInfo]
+
+
+class ErrorBody(BaseModel):
+    error: str
+    error_type: str
+    detail: Any = None

@@ -1,0 +1,83 @@
+"""All runtime settings, read from `TTA_*` environment variables (and `.env`). Nothing else reads os.environ."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TTA_", env_file=".env", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    models_config: Path = Field(
+        REPO_ROOT / "models.yaml", description="YAML file declaring the served models"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads for CPU inference")
+    compute_workers: int | None = Field(
+        None, ge=1, le=64, description="concurrent strategy steps (1 on CPU, 4 on GPU)"
+    )
+
+    redis_url: str | None = Field(None, description="redis://host:port/db; unset = in-process store")
+    state_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="idle streams expire after this")
+    store_timeout_seconds: float = Field(1.0, gt=0, le=30)
+    conflict_retries: int = Field(
+        2, ge=0, le=10, description="re-runs of a step when another replica won the race"
+    )
+    state_cache_size: int = Field(256, ge=0, description="streams whose latest state stays on the device")
+
+    default_strategy: str = "norm"
+    default_config: dict[str, Any] = Field(default_factory=dict)
+    drift_momentum: float = Field(0.9, ge=0, lt=1, description="EMA factor of per-stream drift figures")
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated `name:key` (or bare `key`); empty = no auth"
+    )
+    rate_limit_per_minute: int | None = Field(None, ge=1, description="requests per API key and minute")
+
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_batch: int = Field(256, ge=1)
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="refuse images larger than this before decoding"
+    )
+    log_level: str = "INFO"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_long_enough(cls, v: list[SecretStr]) -> list[SecretStr]:
+        for k in v:
+            secret = k.get_secret_value().rpartition(":")[2]
+            if len(secret) < 16:
+                raise ValueError("API keys must be at least 16 characters")
+        return v
+
+    def key_namespaces(self) -> dict[str, str]:
+        """Map secret -> namespace name (`name:key`, or a short fingerprint of a bare key)."""
+        import hashlib
+
+        out: dict[str, str] = {}
+        for item in self.api_keys:
+            raw = item.get_secret_value()
+            name, _, secret = raw.rpartition(":")
+            out[secret] = name or "k" + hashlib.sha256(secret.encode()).hexdigest()[:12]
+        return out
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
