@@ -1,0 +1,1 @@
+"""Benchmarks: `tta-bench accuracy | throughput | soak`."""

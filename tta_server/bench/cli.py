@@ -1,0 +1,25 @@
+"""`tta-bench <command> [options]`: dispatches to the benchmark modules."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "accuracy": "tta_server.bench.accuracy",
+    "throughput": "tta_server.bench.throughput",
+    "soak": "tta_server.bench.soak",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(f"usage: tta-bench {{{','.join(COMMANDS)}}} [options]  (tta-bench <command> --help)")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
