@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image
 
 from tta_server.errors import InvalidImageError, PayloadTooLargeError
 
@@ -26,19 +25,21 @@ def decode_image_bytes(data: bytes, max_pixels: int) -> torch.Tensor:
     if not data:
         raise InvalidImageError("empty image file")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            fmt, (w, h) = probe.format, probe.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InvalidImageError("not a decodable image (JPEG, PNG or WebP expected)") from exc
-    if fmt not in ALLOWED_FORMATS:
-        raise InvalidImageError(f"unsupported image format {fmt}; send JPEG, PNG or WebP")
-    if w * h > max_pixels:
-        raise PayloadTooLargeError(f"image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels")
-    try:
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return decode_image(buf, mode=ImageReadMode.RGB)
-    except RuntimeError as exc:
-        raise InvalidImageError(f"corrupt {fmt} image: {str(exc).splitlines()[0][:200]}") from exc
+        with Image.open(io.BytesIO(data)) as img:
+            # Only the header has been read so far: check format and size before decoding pixels.
+            fmt, (w, h) = img.format, img.size
+            if fmt not in ALLOWED_FORMATS:
+                raise InvalidImageError(f"unsupported image format {fmt}; send JPEG, PNG or WebP")
+            if w * h > max_pixels:
+                raise PayloadTooLargeError(
+                    f"image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels"
+                )
+            pixels = np.asarray(img.convert("RGB"))
+    except Image.DecompressionBombError as exc:
+        raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InvalidImageError(f"not a decodable image (JPEG, PNG or WebP expected): {exc}") from exc
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
 def decode_files(files: Sequence[bytes], size: tuple[int, int], max_pixels: int) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""Fixtures for server tests: the real model loaded once, app factories, a real Redis database."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from tta_server.app import create_app
+from tta_server.model_pool import ModelPool
+from tta_server.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS_YAML = REPO / "models.yaml"
+TEST_NPZ = REPO.parent / "shared" / "data" / "cifar10" / "test_jpeg.npz"
+REDIS_URL = os.environ.get("TTA_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")
+
+
+@pytest.fixture(scope="session")
+def pool() -> ModelPool:
+    return ModelPool.load(MODELS_YAML, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def cifar_jpegs() -> tuple[list[bytes], np.ndarray]:
+    """200 CIFAR-10 test JPEGs spread over all classes (the file is ordered by class)."""
+    d = np.load(TEST_NPZ)
+    idx = np.random.default_rng(0).permutation(len(d["labels"]))[:200]
+    jpegs = [d["jpeg"][d["offsets"][i] : d["offsets"][i + 1]].tobytes() for i in idx]
+    return jpegs, d["labels"][idx].astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def cifar_array(cifar_jpegs: tuple[list[bytes], np.ndarray]) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.array(Image.open(io.BytesIO(b)).convert("RGB")) for b in cifar_jpegs[0]])
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def redis_available(url: str = REDIS_URL) -> bool:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+        return True
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A flushed, real Redis database. Never skipped under CI=true."""
+    import redis
+
+    if not redis_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis is required in CI but {REDIS_URL} is unreachable")
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+@pytest.fixture
+def make_client(pool: ModelPool) -> Iterator[Callable[..., TestClient]]:
+    """Build TestClients over the shared model with settings overrides; closed at teardown."""
+    opened: list[TestClient] = []
+
+    def factory(**overrides: object) -> TestClient:
+        settings = Settings(models_config=MODELS_YAML, **overrides)  # type: ignore[arg-type]
+        client = TestClient(create_app(settings, pool=pool))
+        client.__enter__()
+        opened.append(client)
+        return client
+
+    yield factory
+    for c in opened:
+        c.__exit__(None, None, None)

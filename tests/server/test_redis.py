@@ -1,0 +1,135 @@
+"""Redis-backed state: replicas sharing one real Redis, concurrency accounting, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import redis
+
+from tests.server.conftest import npy_bytes
+from tta_server.state_store import InMemoryStateStore, RedisStateStore
+
+pytestmark = pytest.mark.redis
+NPY = {"content-type": "application/x-npy"}
+
+
+def test_each_stream_has_its_own_state_in_redis(make_client, redis_url, cifar_array) -> None:
+    client = make_client(redis_url=redis_url)
+    client.put("/v1/streams/cam-a", json={"strategy": "alpha_bn"})
+    client.put("/v1/streams/cam-b", json={"strategy": "tent"})
+    for stream in ("cam-a", "cam-b"):
+        r = client.post(f"/v1/streams/{stream}/predict", content=npy_bytes(cifar_array[:32]), headers=NPY)
+        assert r.status_code == 200 and r.json()["adapted"]
+    r = redis.Redis.from_url(redis_url)
+    keys = {k.decode() for k in r.keys("tta:v1:*")}
+    assert {"tta:v1:stream:default:cam-a", "tta:v1:stream:default:cam-b"} <= keys
+    assert {"tta:v1:state:default:cam-a:0", "tta:v1:state:default:cam-b:0"} <= keys
+    from adapters.serialization import state_from_bytes
+
+    a = state_from_bytes(r.hget("tta:v1:state:default:cam-a:0", "blob"))
+    b = state_from_bytes(r.hget("tta:v1:state:default:cam-b:0", "blob"))
+    assert a.meta["strategy"] == "alpha_bn" and not any(k.startswith("opt.") for k in a.tensors)
+    assert b.meta["strategy"] == "tent" and any(k.startswith("opt.exp_avg.") for k in b.tensors)
+    assert r.ttl("tta:v1:state:default:cam-b:0") > 0
+
+
+def test_state_survives_a_server_restart(make_client, redis_url, cifar_array) -> None:
+    first = make_client(redis_url=redis_url)
+    first.put("/v1/streams/r", json={"strategy": "unmix_tns"})
+    for i in range(2):
+        first.post(
+            "/v1/streams/r/predict", content=npy_bytes(cifar_array[i * 16 : (i + 1) * 16]), headers=NPY
+        )
+    before = first.post(
+        "/v1/streams/r/predict?adapt=false", content=npy_bytes(cifar_array[:16]), headers=NPY
+    ).json()
+    first.__exit__(None, None, None)  # shut the first replica down
+    second = make_client(redis_url=redis_url)
+    after = second.post(
+        "/v1/streams/r/predict?adapt=false", content=npy_bytes(cifar_array[:16]), headers=NPY
+    ).json()
+    assert after["version"] == before["version"] == 2
+    assert [p["top_k"][0]["probability"] for p in after["predictions"]] == pytest.approx(
+        [p["top_k"][0]["probability"] for p in before["predictions"]], abs=1e-6
+    )
+    assert second.get("/v1/streams/r").json()["steps"] == 2
+
+
+def test_two_replicas_concurrent_predicts_lose_no_update(make_client, redis_url, cifar_array) -> None:
+    """Every request answered adapted=true is exactly one committed step; the rest are counted conflicts."""
+    replicas = [
+        make_client(redis_url=redis_url, conflict_retries=0),
+        make_client(redis_url=redis_url, conflict_retries=0),
+    ]
+    replicas[0].put("/v1/streams/shared", json={"strategy": "tent"})
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        client = replicas[i % 2]
+        for j in range(4):
+            batch = cifar_array[(i * 4 + j) % 10 * 16 : (i * 4 + j) % 10 * 16 + 16]
+            r = client.post("/v1/streams/shared/predict", content=npy_bytes(batch), headers=NPY)
+            assert r.status_code == 200, r.text
+            with lock:
+                results.append(r.json())
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    adapted = sum(r["adapted"] for r in results)
+    conflicts = sum(r["conflict"] for r in results)
+    assert adapted + conflicts == len(results) == 16
+    stream = replicas[1].get("/v1/streams/shared").json()
+    assert stream["steps"] == stream["version"] == adapted
+    reported = 0.0
+    for c in replicas:
+        for line in c.get("/metrics").text.splitlines():
+            if line.startswith('tta_state_conflicts_total{model="cifar10_wrn40_2",strategy="tent"}'):
+                reported += float(line.split()[-1])
+    assert reported == conflicts
+
+
+def test_retries_turn_conflicts_into_applied_updates(make_client, redis_url, cifar_array) -> None:
+    replicas = [make_client(redis_url=redis_url, conflict_retries=5) for _ in range(2)]
+    replicas[0].put("/v1/streams/retry", json={"strategy": "norm"})
+    out: list[dict] = []
+
+    def worker(i: int) -> None:
+        for _ in range(3):
+            r = replicas[i % 2].post(
+                "/v1/streams/retry/predict", content=npy_bytes(cifar_array[:8]), headers=NPY
+            )
+            out.append(r.json())
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert replicas[0].get("/v1/streams/retry").json()["steps"] == sum(r["adapted"] for r in out)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_store_compare_and_set_refuses_stale_versions(kind, redis_url) -> None:
+    store = InMemoryStateStore(60) if kind == "memory" else RedisStateStore(redis_url, 60, 1.0)
+
+    async def scenario() -> None:
+        assert await store.cas_state("ns", "s", 0, 0, b"one", {"steps": 1}, 0.1) == 1
+        assert await store.cas_state("ns", "s", 0, 0, b"stale", {"steps": 1}, 0.1) is None
+        assert await store.cas_state("ns", "s", 0, 1, b"two", {"steps": 2}, 0.2) == 2
+        got = await store.get_state("ns", "s", 0, with_blob=True)
+        assert got is not None and (got.version, got.blob, got.meta) == (2, b"two", {"steps": 2})
+        assert await store.top_drift("ns", 5) == [("s", 0.2)]
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_redis_fails_fast_with_503(make_client, cifar_array) -> None:
+    client = make_client(redis_url="redis://127.0.0.1:6399/0", store_timeout_seconds=0.5)
+    r = client.post("/v1/streams/x/predict", content=npy_bytes(cifar_array[:8]), headers=NPY)
+    assert r.status_code == 503 and r.json()["error_type"] == "state_store_unavailable"
+    assert client.get("/readyz").status_code == 503
