@@ -1,0 +1,115 @@
+"""Tests for tta_data.cifar: archive loading, JPEG decoding and the data-folder lookup."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tta_data
+from tta_data import JpegDataset, decode_images, default_cifar10_dir, load_cifar10, load_jpeg_npz
+
+REPO_ROOT = Path(tta_data.__file__).resolve().parent.parent
+
+
+def test_test_split_layout(cifar_test: JpegDataset) -> None:
+    assert len(cifar_test) == 10_000
+    assert cifar_test.classes[0] == "airplane" and len(cifar_test.classes) == 10
+    assert all(isinstance(c, str) for c in cifar_test.classes)
+    assert np.bincount(cifar_test.labels, minlength=10).tolist() == [1000] * 10
+    # the archive is ordered by class, which is why streams must never use file order
+    assert np.all(np.diff(cifar_test.labels.astype(np.int64)) >= 0)
+    assert cifar_test.offsets[0] == 0 and cifar_test.offsets[-1] == cifar_test.jpeg.shape[0]
+    for arr in (cifar_test.jpeg, cifar_test.offsets, cifar_test.labels):
+        assert not arr.flags.writeable
+
+
+def test_jpeg_bytes_are_whole_files(cifar_test: JpegDataset) -> None:
+    for i in (0, 1, 4999, len(cifar_test) - 1, -1):
+        data = cifar_test.jpeg_bytes(i)
+        assert data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"  # JPEG SOI / EOI markers
+    assert cifar_test.jpeg_bytes(-1) == cifar_test.jpeg_bytes(len(cifar_test) - 1)
+    with pytest.raises(IndexError):
+        cifar_test.jpeg_bytes(len(cifar_test))
+
+
+def test_decode_images(cifar_test: JpegDataset) -> None:
+    idx = np.array([7, 4321, 9999, 7])
+    images = decode_images(cifar_test, idx)
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[0], images[3])
+    np.testing.assert_array_equal(images, decode_images(cifar_test, idx))  # deterministic
+    single = np.asarray(Image.open(io.BytesIO(cifar_test.jpeg_bytes(4321))).convert("RGB"))
+    np.testing.assert_array_equal(images[1], single)
+    assert 20 < images.mean() < 235  # real pictures, not blank
+    assert decode_images(cifar_test, []).shape == (0, 32, 32, 3)
+
+
+def test_missing_archive_message(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="TTA_DATA_DIR"):
+        load_jpeg_npz(tmp_path / "absent.npz")
+    with pytest.raises(FileNotFoundError, match=r"test_jpeg\.npz"):
+        load_cifar10("test", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        load_cifar10("val", data_dir=tmp_path)  # type: ignore[arg-type]
+
+
+def test_round_trip_small_archive(tmp_path: Path, cifar_test: JpegDataset) -> None:
+    picks = [0, 1500, 9999]
+    blobs = [np.frombuffer(cifar_test.jpeg_bytes(i), dtype=np.uint8) for i in picks]
+    offsets = np.concatenate([[0], np.cumsum([b.size for b in blobs])]).astype(np.int64)
+    path = tmp_path / "tiny.npz"
+    labels = cifar_test.labels[picks]
+    np.savez(
+        path, jpeg=np.concatenate(blobs), offsets=offsets, labels=labels, classes=np.array(cifar_test.classes)
+    )
+    tiny = load_jpeg_npz(path)
+    assert len(tiny) == 3 and tiny.classes == cifar_test.classes
+    np.testing.assert_array_equal(tiny.labels, labels)
+    np.testing.assert_array_equal(decode_images(tiny, [0, 1, 2]), decode_images(cifar_test, picks))
+
+    np.savez(tmp_path / "bad.npz", jpeg=np.concatenate(blobs), labels=labels)
+    with pytest.raises(ValueError, match="offsets"):
+        load_jpeg_npz(tmp_path / "bad.npz")
+
+
+def test_dataset_validation() -> None:
+    jpeg = np.zeros(10, dtype=np.uint8)
+    with pytest.raises(ValueError, match="boundaries"):
+        JpegDataset(jpeg, np.array([0, 10]), np.array([0, 1], dtype=np.uint8), ("a", "b"))
+    with pytest.raises(ValueError, match="classes"):
+        JpegDataset(jpeg, np.array([0, 4, 10]), np.array([0, 2], dtype=np.uint8), ("a", "b"))
+
+
+def test_default_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("TTA_DATA_DIR", raising=False)
+    default = default_cifar10_dir()
+    assert default == (REPO_ROOT / ".." / "shared" / "data" / "cifar10").resolve()
+    assert (default / "test_jpeg.npz").is_file()
+
+    monkeypatch.setenv("TTA_DATA_DIR", "some/relative/dir")
+    monkeypatch.chdir(tmp_path)  # a relative setting must not depend on the working directory
+    assert default_cifar10_dir() == (REPO_ROOT / "some" / "relative" / "dir").resolve()
+
+    monkeypatch.setenv("TTA_DATA_DIR", str(tmp_path))
+    assert default_cifar10_dir() == tmp_path.resolve()
+    with pytest.raises(FileNotFoundError):
+        load_cifar10("train")
+
+
+def test_import_loads_numpy_only() -> None:
+    code = (
+        "import sys, tta_data\n"
+        "loaded = {m.split('.')[0] for m in sys.modules}\n"
+        "heavy = sorted(loaded & {'torch', 'scipy', 'skimage', 'PIL', 'cv2'})\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+    )
+    assert result.stdout.strip() == ""
