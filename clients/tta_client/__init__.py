@@ -1,0 +1,76 @@
+"""Python client for the TTA inference service: ``Client``, ``AsyncClient``, wire models and errors.
+
+Depends on httpx and pydantic only (numpy is imported when ``predict_array`` is called).
+"""
+
+from tta_client._client import DEFAULT_TIMEOUT, DEFAULT_URL, AsyncClient, Client, ImageInput
+from tta_client._exceptions import (
+    APIError,
+    BatchTooSmallError,
+    InvalidImageError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    ServerError,
+    StateCorruptError,
+    StateMismatchError,
+    StoreUnavailableError,
+    StreamNotFoundError,
+    TransportError,
+    TTAError,
+    UnauthorizedError,
+    UnknownModelError,
+    UnknownStrategyError,
+    UnsupportedMediaTypeError,
+    ValidationError,
+    raise_for_error,
+)
+from tta_client._models import (
+    Drift,
+    ModelInfo,
+    Prediction,
+    PredictResponse,
+    PredictStats,
+    StrategyInfo,
+    StreamDrift,
+    StreamPolicy,
+    StreamPublic,
+    TopK,
+)
+from tta_client._version import __version__
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_URL",
+    "APIError",
+    "AsyncClient",
+    "BatchTooSmallError",
+    "Client",
+    "Drift",
+    "ImageInput",
+    "InvalidImageError",
+    "ModelInfo",
+    "PayloadTooLargeError",
+    "PredictResponse",
+    "PredictStats",
+    "Prediction",
+    "RateLimitedError",
+    "ServerError",
+    "StateCorruptError",
+    "StateMismatchError",
+    "StoreUnavailableError",
+    "StrategyInfo",
+    "StreamDrift",
+    "StreamNotFoundError",
+    "StreamPolicy",
+    "StreamPublic",
+    "TTAError",
+    "TopK",
+    "TransportError",
+    "UnauthorizedError",
+    "UnknownModelError",
+    "UnknownStrategyError",
+    "UnsupportedMediaTypeError",
+    "ValidationError",
+    "__version__",
+    "raise_for_error",
+]
