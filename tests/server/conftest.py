@@ -89,3 +89,39 @@ def make_client(pool: ModelPool) -> Iterator[Callable[..., TestClient]]:
     yield factory
     for c in opened:
         c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def live_server(pool: ModelPool) -> Iterator[Callable[..., str]]:
+    """Start real uvicorn servers on free loopback ports (threads); returns their base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(**overrides: object) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        settings = Settings(models_config=MODELS_YAML, **overrides)  # type: ignore[arg-type]
+        config = uvicorn.Config(
+            create_app(settings, pool=pool), host="127.0.0.1", port=port, log_level="warning"
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=10)
