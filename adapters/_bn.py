@@ -107,7 +107,27 @@ def _bcast(v: Tensor) -> Tensor:
 def normalize_with(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """Affine normalisation with given per-channel statistics; differentiable in all of them."""
     scale = weight * torch.rsqrt(var + eps)
-    return x * _bcast(scale).to(x.dtype) + _bcast(bias - mean * scale).to(x.dtype)
+    # In-place add on the fresh product: same values bit for bit, one full-size temporary fewer.
+    return torch.mul(x, _bcast(scale).to(x.dtype)).add_(_bcast(bias - mean * scale).to(x.dtype))
+
+
+def fast_stats_ok(x: Tensor) -> bool:
+    """Whether `torch.batch_norm_update_stats` may stand in for `torch.var_mean` on `x`.
+
+    That fused BatchNorm statistics kernel has no autograd formula; on CPU it is 3-10x faster than
+    var_mean's Welford reduction and gives the same moments up to float rounding.
+    """
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance over (N, H, W), in float32."""
+    x = x.float()
+    if fast_stats_ok(x):
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        return mean, var
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    return mean, var
 
 
 class BasePlan:
@@ -137,7 +157,7 @@ class SourcePlan(BasePlan):
 
     def normalize(self, layer: AdaptiveBatchNorm2d, x: Tensor) -> Tensor:
         if self.record:
-            var, mean = torch.var_mean(x.detach().float(), dim=(0, 2, 3), correction=0)
+            mean, var = channel_mean_var(x.detach())
             self._record(layer, mean, var)
         w, b = self.weight_bias(layer)
         return F.batch_norm(x, layer.running_mean, layer.running_var, w, b, False, 0.0, layer.eps)

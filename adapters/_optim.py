@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from adapters.base import StrategyConfig
@@ -30,6 +30,13 @@ class OptimConfig(StrategyConfig):
     dampening: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimConfig:
+        # The same rule as torch.optim.SGD: Nesterov needs momentum and no dampening.
+        if self.optimizer == "sgd" and self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov requires momentum > 0 and dampening = 0")
+        return self
 
 
 def init_optim_state(params: Mapping[str, Tensor], cfg: OptimConfig) -> dict[str, Tensor]:

@@ -204,6 +204,10 @@ class ComposedStrategy:
             outcome = self._predict_only(handle, x, state, forward)
         else:
             outcome = self.updater.step(handle, x, state, cfg, forward)
+            if outcome.reset:
+                # A recovery reset restores the whole adaptive model: normalisation statistics too.
+                seed = int(state.meta.get("seed", 0))
+                outcome.tensors = {**self.normalizer.init_tensors(handle, cfg, seed), **outcome.tensors}
         return self._finish(handle, state, outcome, batch.shape[0], adapt)
 
     def _predict_only(

@@ -6,11 +6,16 @@ mu = (1 - w) * mu_s + w * mu_B and var = (1 - w) * var_s + w * var_B(unbiased), 
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
-from adapters._bn import AdaptiveBatchNorm2d, BasePlan, check_batch_stats_possible, normalize_with
+from adapters._bn import (
+    AdaptiveBatchNorm2d,
+    BasePlan,
+    channel_mean_var,
+    check_batch_stats_possible,
+    normalize_with,
+)
 from adapters.base import ModelHandle, StrategyConfig
 
 
@@ -39,7 +44,7 @@ class AlphaPlan(BasePlan):
 
     def normalize(self, layer: AdaptiveBatchNorm2d, x: Tensor) -> Tensor:
         check_batch_stats_possible(x, layer.layer_name)
-        var_b, mean_b = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+        mean_b, var_b = channel_mean_var(x)
         n = x.shape[0] * x.shape[2] * x.shape[3]
         self._record(layer, mean_b, var_b)
         var_unbiased = var_b * (n / (n - 1))

@@ -9,6 +9,7 @@ Defaults follow the CIFAR-10-C setting of the benchmark reference: d_margin 0.4,
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ class EATAConfig(TentConfig):
     e_margin: float = Field(0.4, gt=0, le=1, description="E0 = e_margin * ln(num_classes)")
     d_margin: float = Field(0.4, ge=0, le=1, description="redundancy threshold on |cos(m, p)|")
     fisher_alpha: float = Field(1.0, ge=0, description="weight beta of the Fisher anti-forgetting penalty")
-    fisher_size: int = Field(2000, ge=1, le=50_000, description="clean source images used for the Fisher")
+    fisher_size: int = Field(2000, ge=2, le=50_000, description="clean source images used for the Fisher")
     fisher_batch_size: int = Field(64, ge=2, le=1024)
     probs_momentum: float = Field(0.9, ge=0, lt=1, description="moving-average factor of m")
 
@@ -128,7 +129,8 @@ def fisher_diagonal(
             "set fisher_alpha=0 or use the `eta` strategy"
         )
     key = (handle.fingerprint, str(handle.device), *cache_key)
-    cached = _FISHER_CACHE.get(key)
+    with _FISHER_LOCK:
+        cached = _FISHER_CACHE.get(key)
     if cached is not None:
         return cached
     images = handle.source_images(n, seed)
@@ -149,12 +151,15 @@ def fisher_diagonal(
             acc[k] += g.detach() ** 2
         batches += 1
     fisher = {k: v / max(batches, 1) for k, v in acc.items()}
-    if len(_FISHER_CACHE) >= 8:
-        _FISHER_CACHE.pop(next(iter(_FISHER_CACHE)))
-    _FISHER_CACHE[key] = fisher
+    with _FISHER_LOCK:
+        if len(_FISHER_CACHE) >= 8:
+            _FISHER_CACHE.pop(next(iter(_FISHER_CACHE)))
+        _FISHER_CACHE[key] = fisher
     return fisher
 
 
 # The Fisher is a deterministic function of the (immutable) model and these arguments, so it is
 # memoised per process: every stream reset would otherwise cost fisher_size forward+backward passes.
+# Steps run on several executor threads; two may compute the same Fisher once each, never corrupt the cache.
 _FISHER_CACHE: dict[tuple[str, str, str, str, int], dict[str, Tensor]] = {}
+_FISHER_LOCK = threading.Lock()

@@ -72,7 +72,9 @@ class SARUpdater:
             loss2 = ent2[s2].mean()
             grads2 = torch.autograd.grad(loss2, list(perturbed.values()))
         tensors, meta = apply_gradients(state, params, grads2, cfg)
-        return self._recover(handle, state, cfg, logits, plan, tensors, meta, loss2.detach().item(), n2, x.shape[0])
+        return self._recover(
+            handle, state, cfg, logits, plan, tensors, meta, loss2.detach().item(), n2, x.shape[0]
+        )
 
     def _recover(  # type: ignore[no-untyped-def]
         self, handle, state, cfg: SARConfig, logits, plan, tensors, meta: dict[str, Any], loss: float, n2, n

@@ -41,6 +41,8 @@ def state_from_bytes(blob: bytes, device: torch.device | str = "cpu") -> Adaptat
         meta = json.loads(info[META_KEY])
     except (SafetensorError, ValueError, KeyError, TypeError) as exc:
         raise CorruptStateError(f"stored state is corrupt: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise CorruptStateError(f"stored state meta is not a JSON object: {type(meta).__name__}")
     if device != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return AdaptationState(tensors, meta)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from adapters._bn import AdaptiveBatchNorm2d, BasePlan
+from adapters._bn import AdaptiveBatchNorm2d, BasePlan, fast_stats_ok
 from adapters.base import BatchTooSmallError, ModelHandle, StrategyConfig
 
 PREFIX = "unmix."
@@ -86,7 +86,7 @@ class UnMixPlan(BasePlan):
         k_mean, k_var = _keys(layer.layer_name)
         comp_mu, comp_var = self.tensors[k_mean], self.tensors[k_var]
         # Instance statistics in fp32; they keep their graph so Tent-style gradients flow through them.
-        var_i, mu_i = torch.var_mean(x.float(), dim=(2, 3), correction=0)
+        mu_i, var_i = instance_mean_var(x)
         p = assignment(mu_i.detach(), comp_mu, self.cfg.tau)
         mean, var = mixture_moments(mu_i, var_i, comp_mu, comp_var, p)
         if self.record:
@@ -104,6 +104,17 @@ class UnMixPlan(BasePlan):
 
     def updated_tensors(self) -> dict[str, Tensor]:
         return dict(self._updated)
+
+
+def instance_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample, per-channel mean and biased variance over (H, W), in float32, shapes (B, C)."""
+    x = x.float()
+    if fast_stats_ok(x):
+        b, c = x.shape[:2]
+        mean, var = torch.batch_norm_update_stats(x.reshape(1, b * c, *x.shape[2:]), None, None, 0.0)
+        return mean.view(b, c), var.view(b, c)
+    var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
+    return mean, var
 
 
 def assignment(mu_i: Tensor, comp_mu: Tensor, tau: float) -> Tensor:
@@ -139,7 +150,8 @@ def mixture_moments(
 def per_sample_normalize(x: Tensor, mean: Tensor, var: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
     scale = w[None] * torch.rsqrt(var + eps)  # (B, C)
     shift = b[None] - mean * scale
-    return x * scale[:, :, None, None].to(x.dtype) + shift[:, :, None, None].to(x.dtype)
+    # In-place add on the fresh product: same values bit for bit, one full-size temporary fewer.
+    return torch.mul(x, scale[:, :, None, None].to(x.dtype)).add_(shift[:, :, None, None].to(x.dtype))
 
 
 __all__ = ["UnMixStats", "UnMixTNSConfig", "assignment", "mixture_moments"]

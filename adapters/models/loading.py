@@ -108,10 +108,11 @@ def load_checkpoint(path: Path) -> dict[str, Tensor]:
 
 
 def _fingerprint(spec: ModelSpec, state: dict[str, Tensor]) -> str:
-    h = hashlib.sha256(spec.arch.encode())
+    # Everything that changes what a state means: architecture, classes, input geometry and normalisation.
+    h = hashlib.sha256(repr((spec.arch, spec.num_classes, spec.input_size, spec.mean, spec.std)).encode())
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
-        h.update(key.encode())
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -1,0 +1,100 @@
+"""Shared fixtures: a tiny seeded BatchNorm CNN and the real CIFAR-10 WRN-40-2 model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adapters.base import ModelHandle
+from adapters.models import ModelSpec, build_handle
+from adapters.models.wide_resnet import WideResNet
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR_WEIGHTS = SHARED / "models" / "cifar10_wrn40_2.pt"
+CIFAR_TRAIN = SHARED / "data" / "cifar10" / "train_jpeg.npz"
+CIFAR_TEST = SHARED / "data" / "cifar10" / "test_jpeg.npz"
+
+TINY_SIZE = 16
+
+
+def _tiny_network() -> WideResNet:
+    """WRN-10-1 with random BN affine parameters, non-trivial running statistics and varied predictions."""
+    gen = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny network: one thread is fastest and avoids oversubscription
+    try:
+        return _fill_tiny_network(gen)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fill_tiny_network(gen: torch.Generator) -> WideResNet:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = WideResNet(depth=10, widen_factor=1, num_classes=10)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.copy_(0.5 + torch.rand(bn.num_features, generator=gen))
+            bn.bias.copy_(0.2 * torch.randn(bn.num_features, generator=gen))
+            bn.momentum = 0.3
+        # Running statistics from a "source" distribution unlike the test batches.
+        net.train()
+        for _ in range(8):
+            net(0.5 * torch.rand(32, 3, TINY_SIZE, TINY_SIZE, generator=gen) + 0.1)
+        net.eval()
+        # Centre and scale the classifier on source features so predictions vary between samples.
+        features: list[torch.Tensor] = []
+        hook = net.fc.register_forward_pre_hook(lambda _, args: features.append(args[0]))
+        net(0.5 * torch.rand(64, 3, TINY_SIZE, TINY_SIZE, generator=gen) + 0.1)
+        hook.remove()
+        net.fc.weight.div_(features[0].std(0).mean())
+        net.fc.bias.copy_(-net.fc.weight @ features[0].mean(0))
+    return net
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    """A saved tiny model (WRN-10-1, 16x16 inputs) with 64 uint8 'source' images next to it."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    weights = folder / "tiny.pt"
+    torch.save(_tiny_network().state_dict(), weights)
+    rng = np.random.default_rng(0)
+    source = folder / "tiny_source.npy"
+    np.save(source, rng.integers(25, 153, size=(64, TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8))
+    return ModelSpec(
+        id="tiny",
+        arch="wide_resnet",
+        depth=10,
+        widen_factor=1,
+        num_classes=10,
+        weights=weights,
+        input_size=(TINY_SIZE, TINY_SIZE),
+        source_data=source,
+    )
+
+
+@pytest.fixture
+def tiny_handle(tiny_spec: ModelSpec) -> ModelHandle:
+    """A fresh handle of the tiny model (7 BN layers, 10 classes), with source images for EATA's Fisher."""
+    return build_handle(tiny_spec)
+
+
+@pytest.fixture(scope="session")
+def cifar_handle() -> ModelHandle:
+    """The shared CIFAR-10 WRN-40-2 checkpoint as a served model."""
+    if not CIFAR_WEIGHTS.is_file():
+        pytest.skip(f"shared checkpoint not found at {CIFAR_WEIGHTS}")
+    spec = ModelSpec(
+        id="cifar10_wrn40_2",
+        arch="wide_resnet",
+        depth=40,
+        widen_factor=2,
+        num_classes=10,
+        weights=CIFAR_WEIGHTS,
+        source_data=CIFAR_TRAIN,
+    )
+    return build_handle(spec)
