@@ -7,6 +7,7 @@ decompression bomb is refused without allocating it.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -56,6 +57,14 @@ def fit_to_size(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     h, w = img.shape[1:]
     scale = max(th / h, tw / w)
     nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    if nh * nw > 4 * th * tw:
+        # Extreme aspect ratio (say a 1x4,000,000 strip): crop the part that survives the centre crop
+        # first, or the float intermediate of the resize would need tens of gigabytes.
+        ch, cw = min(h, math.ceil(th / scale)), min(w, math.ceil(tw / scale))
+        img = img[:, (h - ch) // 2 : (h - ch) // 2 + ch, (w - cw) // 2 : (w - cw) // 2 + cw]
+        h, w = ch, cw
+        scale = max(th / h, tw / w)
+        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     resized = F.interpolate(
         img[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False
     )
@@ -68,11 +77,22 @@ def decode_npy(data: bytes, size: tuple[int, int]) -> torch.Tensor:
     if not data.startswith(NPY_MAGIC):
         raise InvalidImageError("body is not a .npy array (missing NumPy magic)")
     try:
+        # Check the header before np.load allocates what it declares (a 100-byte body can claim petabytes).
+        fp = io.BytesIO(data)
+        version = np.lib.format.read_magic(fp)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"unsupported .npy format version {version}")
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read_header(fp)
+        if dtype != np.uint8:
+            raise InvalidImageError(f"array dtype must be uint8, got {dtype}")
+        if any(d < 0 for d in shape) or math.prod(shape) > len(data) - fp.tell():
+            raise InvalidImageError(f"declared shape {tuple(shape)} does not match the array data")
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise InvalidImageError(f"unreadable .npy array: {exc}") from exc
-    if arr.dtype != np.uint8:
-        raise InvalidImageError(f"array dtype must be uint8, got {arr.dtype}")
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3:

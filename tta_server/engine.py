@@ -22,6 +22,7 @@ from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult,
 from adapters.serialization import CorruptStateError, state_from_bytes, state_to_bytes
 from tta_server import drift
 from tta_server.errors import (
+    StateCorruptError,
     StateMismatchError,
     UnknownStrategyError,
     UnknownStreamError,
@@ -129,15 +130,26 @@ class Engine:
             raise UnknownStrategyError(str(exc)) from exc
 
     async def get_policy(self, ns: str, stream: str) -> Policy | None:
-        rec = await self.store.get_policy(ns, stream)
-        return Policy(**rec) if rec else None
+        try:
+            rec = await self.store.get_policy(ns, stream)
+            return Policy(**rec) if rec else None
+        except (ValueError, TypeError) as exc:  # undecodable JSON, missing or unknown fields
+            raise StateCorruptError(
+                f"stored policy of stream {stream!r} is corrupt; PUT a policy or DELETE the stream",
+                detail={"stream": stream},
+            ) from exc
 
     async def put_policy(
         self, ns: str, stream: str, model: str | None, strategy: str, config: dict[str, Any] | None, seed: int
     ) -> Policy:
         new = self.validate_policy(model, strategy, config, seed)
         async with self.locks.hold(f"{ns}:{stream}"):
-            old = await self.get_policy(ns, stream)
+            try:
+                old = await self.get_policy(ns, stream)
+                epoch = (old.epoch + 1) if old else 0
+            except StateCorruptError:
+                # A new policy replaces a corrupt record; its epoch is unknown, so take one no old state has.
+                old, epoch = None, int(time.time())
             if old is not None and (old.model, old.strategy, old.config, old.seed) == (
                 new.model,
                 new.strategy,
@@ -146,7 +158,7 @@ class Engine:
             ):
                 return old
             # A new epoch points at a fresh state key: in-flight writes of the old policy cannot leak into it.
-            policy = Policy(new.model, new.strategy, new.config, new.seed, (old.epoch + 1) if old else 0)
+            policy = Policy(new.model, new.strategy, new.config, new.seed, epoch)
             await self.store.set_policy(ns, stream, policy.__dict__)
             return policy
 
@@ -161,7 +173,10 @@ class Engine:
             return policy
 
     async def delete(self, ns: str, stream: str) -> None:
-        policy = await self.get_policy(ns, stream)
+        try:
+            policy = await self.get_policy(ns, stream)
+        except StateCorruptError:
+            policy = Policy("", "", {}, epoch=0)  # drop the corrupt record (its states expire)
         if policy is None:
             raise UnknownStreamError(f"stream {stream!r} does not exist")
         await self.store.delete_stream(ns, stream, policy.epoch)
@@ -182,7 +197,13 @@ class Engine:
             policy = await self.get_policy(ns, stream) or self.default_policy
         handle = self.pool.get(policy.model)
         strat = self.strategy(policy.strategy)
-        cfg = strat.parse_config(policy.config)
+        try:
+            cfg = strat.parse_config(policy.config)
+        except ValueError as exc:  # pydantic: the stored config no longer validates
+            raise StateMismatchError(
+                f"stored policy of stream {stream!r} is not valid for {policy.strategy!r}; PUT a new policy",
+                detail={"stream": stream},
+            ) from exc
         x = batch_u8.float().div_(255.0)
         key = f"{ns}:{stream}:{policy.epoch}"
         async with self.locks.hold(key):
@@ -193,7 +214,8 @@ class Engine:
                     return PredictOutcome(policy, result, False, False, version)
                 new_version = await self._commit(ns, stream, policy, result, version)
                 if new_version is not None:
-                    return PredictOutcome(policy, result, True, False, new_version)
+                    # _commit hands back the old version when it discarded a non-finite update.
+                    return PredictOutcome(policy, result, new_version != version, False, new_version)
                 self.metrics.conflicts.labels(policy.model, policy.strategy).inc()
                 self._cache.pop(key, None)
                 log.info("state conflict on %s (attempt %d)", key, attempt + 1)

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from tta_server.errors import StoreUnavailableError
@@ -34,6 +37,15 @@ def state_key(ns: str, stream: str, epoch: int) -> str:
 
 def drift_key(ns: str) -> str:
     return f"{PREFIX}:drift:{ns}"
+
+
+# Resets leave the previous epochs' states to expire; deleting a stream removes them too (the most
+# recent ones), or re-creating it at epoch 0 would resurrect an old state.
+DELETE_EPOCHS = 1024
+
+
+def epoch_state_keys(ns: str, stream: str, epoch: int) -> list[str]:
+    return [state_key(ns, stream, e) for e in range(max(0, epoch - DELETE_EPOCHS + 1), epoch + 1)]
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,8 @@ class InMemoryStateStore:
     async def delete_stream(self, ns: str, stream: str, epoch: int) -> bool:
         async with self._lock:
             existed = self._data.pop(stream_key(ns, stream), None) is not None
-            existed |= self._data.pop(state_key(ns, stream, epoch), None) is not None
+            for key in epoch_state_keys(ns, stream, epoch):
+                existed |= self._data.pop(key, None) is not None
             board = self._get(drift_key(ns)) or {}
             board.pop(stream, None)
             return existed
@@ -154,7 +167,9 @@ class RedisStateStore:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             health_check_interval=30,
-            retry_on_timeout=False,
+            # One immediate retry on a dropped connection: after a Redis restart every pooled connection is
+            # dead, and each would otherwise fail one request. Timeouts are not retried (fail fast).
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._cas = self.client.register_script(_CAS)
 
@@ -181,7 +196,7 @@ class RedisStateStore:
 
     async def delete_stream(self, ns: str, stream: str, epoch: int) -> bool:
         pipe = self.client.pipeline(transaction=True)
-        pipe.delete(stream_key(ns, stream), state_key(ns, stream, epoch))
+        pipe.delete(stream_key(ns, stream), *epoch_state_keys(ns, stream, epoch))
         pipe.zrem(drift_key(ns), stream)
         deleted, _ = await self._call(pipe.execute())
         return bool(deleted)
