@@ -306,6 +306,7 @@ class Engine:
             float(new_drift.get("bn_distance") or 0.0),
         )
         self.metrics.store_duration.labels("save").observe(time.perf_counter() - t0)
+        self.metrics.store_up.set(1)  # the store answered
         if new_version is not None:
             self.metrics.state_bytes.labels(policy.model, policy.strategy).observe(len(blob))
             self.metrics.updates.labels(policy.model, policy.strategy).inc()

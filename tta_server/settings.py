@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -48,6 +49,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="refuse images larger than this before decoding"
     )
+    keep_alive_seconds: int = Field(
+        75, ge=1, description="idle HTTP keep-alive (longer than a load balancer's)"
+    )
     log_level: str = "INFO"
 
     @field_validator("api_keys", mode="before")
@@ -61,9 +65,12 @@ class Settings(BaseSettings):
     @classmethod
     def _keys_long_enough(cls, v: list[SecretStr]) -> list[SecretStr]:
         for k in v:
-            secret = k.get_secret_value().rpartition(":")[2]
+            name, _, secret = k.get_secret_value().rpartition(":")
             if len(secret) < 16:
                 raise ValueError("API keys must be at least 16 characters")
+            # Names become part of Redis keys: a `:` in one could alias another key's namespace.
+            if name and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+                raise ValueError(f"API key name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
         return v
 
     def key_namespaces(self) -> dict[str, str]:

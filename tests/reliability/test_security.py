@@ -206,3 +206,13 @@ def test_info_and_probe_endpoints_do_not_need_a_key(client) -> None:
     assert client.get("/readyz").status_code == 200
     metrics = client.get("/metrics").text
     assert ALICE not in metrics and "alice" not in metrics
+
+
+def test_key_names_that_could_alias_a_namespace_are_refused() -> None:
+    from pydantic import ValidationError as SettingsError
+
+    from tta_server.settings import Settings
+
+    with pytest.raises(SettingsError, match="must match"):
+        Settings(api_keys="team:a:0123456789abcdefgh")
+    assert Settings(api_keys="team-a:0123456789abcdefgh").key_namespaces() == {"0123456789abcdefgh": "team-a"}
