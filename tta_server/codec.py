@@ -46,7 +46,8 @@ def decode_image_bytes(data: bytes, max_pixels: int) -> torch.Tensor:
 def decode_files(files: Sequence[bytes], size: tuple[int, int], max_pixels: int) -> torch.Tensor:
     """Several image files -> uint8 (N, 3, H, W) at the model's input size."""
     images = [fit_to_size(decode_image_bytes(data, max_pixels), size) for data in files]
-    return torch.stack(images)
+    # Same channels-last layout as the raw .npy path (NHWC memory): convolutions run faster on it.
+    return torch.stack(images).contiguous(memory_format=torch.channels_last)
 
 
 def fit_to_size(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""`tta-bench throughput`: a tiny end-to-end run (real WRN-40-2, uvicorn subprocess, Redis db 14)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CIFAR_WEIGHTS
+from tta_server.bench import cli, throughput
+
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+def _positive(value: object) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(240)
+def test_tiny_throughput_run_writes_the_documented_json(tmp_path: Path) -> None:
+    if not CIFAR_WEIGHTS.is_file():
+        pytest.skip(f"shared checkpoint not found at {CIFAR_WEIGHTS}")
+    out = tmp_path / "throughput.json"
+    argv = ["throughput", "--model", "wrn", "--iters", "2", "--warmup", "1", "--batch-size", "8"]
+    argv += ["--strategies", "source,norm", "--streams", "2", "--redis-url", REDIS_URL]
+    # One thread: on a shared CI box two spinning OpenMP threads can slow small batches many times over.
+    argv += ["--threads", "1", "--phase-seconds", "30", "--json", str(out)]
+    t0 = time.monotonic()
+    assert cli.main(argv) == 0
+    elapsed = time.monotonic() - t0
+
+    report = json.loads(out.read_text())
+    assert _positive(report["bare_forward_ips"])
+    assert _positive(report["bare_train_ips"])
+    assert isinstance(report["device"], str) and report["device"].startswith("cpu")
+    assert set(report["strategies"]) == {"source", "norm"}
+    for row in report["strategies"].values():
+        assert _positive(row["ips"])
+        assert _positive(row["ratio"])
+    assert set(report["http"]) == {"raw", "jpeg"}
+    for row in report["http"].values():
+        for key in ("ips", "ratio", "p50_ms", "p99_ms"):
+            assert _positive(row[key]), (key, row)
+        assert row["p99_ms"] >= row["p50_ms"]
+    assert set(report["state"]) == {"source", "norm"}
+    for row in report["state"].values():
+        assert isinstance(row["bytes"], int) and row["bytes"] > 0
+        assert _positive(row["roundtrip_ms_p50"])
+    # The bare network and the `source` strategy are the same model: identical predictions.
+    assert report["bare"]["bare_vs_source_max_abs_diff"] < 1e-4
+    assert elapsed < 90, f"tiny run took {elapsed:.0f} s"
+
+
+def test_unreachable_redis_skips_state_round_trips() -> None:
+    assert throughput.redis_reachable("redis://127.0.0.1:1/0") is not None
+
+
+def test_multipart_body_is_parsed_as_files() -> None:
+    import numpy as np
+
+    batch = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    body, ctype = throughput.jpeg_multipart(batch)
+    boundary = ctype.split("boundary=", 1)[1]
+    assert body.count(b'name="files"') == 3
+    assert body.endswith(f"--{boundary}--\r\n".encode())
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(SystemExit):
+        throughput.main(["--iters", "0"])
