@@ -1,0 +1,120 @@
+"""`tta-bench accuracy` end to end on a tiny stream of the shared CIFAR-10 model, and its usage errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tta_data import default_cifar10_dir
+from tta_server.bench import accuracy
+from tta_server.model_pool import read_models_file
+
+
+def _shared_files_present() -> bool:
+    try:
+        models = read_models_file(accuracy.DEFAULT_MODELS_CONFIG)
+    except (FileNotFoundError, ValueError):
+        return False
+    weights = [m.weights for m in models.models if m.weights is not None]
+    return all(w.is_file() for w in weights) and (default_cifar10_dir() / "test_jpeg.npz").is_file()
+
+
+needs_model = pytest.mark.skipif(
+    not _shared_files_present(), reason="shared CIFAR-10 checkpoint or test archive not found"
+)
+
+
+@pytest.mark.slow
+@needs_model
+def test_json_shape_and_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "acc.json"
+    argv = [
+        "--strategies", "source,norm",
+        "--corruptions", "none,gaussian_noise",
+        "--n", "32",
+        "--batch-size", "16",
+        "--json", str(out),
+        "--no-progress",
+    ]  # fmt: skip
+    assert accuracy.main(argv) == 0
+
+    payload = json.loads(out.read_text())
+    assert set(payload) == {"results", "config"}
+    results = payload["results"]
+    assert list(results) == ["source", "norm"]
+    for errors in results.values():
+        assert list(errors) == ["none", "gaussian_noise", "mean"]
+        assert all(0.0 <= v <= 100.0 for v in errors.values())
+        assert errors["mean"] == pytest.approx((errors["none"] + errors["gaussian_noise"]) / 2)
+        # 32 images per corruption: every error is a multiple of 100/32.
+        for c in ("none", "gaussian_noise"):
+            assert errors[c] * 32 / 100 == pytest.approx(round(errors[c] * 32 / 100))
+    assert results["norm"] != results["source"]
+
+    config = payload["config"]
+    assert config["strategies"] == ["source", "norm"]
+    assert config["corruptions"] == ["none", "gaussian_noise"]
+    assert (config["n"], config["batch_size"], config["severity"], config["seed"]) == (32, 16, 5, 0)
+    assert (config["order"], config["reset"], config["device"]) == ("iid", "per-corruption", "cpu")
+    assert config["model"] == "cifar10_wrn40_2"
+
+    stdout = capsys.readouterr().out
+    assert "| strategy | none | gaussian_noise | mean | time (s) |" in stdout
+    assert "| norm |" in stdout
+
+
+@pytest.mark.slow
+@needs_model
+def test_strategy_needing_larger_batches_is_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "acc.json"
+    argv = ["--strategies", "source,tent", "--corruptions", "none", "--n", "4", "--batch-size", "1"]
+    assert accuracy.main([*argv, "--json", str(out), "--no-progress"]) == 0
+    assert "note: skipping tent" in capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["source"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--strategies", "source,nope"], "unknown strategy 'nope'; valid strategies: source, norm"),
+        (["--corruptions", "fog,rain"], "unknown corruption 'rain'"),
+        (["--strategies", "tent", "--config", "tent={lr: 1}"], "--config tent: invalid JSON"),
+        (["--strategies", "tent", "--config", 'tent={"lr": -1}'], "--config tent:"),
+        (["--strategies", "tent", "--config", 'tent={"nope": 1}'], "--config tent:"),
+        (["--strategies", "source", "--config", 'tent={"lr": 1e-4}'], "not among --strategies"),
+        (["--severity", "6"], "--severity must be one of"),
+        (["--model", "nope", "--strategies", "source"], "unknown model 'nope'"),
+    ],
+)
+def test_usage_errors_exit_non_zero(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert accuracy.main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "tta-bench accuracy: error:" in err
+    assert message in err
+
+
+def test_bad_option_returns_argparse_status(capsys: pytest.CaptureFixture[str]) -> None:
+    assert accuracy.main(["--order", "random"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert accuracy.main(["--help"]) == 0
+
+
+def test_format_table() -> None:
+    table = accuracy.format_table(
+        {"source": {"fog": 12.3456, "mean": 12.3456}, "norm": {"fog": 10.0, "mean": 10.0}},
+        ["fog"],
+        {"source": 3.2, "norm": 4.0},
+    )
+    assert table.splitlines() == [
+        "| strategy | fog | mean | time (s) |",
+        "|---|---:|---:|---:|",
+        "| source | 12.3 | 12.35 | 3 |",
+        "| norm | 10.0 | 10.00 | 4 |",
+    ]
