@@ -117,11 +117,11 @@ def _fingerprint(spec: ModelSpec, state: dict[str, Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def build_handle(
-    spec: ModelSpec, device: str | torch.device = "cpu", channels_last: bool | None = None
-) -> ModelHandle:
-    """Build the network, load weights, freeze it and convert its BN layers (once)."""
-    device = torch.device(device)
+def build_classifier(spec: ModelSpec) -> _Classifier:
+    """The declared network with its weights (or seeded random ones) and input normalisation, frozen.
+
+    Its BatchNorm layers are still the stock ones: `build_handle` converts them for adaptation.
+    """
     if spec.weights is not None:
         net = build_network(spec)
         net.load_state_dict(load_checkpoint(spec.weights), strict=True)
@@ -132,6 +132,16 @@ def build_handle(
     model = _Classifier(net, spec.mean, spec.std)
     model.eval()
     model.requires_grad_(False)
+    return model
+
+
+def build_handle(
+    spec: ModelSpec, device: str | torch.device = "cpu", channels_last: bool | None = None
+) -> ModelHandle:
+    """Build the network, load weights, freeze it and convert its BN layers (once)."""
+    device = torch.device(device)
+    model = build_classifier(spec)
+    net = model.net
     fingerprint = _fingerprint(spec, net.state_dict())
     layers = convert_batchnorm(net)
     if not layers:  # pragma: no cover - convert_batchnorm raises already

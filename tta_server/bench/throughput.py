@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 import adapters
 from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult, StrategyConfig
-from adapters.models import ModelSpec, build_handle, build_network, load_checkpoint
+from adapters.models import ModelSpec, build_classifier, build_handle
 from adapters.serialization import state_from_bytes, state_to_bytes
 from tta_server import drift
 from tta_server.settings import REPO_ROOT
@@ -136,33 +136,9 @@ def resolve_spec(args: argparse.Namespace) -> ModelSpec:
     return next(m for m in cfg.models if m.id == default)
 
 
-class _Normalized(nn.Module):
-    """The bare network behind the same input normalisation the served model applies."""
-
-    def __init__(self, net: nn.Module, spec: ModelSpec) -> None:
-        super().__init__()
-        self.net = net
-        self.norm = spec.mean is not None and spec.std is not None
-        if spec.mean is not None and spec.std is not None:
-            self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.norm:
-            x = (x - self.mean) / self.std
-        return self.net(x)
-
-
 def build_bare(spec: ModelSpec, device: torch.device, channels_last: bool) -> nn.Module:
     """An unconverted copy of the served network (stock BatchNorm2d), same weights, eval mode."""
-    if spec.weights is not None:
-        net = build_network(spec)
-        net.load_state_dict(load_checkpoint(spec.weights), strict=True)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.random_init_seed or 0)
-            net = build_network(spec)
-    model = _Normalized(net, spec).eval()
+    model = build_classifier(spec)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return model.to(device, memory_format=fmt)
 
