@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tta_data import default_cifar10_dir
 from tta_server.bench import accuracy
@@ -36,9 +37,12 @@ def test_json_shape_and_values(tmp_path: Path, capsys: pytest.CaptureFixture[str
         "--n", "32",
         "--batch-size", "16",
         "--json", str(out),
+        "--threads", "1",  # two spinning OpenMP threads crawl on a shared, oversubscribed CPU
         "--no-progress",
     ]  # fmt: skip
+    threads = torch.get_num_threads()
     assert accuracy.main(argv) == 0
+    assert torch.get_num_threads() == threads  # --threads does not leak into the calling process
 
     payload = json.loads(out.read_text())
     assert set(payload) == {"results", "config"}
@@ -58,6 +62,7 @@ def test_json_shape_and_values(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert config["corruptions"] == ["none", "gaussian_noise"]
     assert (config["n"], config["batch_size"], config["severity"], config["seed"]) == (32, 16, 5, 0)
     assert (config["order"], config["reset"], config["device"]) == ("iid", "per-corruption", "cpu")
+    assert config["threads"] == 1
     assert config["model"] == "cifar10_wrn40_2"
 
     stdout = capsys.readouterr().out
@@ -71,11 +76,44 @@ def test_strategy_needing_larger_batches_is_skipped(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "acc.json"
-    argv = ["--strategies", "source,tent", "--corruptions", "none", "--n", "4", "--batch-size", "1"]
+    argv = [
+        "--strategies",
+        "source,tent",
+        "--corruptions",
+        "none",
+        "--n",
+        "4",
+        "--batch-size",
+        "1",
+        "--threads",
+        "1",
+    ]
     assert accuracy.main([*argv, "--json", str(out), "--no-progress"]) == 0
     assert "note: skipping tent" in capsys.readouterr().out
     results = json.loads(out.read_text())["results"]
     assert list(results) == ["source"]
+
+
+@pytest.mark.slow
+@needs_model
+def test_failing_strategy_is_reported_and_exits_non_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """eata on a model declared without source data cannot build its Fisher penalty."""
+    spec = read_models_file(accuracy.DEFAULT_MODELS_CONFIG).models[0]
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        f"models:\n  - id: no_source\n    arch: {spec.arch}\n    depth: {spec.depth}\n"
+        f"    widen_factor: {spec.widen_factor}\n    weights: {spec.weights}\n"
+    )
+    out = tmp_path / "acc.json"
+    argv = ["--models-config", str(models), "--strategies", "eata,source", "--corruptions", "none"]
+    argv += ["--n", "8", "--batch-size", "8", "--threads", "1", "--no-progress", "--json", str(out)]
+    assert accuracy.main(argv) == 1
+    assert "error: eata failed: model 'no_source' declares no source data" in capsys.readouterr().err
+    payload = json.loads(out.read_text())
+    assert list(payload["results"]) == ["source"]
+    assert payload["config"]["model"] == "no_source"
 
 
 @pytest.mark.parametrize(

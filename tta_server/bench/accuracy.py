@@ -286,12 +286,8 @@ def format_table(
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    check_options(args)
-    strategies = resolve_strategies(args.strategies)
-    corruptions = resolve_corruptions(args.corruptions)
-    overrides = parse_overrides(args.config, strategies)
-
+def parse_configs(strategies: Sequence[str], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each strategy's validated config: defaults updated by its `--config` overrides."""
     import adapters
 
     configs: dict[str, Any] = {}
@@ -300,14 +296,37 @@ def run(args: argparse.Namespace) -> int:
             configs[name] = adapters.get_strategy(name).parse_config(overrides.get(name, {}))
         except ValueError as exc:  # pydantic.ValidationError is a ValueError
             raise UsageError(f"--config {name}: {exc}") from None
+    return configs
+
+
+def select_runnable(strategies: Sequence[str], batch_size: int) -> list[str]:
+    """The strategies that can adapt on batches of `batch_size`; the others are skipped with a note."""
+    import adapters
+
+    runnable = []
+    for name in strategies:
+        need = adapters.get_strategy(name).min_batch_size
+        if need > batch_size:
+            print(f"note: skipping {name}: needs batches of >= {need} images, --batch-size is {batch_size}")
+        else:
+            runnable.append(name)
+    return runnable
+
+
+def run(args: argparse.Namespace) -> int:
+    check_options(args)
+    strategies = resolve_strategies(args.strategies)
+    corruptions = resolve_corruptions(args.corruptions)
+    overrides = parse_overrides(args.config, strategies)
+
+    configs = parse_configs(strategies, overrides)
 
     import torch
     from tqdm import tqdm
 
+    import adapters
     from tta_data import default_cifar10_dir, load_jpeg_npz
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     handle = load_handle(args.models_config, args.model, args.device)
     data_dir = args.data_dir if args.data_dir is not None else default_cifar10_dir()
@@ -323,15 +342,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"cannot build the stream: {exc}") from None
 
-    runnable = []
-    for name in strategies:
-        need = adapters.get_strategy(name).min_batch_size
-        if need > args.batch_size:
-            print(
-                f"note: skipping {name}: needs batches of >= {need} images, --batch-size is {args.batch_size}"
-            )
-        else:
-            runnable.append(name)
+    runnable = select_runnable(strategies, args.batch_size)
 
     print(
         f"model {handle.model_id} on {handle.device}, torch {torch.__version__}, {torch.get_num_threads()} "
@@ -344,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_dict(args, strategies, corruptions, overrides, handle)
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
+    failed: list[str] = []
     total = len(runnable) * len(corruptions) * cache.num_batches()
     with tqdm(
         total=total, unit="batch", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True
@@ -352,9 +364,14 @@ def run(args: argparse.Namespace) -> int:
             for corruption in corruptions:  # stream preparation is not charged to the first strategy
                 cache.batches(corruption)
             start = time.perf_counter()
-            results[name] = run_strategy(
-                name, handle, configs[name], cache, corruptions, args.reset, args.seed, bar
-            )
+            try:
+                results[name] = run_strategy(
+                    name, handle, configs[name], cache, corruptions, args.reset, args.seed, bar
+                )
+            except adapters.AdaptError as exc:  # e.g. eata on a model declared without source data
+                failed.append(name)
+                bar.write(f"error: {name} failed: {exc}", file=sys.stderr)
+                continue
             timings[name] = time.perf_counter() - start
             if args.json is not None:  # after every strategy, so a run that is cut short keeps its results
                 write_json(args.json, results, config)
@@ -366,6 +383,9 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results, corruptions, timings))
     if args.json is not None:
         write_json(args.json, results, config)
+    if failed:
+        print(f"tta-bench accuracy: {len(failed)} strategy(ies) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -402,6 +422,20 @@ def config_dict(
     }
 
 
+def run_with_threads(args: argparse.Namespace) -> int:
+    """`run` with `--threads` applied, restoring torch's thread count afterwards (for in-process callers)."""
+    if args.threads is None:
+        return run(args)
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -409,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help or a usage error: return argparse's status instead of exiting
         return int(exc.code or 0)
     try:
-        return run(args)
+        return run_with_threads(args)
     except UsageError as exc:
         print(f"tta-bench accuracy: error: {exc}", file=sys.stderr)
         return 2
