@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     )
     state_cache_size: int = Field(256, ge=0, description="streams whose latest state stays on the device")
 
-    default_strategy: str = "norm"
+    # alpha_bn stays sound for single-image requests, where test-batch statistics degrade to instance norm.
+    default_strategy: str = "alpha_bn"
     default_config: dict[str, Any] = Field(default_factory=dict)
     drift_momentum: float = Field(0.9, ge=0, lt=1, description="EMA factor of per-stream drift figures")
 

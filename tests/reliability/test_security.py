@@ -75,9 +75,9 @@ def test_streams_are_invisible_across_keys(client) -> None:
     assert client.get("/v1/drift/top", headers=b).json()["streams"] == []
     # ... and predicting on the same id creates Bob's own stream (default policy, fresh state).
     r = client.post("/v1/streams/cam/predict", content=npy_bytes(batch(4, 9)), headers={**NPY, **b})
-    assert r.status_code == 200 and r.json()["version"] == 1 and r.json()["strategy"] == "norm"
+    assert r.status_code == 200 and r.json()["version"] == 1 and r.json()["strategy"] == "alpha_bn"
     bob_view = client.get("/v1/streams/cam", headers=b).json()
-    assert bob_view["strategy"] == "norm" and bob_view["steps"] == 1
+    assert bob_view["strategy"] == "alpha_bn" and bob_view["steps"] == 1
     # Bob changing "his" cam leaves Alice's untouched.
     assert client.put("/v1/streams/cam", json={"strategy": "alpha_bn"}, headers=b).status_code == 200
     assert client.post("/v1/streams/cam/reset", headers=b).status_code == 200

@@ -27,7 +27,7 @@ def test_jpeg_predict_returns_a_prediction_per_image(make_client, cifar_jpegs) -
     assert len(first["top_k"]) == 2 and first["top_k"][0]["probability"] >= first["top_k"][1]["probability"]
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert all(p["top_k"][0]["label"] == classes[p["top_k"][0]["index"]] for p in body["predictions"])
-    assert body["strategy"] == "norm" and body["adapted"] is True and body["version"] == 1
+    assert body["strategy"] == "alpha_bn" and body["adapted"] is True and body["version"] == 1
 
 
 def test_raw_and_jpeg_payloads_agree(make_client, cifar_jpegs, cifar_array) -> None:
