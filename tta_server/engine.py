@@ -190,8 +190,11 @@ class Engine:
         return policy, (stored.meta if stored else {}), (stored.version if stored else 0)
 
     # ------------------------------------------------------------------ predict
-    async def predict(self, ns: str, stream: str, batch_u8: torch.Tensor, adapt: bool) -> PredictOutcome:
-        policy = await self.get_policy(ns, stream)
+    async def predict(
+        self, ns: str, stream: str, batch_u8: torch.Tensor, adapt: bool, policy: Policy | None = None
+    ) -> PredictOutcome:
+        """`policy`: the stream's stored policy when the caller already read it (saves a store round trip)."""
+        policy = policy or await self.get_policy(ns, stream)
         if policy is None:
             await self.store.set_policy(ns, stream, self.default_policy.__dict__, only_if_new=True)
             policy = await self.get_policy(ns, stream) or self.default_policy

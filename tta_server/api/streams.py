@@ -131,10 +131,10 @@ async def predict(
     top_k: Annotated[int, Query(ge=1, le=1000)] = 3,
 ) -> PredictResponse:
     """Predict a batch of images for a stream, adapting its state unless adapt=false."""
-    policy = await engine.get_policy(ns, stream_id) or engine.default_policy
-    handle = engine.pool.get(policy.model)
+    stored = await engine.get_policy(ns, stream_id)
+    handle = engine.pool.get((stored or engine.default_policy).model)
     batch = await _read_batch(request, handle.input_size, settings, engine)
-    outcome = await engine.predict(ns, stream_id, batch, adapt)
+    outcome = await engine.predict(ns, stream_id, batch, adapt, stored)
     _observe(engine, outcome, adapt)
     return _response(stream_id, outcome, handle.classes, top_k)
 
