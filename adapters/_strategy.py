@@ -146,6 +146,16 @@ class ComposedStrategy:
 
         return forward
 
+    def check_batch(self, batch: Tensor, adapt: bool) -> None:
+        """Raise BatchTooSmallError for a batch this strategy cannot step on."""
+        if batch.ndim != 4 or batch.shape[0] == 0:
+            raise BatchTooSmallError(f"expected a non-empty NCHW batch, got shape {tuple(batch.shape)}")
+        if adapt and batch.shape[0] < self.min_batch_size:
+            raise BatchTooSmallError(
+                f"{self.name} needs at least {self.min_batch_size} images per adapting batch "
+                f"(got {batch.shape[0]}); send larger batches or use adapt=false"
+            )
+
     def init_state(self, handle: ModelHandle, config: StrategyConfig, seed: int = 0) -> AdaptationState:
         self.check_model(handle)
         cfg = self.parse_config(config)
@@ -189,13 +199,7 @@ class ComposedStrategy:
     ) -> StepResult:
         cfg = self.parse_config(config)
         self.check_state(handle, state)
-        if batch.ndim != 4 or batch.shape[0] == 0:
-            raise BatchTooSmallError(f"expected a non-empty NCHW batch, got shape {tuple(batch.shape)}")
-        if adapt and batch.shape[0] < self.min_batch_size:
-            raise BatchTooSmallError(
-                f"{self.name} needs at least {self.min_batch_size} images per adapting batch "
-                f"(got {batch.shape[0]}); send larger batches or use adapt=false"
-            )
+        self.check_batch(batch, adapt)
         x = batch.to(handle.device, non_blocking=True)
         if handle.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

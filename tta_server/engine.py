@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -53,11 +53,31 @@ class Policy:
 
 @dataclass
 class PredictOutcome:
+    """One request's share of an adaptation step.
+
+    `result` is the whole step, which may have served several merged requests (`requests`); this
+    request's images are `result.logits[rows]`.
+    """
+
     policy: Policy
     result: StepResult
     adapted: bool
     conflict: bool
     version: int
+    rows: slice
+    requests: int = 1
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.result.logits[self.rows]
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A request waiting for its stream; whoever holds the stream lock may serve it in a merged step."""
+
+    x: torch.Tensor
+    future: asyncio.Future[PredictOutcome]
 
 
 class _StreamLocks:
@@ -91,6 +111,8 @@ class Engine:
         workers = settings.compute_workers or (4 if "cuda" in devices else 1)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tta-step")
         self.locks = _StreamLocks()
+        # Requests queued behind a stream's lock, per (stream state key, adapt): merged into one step.
+        self._queues: dict[tuple[str, bool], list[_Pending]] = {}
         # Latest committed state per stream, kept on the device; used only when its version is current.
         self._cache: OrderedDict[str, tuple[int, AdaptationState]] = OrderedDict()
         self.default_policy = self.validate_policy(
@@ -207,22 +229,111 @@ class Engine:
                 f"stored policy of stream {stream!r} is not valid for {policy.strategy!r}; PUT a new policy",
                 detail={"stream": stream},
             ) from exc
-        x = batch_u8.float().div_(255.0)
+        try:
+            # Checked per request, so whether a request fails never depends on what it was merged with.
+            strat.check_batch(batch_u8, adapt)
+        except adapters.AdaptError as exc:
+            raise from_core(exc) from exc
         key = f"{ns}:{stream}:{policy.epoch}"
-        async with self.locks.hold(key):
-            for attempt in range(self.settings.conflict_retries + 1):
-                version, state = await self._load(ns, stream, policy, handle, strat, cfg)
-                result = await self._step(handle, strat, cfg, x, state, adapt, policy)
-                if not adapt:
-                    return PredictOutcome(policy, result, False, False, version)
-                new_version = await self._commit(ns, stream, policy, result, version)
-                if new_version is not None:
-                    # _commit hands back the old version when it discarded a non-finite update.
-                    return PredictOutcome(policy, result, new_version != version, False, new_version)
-                self.metrics.conflicts.labels(policy.model, policy.strategy).inc()
-                self._cache.pop(key, None)
-                log.info("state conflict on %s (attempt %d)", key, attempt + 1)
-        return PredictOutcome(policy, result, False, True, version)
+        me = _Pending(batch_u8, asyncio.get_running_loop().create_future())
+        queue = self._queues.setdefault((key, adapt), [])
+        queue.append(me)
+        try:
+            async with self.locks.hold(key):
+                if not me.future.done():
+                    group = self._take(queue, me)
+                    await self._serve(ns, stream, policy, handle, strat, cfg, adapt, group)
+        finally:
+            if me in queue:
+                queue.remove(me)  # cancelled while waiting
+            if not queue:
+                self._queues.pop((key, adapt), None)
+        return me.future.result()
+
+    def _take(self, queue: list[_Pending], me: _Pending) -> list[_Pending]:
+        """`me` plus the requests queued behind it, oldest first, up to `max_step_images` in all."""
+        queue.remove(me)
+        group, images = [me], me.x.shape[0]
+        for other in list(queue):
+            if images + other.x.shape[0] > self.settings.max_step_images:
+                break
+            queue.remove(other)
+            group.append(other)
+            images += other.x.shape[0]
+        return group
+
+    async def _serve(
+        self,
+        ns: str,
+        stream: str,
+        policy: Policy,
+        handle: ModelHandle,
+        strat: ComposedStrategy,
+        cfg: StrategyConfig,
+        adapt: bool,
+        group: list[_Pending],
+    ) -> None:
+        """Run one step on the group's images and hand every member its rows (or the step's error)."""
+        try:
+            outcome = await self._step_and_commit(ns, stream, policy, handle, strat, cfg, adapt, group)
+        except BaseException as exc:
+            for p in group:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        start = 0
+        for p in group:
+            n = p.x.shape[0]
+            if not p.future.done():
+                p.future.set_result(replace(outcome, rows=slice(start, start + n), requests=len(group)))
+            start += n
+
+    async def _step_and_commit(
+        self,
+        ns: str,
+        stream: str,
+        policy: Policy,
+        handle: ModelHandle,
+        strat: ComposedStrategy,
+        cfg: StrategyConfig,
+        adapt: bool,
+        group: list[_Pending],
+    ) -> PredictOutcome:
+        x = await self.run(_to_unit_float, [p.x for p in group])
+        rows = slice(0, x.shape[0])
+        key = f"{ns}:{stream}:{policy.epoch}"
+        for attempt in range(self.settings.conflict_retries + 1):
+            version, state = await self._load(ns, stream, policy, handle, strat, cfg)
+            result = await self._step(handle, strat, cfg, x, state, adapt, policy)
+            if not adapt:
+                self._observe(policy, result, adapted=False)
+                return PredictOutcome(policy, result, False, False, version, rows)
+            new_version = await self._commit(ns, stream, policy, result, version)
+            if new_version is not None:
+                # _commit hands back the old version when it discarded a non-finite update.
+                adapted = new_version != version
+                self._observe(policy, result, adapted)
+                return PredictOutcome(policy, result, adapted, False, new_version, rows)
+            self.metrics.conflicts.labels(policy.model, policy.strategy).inc()
+            self._cache.pop(key, None)
+            log.info("state conflict on %s (attempt %d)", key, attempt + 1)
+        self._observe(policy, result, adapted=False)
+        return PredictOutcome(policy, result, False, True, version, rows)
+
+    def _observe(self, policy: Policy, result: StepResult, adapted: bool) -> None:
+        """Per-step metrics, recorded once for a merged step."""
+        m, labels, stats = self.metrics, (policy.model, policy.strategy), result.stats
+        m.samples.labels(*labels).inc(stats.samples)
+        m.entropy.labels(*labels).observe(stats.mean_entropy)
+        m.confidence.labels(*labels).observe(stats.mean_confidence)
+        if stats.bn_distance is not None:
+            m.bn_distance.labels(*labels).observe(stats.bn_distance)
+        if adapted:
+            m.samples_adapted.labels(*labels).inc(stats.samples)
+            m.samples_used.labels(*labels).inc(stats.used)
+            m.samples_filtered.labels(*labels).inc(stats.filtered)
 
     async def _load(
         self,
@@ -327,6 +438,12 @@ class Engine:
         self._cache.move_to_end(key)
         while len(self._cache) > self.settings.state_cache_size:
             self._cache.popitem(last=False)
+
+
+def _to_unit_float(batches: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 NCHW batches -> one float batch in [0, 1] (cat keeps the channels_last layout of raw uploads)."""
+    x = batches[0] if len(batches) == 1 else torch.cat(batches)
+    return x.float().div_(255.0)
 
 
 def _all_finite(state: AdaptationState) -> bool:

@@ -63,12 +63,19 @@ class Prediction(BaseModel):
 
 
 class PredictStats(BaseModel):
+    """Figures of the adaptation step that served the request.
+
+    Concurrent requests of one stream may be merged into one step (`requests` > 1); the figures then
+    describe the merged batch of `samples` images.
+    """
+
     samples: int
     used: int
     filtered: int
     mean_entropy: float
     mean_confidence: float
     bn_distance: float | None
+    requests: int = 1
 
 
 class PredictResponse(BaseModel):

@@ -47,6 +47,14 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_batch: int = Field(256, ge=1)
+    max_step_images: int = Field(
+        256,
+        ge=1,
+        description=(
+            "requests of one stream that queue behind a running step are merged into one step of at most "
+            "this many images (1 = never merge)"
+        ),
+    )
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="refuse images larger than this before decoding"
     )

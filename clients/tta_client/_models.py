@@ -89,7 +89,11 @@ class Prediction(_Wire):
 
 
 class PredictStats(_Wire):
-    """Statistics of one predict batch (``used``: samples the update learned from)."""
+    """Statistics of the adaptation step that served a request.
+
+    ``used``: samples the update learned from. Concurrent requests of one stream may share one step
+    (``requests`` > 1); the figures then describe the merged batch of ``samples`` images.
+    """
 
     samples: int
     used: int = 0
@@ -97,6 +101,7 @@ class PredictStats(_Wire):
     mean_entropy: float | None = None
     mean_confidence: float | None = None
     bn_distance: float | None = None
+    requests: int = 1
 
 
 class PredictResponse(_Wire):

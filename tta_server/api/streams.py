@@ -135,25 +135,11 @@ async def predict(
     handle = engine.pool.get((stored or engine.default_policy).model)
     batch = await _read_batch(request, handle.input_size, settings, engine)
     outcome = await engine.predict(ns, stream_id, batch, adapt, stored)
-    _observe(engine, outcome, adapt)
     return _response(stream_id, outcome, handle.classes, top_k)
 
 
-def _observe(engine: Engine, out: PredictOutcome, adapt: bool) -> None:
-    m, labels, stats = engine.metrics, (out.policy.model, out.policy.strategy), out.result.stats
-    m.samples.labels(*labels).inc(stats.samples)
-    m.entropy.labels(*labels).observe(stats.mean_entropy)
-    m.confidence.labels(*labels).observe(stats.mean_confidence)
-    if stats.bn_distance is not None:
-        m.bn_distance.labels(*labels).observe(stats.bn_distance)
-    if adapt and out.adapted:
-        m.samples_adapted.labels(*labels).inc(stats.samples)
-        m.samples_used.labels(*labels).inc(stats.used)
-        m.samples_filtered.labels(*labels).inc(stats.filtered)
-
-
 def _response(stream: str, out: PredictOutcome, classes: tuple[str, ...], top_k: int) -> PredictResponse:
-    logits = out.result.logits
+    logits = out.logits
     probs = logits.softmax(1)
     k = min(top_k, probs.shape[1])
     top_p, top_i = probs.topk(k, dim=1)
@@ -181,5 +167,6 @@ def _response(stream: str, out: PredictOutcome, classes: tuple[str, ...], top_k:
             mean_entropy=s.mean_entropy,
             mean_confidence=s.mean_confidence,
             bn_distance=s.bn_distance,
+            requests=out.requests,
         ),
     )

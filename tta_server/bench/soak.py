@@ -9,8 +9,9 @@ file is SIGKILLed at AT seconds and restarted SECONDS later).
 Checks (the exit status is 1 when one fails):
   * no 5xx and no transport error outside the outage window (a grace period after it included),
     and no unexpected 4xx at all;
-  * accounting: for every stream, its stored `steps` equals the number of its responses that said
-    `adapted: true` (nothing lost, nothing applied twice). A 503 may belong to a write Redis applied
+  * accounting: for every stream, its stored `steps` equals the number of distinct versions among its
+    responses that said `adapted: true` (nothing lost, nothing applied twice; requests merged into one
+    step share its version). A 503 may belong to a write Redis applied
     just before the reply was lost (the store died or timed out mid-CAS): a stream may show up to that
     many extra steps, reported as `steps_committed_behind_a_503`;
   * every stored state decodes (safetensors) and its meta `steps` equals its CAS version;
@@ -185,6 +186,7 @@ class Record:
     latency: float
     adapted: bool = False
     conflict: bool = False
+    version: int | None = None
     error_type: str | None = None
     error: str | None = None
 
@@ -263,6 +265,7 @@ async def drive_stream(
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
             if r.status_code == 200:
                 rec.adapted, rec.conflict = bool(body["adapted"]), bool(body["conflict"])
+                rec.version = int(body["version"])
             else:
                 rec.error_type, rec.error = body.get("error_type"), str(body.get("error"))[:300]
         except httpx.HTTPError as exc:
@@ -335,7 +338,9 @@ def summarise(
     unexpected_4xx = [r for r in recs if 400 <= r.status < 500]
     ok = [r.latency for r in recs if r.status == 200]
 
-    adapted: Counter[str] = Counter(r.stream for r in recs if r.status == 200 and r.adapted)
+    # One committed step per (stream, version): requests merged into one step share it.
+    steps_acked = {(r.stream, r.version) for r in recs if r.status == 200 and r.adapted}
+    adapted: Counter[str] = Counter(stream for stream, _ in steps_acked)
     # A 503 (or a dropped connection) may hide a write Redis applied before the reply was lost: such a
     # request can account for at most one extra step of its stream.
     ambiguous_503: Counter[str] = Counter(r.stream for r in recs if r.status in (0, 503))

@@ -1,0 +1,200 @@
+"""Requests of one stream that queue behind a running step are served by one merged step."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import adapters
+from tta_server.engine import Engine, Policy, PredictOutcome
+from tta_server.errors import BatchTooSmallError
+from tta_server.metrics import Metrics
+from tta_server.model_pool import ModelPool
+from tta_server.settings import Settings
+from tta_server.state_store import InMemoryStateStore
+
+from .conftest import MODELS_YAML
+
+NS, STREAM = "ns", "cam"
+
+
+def _engine(pool: ModelPool, **overrides: Any) -> Engine:
+    settings = Settings(models_config=MODELS_YAML, **overrides)
+    return Engine(settings, pool, InMemoryStateStore(60), Metrics())
+
+
+def _batches(cifar_array: np.ndarray, sizes: list[int]) -> list[torch.Tensor]:
+    nchw = torch.from_numpy(cifar_array).permute(0, 3, 1, 2)
+    bounds = np.cumsum([0, *sizes])
+    return [nchw[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+async def _queued(
+    engine: Engine, policy: Policy, jobs: list[Callable[[], Awaitable[PredictOutcome]]]
+) -> list[PredictOutcome | BaseException]:
+    """Start `jobs` while the stream is busy, so they all queue, then let them run."""
+    async with engine.locks.hold(f"{NS}:{STREAM}:{policy.epoch}"):
+        tasks = [asyncio.create_task(job()) for job in jobs]
+        for _ in range(20):
+            await asyncio.sleep(0)
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _reference(pool: ModelPool, strategy: str, x_u8: torch.Tensor) -> adapters.StepResult:
+    handle, strat = pool.get(None), adapters.get_strategy(strategy)
+    cfg = strat.parse_config({})
+    return strat.step(handle, x_u8.float() / 255, strat.init_state(handle, cfg, 0), cfg, True)
+
+
+@pytest.mark.parametrize("strategy", ["norm", "tent"])
+def test_queued_requests_share_one_step_on_their_concatenation(
+    pool: ModelPool, cifar_array: np.ndarray, strategy: str
+) -> None:
+    batches = _batches(cifar_array, [8, 4, 16])
+    engine = _engine(pool)
+
+    async def scenario() -> tuple[list[Any], dict[str, Any], float]:
+        policy = await engine.put_policy(NS, STREAM, None, strategy, {}, 0)
+        outs = await _queued(
+            engine, policy, [lambda b=b: engine.predict(NS, STREAM, b, True, policy) for b in batches]
+        )
+        _, meta, _ = await engine.describe(NS, STREAM)
+        samples = engine.metrics.samples.labels(policy.model, strategy)._value.get()
+        return outs, meta, samples
+
+    outs, meta, samples = asyncio.run(scenario())
+    engine.close()
+    ref = _reference(pool, strategy, torch.cat(batches))
+    start = 0
+    for out, b in zip(outs, batches, strict=True):
+        assert isinstance(out, PredictOutcome)
+        assert (out.requests, out.version, out.adapted) == (3, 1, True)
+        assert out.logits.shape[0] == b.shape[0]
+        # Each request gets its own rows of the merged step, which is one step on the concatenation.
+        torch.testing.assert_close(out.logits, ref.logits[start : start + b.shape[0]], rtol=1e-4, atol=1e-4)
+        start += b.shape[0]
+    assert meta["steps"] == 1 and meta["samples_seen"] == 28
+    assert samples == 28  # the step's metrics are recorded once, not once per request
+
+
+def test_merging_stops_at_max_step_images(pool: ModelPool, cifar_array: np.ndarray) -> None:
+    batches = _batches(cifar_array, [8, 4, 16, 2])
+    engine = _engine(pool, max_step_images=12)
+
+    async def scenario() -> list[Any]:
+        policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
+        return await _queued(
+            engine, policy, [lambda b=b: engine.predict(NS, STREAM, b, True, policy) for b in batches]
+        )
+
+    outs = asyncio.run(scenario())
+    engine.close()
+    # Oldest first: 8 + 4 fill the first step; 16 runs alone; the 2 behind it get their own step.
+    assert [(o.requests, o.version) for o in outs] == [(2, 1), (2, 1), (1, 2), (1, 3)]
+
+
+def test_max_step_images_one_never_merges(pool: ModelPool, cifar_array: np.ndarray) -> None:
+    batches = _batches(cifar_array, [4, 4, 4])
+    engine = _engine(pool, max_step_images=1)
+
+    async def scenario() -> list[Any]:
+        policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
+        return await _queued(
+            engine, policy, [lambda b=b: engine.predict(NS, STREAM, b, True, policy) for b in batches]
+        )
+
+    outs = asyncio.run(scenario())
+    engine.close()
+    assert [(o.requests, o.version) for o in outs] == [(1, 1), (1, 2), (1, 3)]
+
+
+def test_adapting_and_frozen_requests_are_not_merged(pool: ModelPool, cifar_array: np.ndarray) -> None:
+    batches = _batches(cifar_array, [8, 8, 8])
+    engine = _engine(pool)
+
+    async def scenario() -> list[Any]:
+        policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
+        flags = [True, False, True]
+        return await _queued(
+            engine,
+            policy,
+            [
+                lambda b=b, f=f: engine.predict(NS, STREAM, b, f, policy)
+                for b, f in zip(batches, flags, strict=True)
+            ],
+        )
+
+    first, frozen, third = asyncio.run(scenario())
+    engine.close()
+    assert (first.requests, third.requests, frozen.requests) == (2, 2, 1)
+    assert not frozen.adapted and first.adapted and third.adapted
+
+
+def test_a_too_small_request_fails_alone(pool: ModelPool, cifar_array: np.ndarray) -> None:
+    """tent needs 2 images: a 1-image request errors even though merging would have made it big enough."""
+    batches = _batches(cifar_array, [8, 1, 8])
+    engine = _engine(pool)
+
+    async def scenario() -> list[Any]:
+        policy = await engine.put_policy(NS, STREAM, None, "tent", {}, 0)
+        return await _queued(
+            engine, policy, [lambda b=b: engine.predict(NS, STREAM, b, True, policy) for b in batches]
+        )
+
+    a, small, c = asyncio.run(scenario())
+    engine.close()
+    assert isinstance(small, BatchTooSmallError)
+    assert (a.requests, c.requests, a.version, c.version) == (2, 2, 1, 1)
+
+
+def test_a_failing_step_fails_every_merged_request_and_keeps_the_state(
+    pool: ModelPool, cifar_array: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = _batches(cifar_array, [8, 8, 8])
+    engine = _engine(pool)
+
+    async def broken(*args: Any) -> None:
+        raise RuntimeError("device lost")
+
+    async def scenario() -> tuple[list[Any], list[Any], int]:
+        policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
+        jobs = [lambda b=b: engine.predict(NS, STREAM, b, True, policy) for b in batches]
+        monkeypatch.setattr(engine, "_step", broken)
+        failed = await _queued(engine, policy, jobs)
+        monkeypatch.undo()
+        after = await _queued(engine, policy, jobs)
+        _, _, version = await engine.describe(NS, STREAM)
+        return failed, after, version
+
+    failed, after, version = asyncio.run(scenario())
+    engine.close()
+    assert all(isinstance(e, RuntimeError) and str(e) == "device lost" for e in failed)
+    assert not engine._queues  # nothing left behind for the next holder
+    assert [o.version for o in after] == [1, 1, 1] and version == 1
+
+
+def test_a_cancelled_request_is_not_served(pool: ModelPool, cifar_array: np.ndarray) -> None:
+    batches = _batches(cifar_array, [8, 8, 8])
+    engine = _engine(pool)
+
+    async def scenario() -> tuple[list[Any], dict[str, Any]]:
+        policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
+        async with engine.locks.hold(f"{NS}:{STREAM}:{policy.epoch}"):
+            tasks = [asyncio.create_task(engine.predict(NS, STREAM, b, True, policy)) for b in batches]
+            for _ in range(20):
+                await asyncio.sleep(0)
+            tasks[1].cancel()  # the client went away while waiting
+        outs = await asyncio.gather(*tasks, return_exceptions=True)
+        _, meta, _ = await engine.describe(NS, STREAM)
+        return outs, meta
+
+    (a, cancelled, c), meta = asyncio.run(scenario())
+    engine.close()
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert (a.requests, c.requests) == (2, 2) and meta["samples_seen"] == 16
