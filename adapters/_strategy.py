@@ -7,6 +7,7 @@ updater. Every step is a pure function of (handle, batch, state, config).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -74,6 +75,8 @@ class UpdateOutcome:
 class Updater(Protocol):
     name: str
     config_cls: type[StrategyConfig]
+    # False: the update is not validated under reduced precision, so its forwards stay float32.
+    autocast_ok: bool
 
     def init_state(
         self, handle: ModelHandle, cfg: Any, forward: Forward, seed: int
@@ -111,6 +114,7 @@ class ComposedStrategy:
         self.normalizer = normalizer
         self.updater = updater
         self.needs_grad = updater is not None
+        self.autocast_ok = updater is None or updater.autocast_ok
         self.state_version = state_version
         parts: list[type[StrategyConfig]] = [normalizer.config_cls]
         if updater is not None:
@@ -140,9 +144,9 @@ class ComposedStrategy:
             x: Tensor, affine: Mapping[str, Tensor] | None, update_stats: bool, record: bool
         ) -> tuple[Tensor, StatPlan]:
             plan = self.normalizer.plan(handle, cfg, tensors, affine, update_stats and adapt, record)
-            with active_plan(plan):
+            with active_plan(plan), self._autocast(handle):
                 logits = handle.model(x)
-            return logits, plan
+            return logits.float(), plan
 
         return forward
 
@@ -155,6 +159,11 @@ class ComposedStrategy:
                 f"{self.name} needs at least {self.min_batch_size} images per adapting batch "
                 f"(got {batch.shape[0]}); send larger batches or use adapt=false"
             )
+
+    def _autocast(self, handle: ModelHandle) -> contextlib.AbstractContextManager[Any]:
+        if handle.autocast_dtype is None or not self.autocast_ok:
+            return contextlib.nullcontext()
+        return torch.autocast(handle.device.type, dtype=handle.autocast_dtype)
 
     def init_state(self, handle: ModelHandle, config: StrategyConfig, seed: int = 0) -> AdaptationState:
         self.check_model(handle)
@@ -236,26 +245,30 @@ class ComposedStrategy:
         new_state = (
             state.with_updates({k: v.detach() for k, v in tensors.items()}, **meta) if adapt else state
         )
+        # One device-to-host copy for all figures: each float() would be a sync of its own on a GPU.
+        dist = bn_distance(handle, out.plan.batch_stats)
+        figures = [losses.softmax_entropy(logits).mean(), losses.mean_confidence(logits)]
+        entropy, confidence, *rest = torch.stack(figures + ([dist] if dist is not None else [])).tolist()
         stats = StepStats(
             samples=n,
             used=out.used if self.updater is not None else (n if out.updated else 0),
             filtered=out.filtered,
             updated=out.updated and adapt,
-            mean_entropy=float(losses.softmax_entropy(logits).mean()),
-            mean_confidence=float(losses.mean_confidence(logits)),
+            mean_entropy=entropy,
+            mean_confidence=confidence,
             loss=out.loss,
-            bn_distance=bn_distance(handle, out.plan.batch_stats),
+            bn_distance=rest[0] if rest else None,
             reset=out.reset,
         )
         return StepResult(logits=logits, state=new_state, stats=stats)
 
 
-def bn_distance(handle: ModelHandle, batch_stats: Mapping[int, tuple[Tensor, Tensor]]) -> float | None:
-    """Mean over layers and channels of the symmetric KL between batch and source BN Gaussians."""
+def bn_distance(handle: ModelHandle, batch_stats: Mapping[int, tuple[Tensor, Tensor]]) -> Tensor | None:
+    """Mean over layers and channels of the symmetric KL between batch and source BN Gaussians (0-dim)."""
     if not batch_stats:
         return None
     total = torch.zeros((), device=handle.device)
     for index, (mean, var) in batch_stats.items():
         layer = handle.bn_layers[index]
         total = total + losses.gaussian_symmetric_kl(mean, var, layer.running_mean, layer.running_var).mean()
-    return float(total / len(batch_stats))
+    return total / len(batch_stats)

@@ -68,6 +68,7 @@ class ModelHandle:
     `model` maps float images in [0, 1] (NCHW) to logits; input normalisation is inside it.
     `source_images(n, seed)` returns n clean in-distribution images for strategies that need source
     data (EATA's Fisher); it is None when the model was declared without source data.
+    `autocast_dtype`: when set, forward passes run under torch.autocast with this dtype.
     """
 
     model_id: str
@@ -80,6 +81,7 @@ class ModelHandle:
     input_size: tuple[int, int] = (32, 32)
     source_images: Callable[[int, int], Tensor] | None = None
     channels_last: bool = False
+    autocast_dtype: torch.dtype | None = None
 
     def affine_names(self) -> list[str]:
         """State keys of every BN layer's affine parameters, in layer order."""

@@ -40,6 +40,8 @@ class ETAConfig(EATAConfig):
 
 
 class EATAUpdater:
+    autocast_ok = True
+
     def __init__(self, name: str, config_cls: type[EATAConfig]) -> None:
         self.name = name
         self.config_cls = config_cls

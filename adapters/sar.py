@@ -35,6 +35,8 @@ class SARConfig(TentConfig):
 class SARUpdater:
     name = "sar"
     config_cls = SARConfig
+    # The reference keeps SAR out of mixed precision (algorithms.md §6): its forwards stay float32.
+    autocast_ok = False
 
     def init_state(self, handle: ModelHandle, cfg: SARConfig, forward: Forward, seed: int):  # type: ignore[no-untyped-def]
         return init_affine_state(handle, cfg, trainable_names(handle, cfg.frozen_layers)), {

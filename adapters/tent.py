@@ -58,6 +58,7 @@ def apply_gradients(
 class TentUpdater:
     name = "tent"
     config_cls = TentConfig
+    autocast_ok = True
 
     def init_state(self, handle: ModelHandle, cfg: TentConfig, forward: Forward, seed: int):  # type: ignore[no-untyped-def]
         return init_affine_state(handle, cfg, handle.affine_names()), {"opt_steps": 0}

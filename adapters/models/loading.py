@@ -45,6 +45,13 @@ class ModelSpec(BaseModel):
         None, description="clean in-distribution images (JPEG npz or uint8 .npy)"
     )
     random_init_seed: int | None = Field(None, description="required to allow weights=None (benchmarks)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description=(
+            "compute dtype of the forward pass: bf16 runs it under autocast (BN statistics, losses and "
+            "state stay float32); turn it on per model once its accuracy is measured"
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -136,9 +143,15 @@ def build_classifier(spec: ModelSpec) -> _Classifier:
 
 
 def build_handle(
-    spec: ModelSpec, device: str | torch.device = "cpu", channels_last: bool | None = None
+    spec: ModelSpec,
+    device: str | torch.device = "cpu",
+    channels_last: bool | None = None,
+    precision: Literal["fp32", "bf16"] | None = None,
 ) -> ModelHandle:
-    """Build the network, load weights, freeze it and convert its BN layers (once)."""
+    """Build the network, load weights, freeze it and convert its BN layers (once).
+
+    `precision` overrides the spec's (benchmarks compare both on one declared model).
+    """
     device = torch.device(device)
     model = build_classifier(spec)
     net = model.net
@@ -160,6 +173,7 @@ def build_handle(
         input_size=spec.input_size,
         source_images=_source_loader(spec) if spec.source_data else None,
         channels_last=use_cl,
+        autocast_dtype=torch.bfloat16 if (precision or spec.precision) == "bf16" else None,
     )
 
 

@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=0.1, help="Dirichlet concentration for --order dirichlet")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="forward compute dtype (default: the model's)",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="stream order, subset, corruption noise and state init"
     )
     p.add_argument(
@@ -170,7 +176,7 @@ def check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
 
 
-def load_handle(models_config: Path, model_id: str | None, device: str) -> Any:
+def load_handle(models_config: Path, model_id: str | None, device: str, precision: str | None = None) -> Any:
     from adapters.models import build_handle
     from tta_server.model_pool import read_models_file, resolve_device
 
@@ -186,7 +192,7 @@ def load_handle(models_config: Path, model_id: str | None, device: str) -> Any:
         dev = resolve_device(device)
     except RuntimeError as exc:
         raise UsageError(str(exc)) from None
-    return build_handle(specs[chosen], dev)
+    return build_handle(specs[chosen], dev, precision=precision)
 
 
 class StreamCache:
@@ -328,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     from tta_data import default_cifar10_dir, load_jpeg_npz
 
     torch.manual_seed(args.seed)
-    handle = load_handle(args.models_config, args.model, args.device)
+    handle = load_handle(args.models_config, args.model, args.device, args.precision)
     data_dir = args.data_dir if args.data_dir is not None else default_cifar10_dir()
     try:
         dataset = load_jpeg_npz(Path(data_dir) / "test_jpeg.npz")
@@ -415,6 +421,7 @@ def config_dict(
         "order": args.order,
         "delta": args.delta,
         "device": args.device,
+        "precision": "bf16" if handle.autocast_dtype is not None else "fp32",
         "seed": args.seed,
         "reset": args.reset,
         "config": overrides,

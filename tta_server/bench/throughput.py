@@ -81,6 +81,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--models-config", type=Path, default=REPO_ROOT / "models.yaml")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="compute dtype of bare model, strategies and server (default: the model spec's)",
+    )
     p.add_argument("--iters", type=int, default=10, help="timed calls per workload (and per HTTP stream)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per workload before timing")
     p.add_argument("--phase-seconds", type=float, default=180.0, help="wall-time cap of every loop")
@@ -253,19 +259,28 @@ class StrategyRun:
         self.updated += int(result.stats.updated)
 
 
-def bare_workloads(net: nn.Module, batches: list[Tensor]) -> tuple[Workload, Workload]:
+def bare_autocast(handle: ModelHandle) -> contextlib.AbstractContextManager[Any]:
+    """The served model's autocast, so the bare figures use the same compute dtype."""
+    if handle.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(handle.device.type, dtype=handle.autocast_dtype)
+
+
+def bare_workloads(net: nn.Module, batches: list[Tensor], handle: ModelHandle) -> tuple[Workload, Workload]:
     params = list(net.parameters())
     counter = {"f": 0, "t": 0}
 
     def forward() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), bare_autocast(handle):
             net(batches[counter["f"] % len(batches)])
         counter["f"] += 1
 
     def train() -> None:
         for p in params:
             p.grad = None
-        loss = net(batches[counter["t"] % len(batches)]).logsumexp(1).mean()
+        with bare_autocast(handle):
+            logits = net(batches[counter["t"] % len(batches)])
+        loss = logits.float().logsumexp(1).mean()
         loss.backward()
         counter["t"] += 1
 
@@ -289,12 +304,12 @@ def in_process(
         except adapters.AdaptError as exc:
             skipped[name] = f"{type(exc).__name__}: {exc}"
             print(f"  skipping {name}: {exc}", file=sys.stderr)
-    with torch.inference_mode():
+    with torch.inference_mode(), bare_autocast(handle):
         bare_logits = net(batches[0]).float()
     source = adapters.get_strategy("source")
     src_cfg = source.parse_config({})
     src_logits = source.step(handle, batches[0], source.init_state(handle, src_cfg), src_cfg, False).logits
-    fwd, train = bare_workloads(net, batches)
+    fwd, train = bare_workloads(net, batches, handle)
     workloads = [fwd, train] + [Workload(n, r, batches[0].shape[0]) for n, r in runs.items()]
     sync = torch.cuda.synchronize if handle.device.type == "cuda" else (lambda: None)
     run_interleaved(workloads, args.warmup, args.iters, args.phase_seconds, sync)
@@ -689,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     spec = resolve_spec(args)
+    if args.precision:
+        spec = spec.model_copy(update={"precision": args.precision})
     names = [n.strip() for n in args.strategies.split(",") if n.strip()]
     if not args.skip_http and args.http_strategy not in names:
         names.append(args.http_strategy)
@@ -698,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": spec.id,
         "batch_size": args.batch_size,
-        "dtype": "float32",
+        "dtype": "bfloat16 autocast" if spec.precision == "bf16" else "float32",
         "layout": args.layout,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "device": describe_device(device),
