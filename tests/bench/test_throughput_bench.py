@@ -31,6 +31,7 @@ def test_tiny_throughput_run_writes_the_documented_json(tmp_path: Path) -> None:
     argv += ["--strategies", "source,norm", "--streams", "2", "--redis-url", REDIS_URL]
     # One thread: on a shared CI box two spinning OpenMP threads can slow small batches many times over.
     argv += ["--threads", "1", "--phase-seconds", "30", "--json", str(out)]
+    argv += ["--merge-clients", "3", "--merge-batch", "4"]
     t0 = time.monotonic()
     assert cli.main(argv) == 0
     elapsed = time.monotonic() - t0
@@ -52,6 +53,12 @@ def test_tiny_throughput_run_writes_the_documented_json(tmp_path: Path) -> None:
     for row in report["state"].values():
         assert isinstance(row["bytes"], int) and row["bytes"] > 0
         assert _positive(row["roundtrip_ms_p50"])
+    merging = report["merging"]
+    assert merging["unmerged"]["max_step_images"] == 1 and merging["merged"]["max_step_images"] == 256
+    # TTA_MAX_STEP_IMAGES=1 reached the server: every step served exactly one request.
+    assert merging["unmerged"]["mean_requests_per_step"] == 1.0
+    assert merging["merged"]["mean_requests_per_step"] >= 1.0
+    assert _positive(merging["merged"]["ips"]) and _positive(merging["speedup"])
     # The bare network and the `source` strategy are the same model: identical predictions.
     assert report["bare"]["bare_vs_source_max_abs_diff"] < 1e-4
     assert elapsed < 90, f"tiny run took {elapsed:.0f} s"

@@ -110,6 +110,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--http-strategy", default="norm")
     p.add_argument("--streams", type=int, default=4, help="concurrent HTTP client streams")
     p.add_argument("--skip-http", action="store_true")
+    p.add_argument(
+        "--merge-clients",
+        type=int,
+        default=0,
+        help="(e): concurrent senders per stream, with and without request merging (0 = skip)",
+    )
+    p.add_argument("--merge-batch", type=int, default=8, help="(e): images per request")
     p.add_argument("--server-timeout", type=float, default=180.0, help="seconds to wait for the server")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -350,7 +357,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(args: argparse.Namespace, spec: ModelSpec, redis_url: str | None) -> Iterator[str]:
+def serve(
+    args: argparse.Namespace, spec: ModelSpec, redis_url: str | None, extra_env: dict[str, str] | None = None
+) -> Iterator[str]:
     """`python -m tta_server` in a subprocess with a one-model config; yields its base URL."""
     import httpx
     import yaml
@@ -374,6 +383,7 @@ def serve(args: argparse.Namespace, spec: ModelSpec, redis_url: str | None) -> I
             env["TTA_TORCH_THREADS"] = str(args.threads)
         if redis_url:
             env["TTA_REDIS_URL"] = redis_url
+        env.update(extra_env or {})
         log_path = Path(tmp) / "server.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
@@ -436,6 +446,7 @@ class HttpLoad:
     warmup: int
     iters: int
     cap_s: float
+    clients_per_stream: int = 1
 
 
 async def _http_load(base: str, load: HttpLoad) -> dict[str, Any]:
@@ -451,7 +462,9 @@ async def _http_load(base: str, load: HttpLoad) -> dict[str, Any]:
             if r.status_code != 200:
                 raise BenchError(f"PUT stream answered {r.status_code}: {r.text[:300]}")
 
-        async def stream(k: int, sid: str, n: int, deadline: float) -> list[float]:
+        merged: list[int] = []  # requests served by the step that answered each timed request
+
+        async def stream(k: int, sid: str, n: int, deadline: float, timed: bool) -> list[float]:
             times = []
             for j in range(n):
                 body, ctype = load.bodies[(j + k) % len(load.bodies)]
@@ -462,16 +475,20 @@ async def _http_load(base: str, load: HttpLoad) -> dict[str, Any]:
                 times.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     raise BenchError(f"predict answered {r.status_code}: {r.text[:300]}")
+                if timed:
+                    merged.append(int(r.json()["stats"].get("requests", 1)))
                 if time.perf_counter() > deadline:
                     break
             return times
 
+        # Every stream gets `clients_per_stream` concurrent senders.
+        senders = [sid for sid in ids for _ in range(load.clients_per_stream)]
         try:
             deadline = time.perf_counter() + load.cap_s
-            await asyncio.gather(*(stream(k, s, load.warmup, deadline) for k, s in enumerate(ids)))
+            await asyncio.gather(*(stream(k, s, load.warmup, deadline, False) for k, s in enumerate(senders)))
             t0 = time.perf_counter()
             per_stream = await asyncio.gather(
-                *(stream(k, s, load.iters, t0 + load.cap_s) for k, s in enumerate(ids))
+                *(stream(k, s, load.iters, t0 + load.cap_s, True) for k, s in enumerate(senders))
             )
             elapsed = time.perf_counter() - t0
         finally:
@@ -484,6 +501,7 @@ async def _http_load(base: str, load: HttpLoad) -> dict[str, Any]:
         "p99_ms": float(np.percentile(latencies, 99)),
         "requests": len(latencies),
         "wall_s": elapsed,
+        "mean_requests_per_step": float(np.mean(merged)) if merged else None,
     }
 
 
@@ -547,6 +565,39 @@ def measure_http(
             res["ratio_vs_phase_b"] = res["ips"] / phase_b_ips
             res["body_bytes"] = int(np.mean([len(b) for b, _ in bodies]))
             out[kind] = {k: res[k] for k in ("ips", "ratio", "p50_ms", "p99_ms")} | res
+    return out
+
+
+def measure_merging(
+    args: argparse.Namespace, spec: ModelSpec, images: np.ndarray, redis_url: str | None
+) -> dict[str, Any]:
+    """(e) `--merge-clients` concurrent senders on each of `--streams` streams, `--merge-batch` images per
+    request: the server with TTA_MAX_STEP_IMAGES=1 (every request its own step) against the default."""
+    import httpx
+
+    cfg = strategy_configs(args.strategy_config).get(args.http_strategy, {})
+    b = args.merge_batch
+    bodies = [(npy_body(images[i : i + b]), "application/x-npy") for i in range(0, len(images) - b + 1, b)]
+    out: dict[str, Any] = {"clients_per_stream": args.merge_clients, "request_images": b}
+    for label, max_step in (("unmerged", 1), ("merged", 256)):
+        load = HttpLoad(
+            args.http_strategy,
+            cfg,
+            bodies,
+            b,
+            args.streams,
+            max(args.warmup, 1),
+            args.iters * 4,
+            args.phase_seconds,
+            clients_per_stream=args.merge_clients,
+        )
+        try:
+            with serve(args, spec, redis_url, {"TTA_MAX_STEP_IMAGES": str(max_step)}) as base:
+                out[label] = asyncio.run(_http_load(base, load)) | {"max_step_images": max_step}
+        except (BenchError, OSError, httpx.HTTPError) as exc:
+            out[label] = {"error": f"{type(exc).__name__}: {exc}"}
+    if "ips" in out["merged"] and "ips" in out["unmerged"]:
+        out["speedup"] = out["merged"]["ips"] / out["unmerged"]["ips"]
     return out
 
 
@@ -649,6 +700,29 @@ def _goal(ratio: float | None, goal: float | None) -> str:
     return f">= {goal:.2f} {'ok' if ratio >= goal else 'MISS'}"
 
 
+def _format_merging(r: dict[str, Any]) -> list[str]:
+    m = r.get("merging")
+    if not m:
+        return []
+    lines = [
+        "",
+        f"{'merge ' + str(m['clients_per_stream']) + ' clients x' + str(r['streams']):<22}{'img/s':>10}"
+        f"{'req/step':>10}{'p50 ms':>10}{'p99 ms':>10}  ({m['request_images']} images per request)",
+    ]
+    for label in ("unmerged", "merged"):
+        h = m[label]
+        if "error" in h:
+            lines.append(f"{label:<22}error: {h['error']}")
+            continue
+        lines.append(
+            f"{label:<22}{h['ips']:>10.1f}{h['mean_requests_per_step'] or 1:>10.2f}"
+            f"{h['p50_ms']:>10.1f}{h['p99_ms']:>10.1f}"
+        )
+    if "speedup" in m:
+        lines.append(f"{'merged / unmerged':<22}{m['speedup']:>10.2f}")
+    return lines
+
+
 def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"throughput: model {r['model']} batch {r['batch_size']} float32 {r['layout']} on {r['device']}",
@@ -685,6 +759,7 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(
                 f"{kind:<22}{h['ips']:>10.1f}{h['ratio']:>8.2f}{h['p50_ms']:>10.1f}{h['p99_ms']:>10.1f}  {goal}"
             )
+    lines += _format_merging(r)
     if r["state"]:
         lines += ["", f"{'state':<22}{'bytes':>10}{'redis rt p50 ms':>17}{'x step':>8}"]
         for name, st in r["state"].items():
@@ -749,6 +824,10 @@ def main(argv: list[str] | None = None) -> int:
         except BenchError as exc:
             report["http"] = {"raw": {"error": str(exc)}, "jpeg": {"error": str(exc)}}
         rc = int(any("error" in h for h in report["http"].values()))
+    if args.merge_clients > 0:
+        store_url = None if redis_error else args.redis_url
+        report["merging"] = measure_merging(args, spec, images, store_url)
+        rc = rc or int(any("error" in report["merging"][k] for k in ("merged", "unmerged")))
     report["state"] = measure_state(args, runs, report["strategies"], redis_error)
     report["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     print(format_report(report))
