@@ -47,6 +47,9 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_batch: int = Field(256, ge=1)
+    decode_on_device: bool = Field(
+        True, description="decode JPEG uploads with nvJPEG on the model's GPU (CPU models: libjpeg-turbo)"
+    )
     max_step_images: int = Field(
         256,
         ge=1,

@@ -8,6 +8,7 @@ import torch
 from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
 
+from adapters import ModelHandle
 from tta_server import codec
 from tta_server.api.deps import EngineDep, NamespaceDep, SettingsDep, StreamId
 from tta_server.engine import Engine, Policy, PredictOutcome
@@ -95,8 +96,9 @@ async def drift_top(
 
 
 async def _read_batch(
-    request: Request, size: tuple[int, int], settings: SettingsDep, engine: Engine
+    request: Request, handle: ModelHandle, settings: SettingsDep, engine: Engine
 ) -> torch.Tensor:
+    size = handle.input_size
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         async with request.form(max_files=settings.max_batch + 1, max_fields=16) as form:
@@ -106,7 +108,8 @@ async def _read_batch(
             if len(files) > settings.max_batch:
                 raise PayloadTooLargeError(f"at most {settings.max_batch} images per request")
             blobs = [await f.read() for f in files]
-        return await engine.run(codec.decode_files, blobs, size, settings.max_image_pixels)
+        device = handle.device if settings.decode_on_device else None
+        return await engine.run(codec.decode_files, blobs, size, settings.max_image_pixels, device)
     if ctype in ("application/x-npy", "application/octet-stream"):
         body = await request.body()
         batch = await engine.run(codec.decode_npy, body, size)
@@ -133,7 +136,7 @@ async def predict(
     """Predict a batch of images for a stream, adapting its state unless adapt=false."""
     stored = await engine.get_policy(ns, stream_id)
     handle = engine.pool.get((stored or engine.default_policy).model)
-    batch = await _read_batch(request, handle.input_size, settings, engine)
+    batch = await _read_batch(request, handle, settings, engine)
     outcome = await engine.predict(ns, stream_id, batch, adapt, stored)
     return _response(stream_id, outcome, handle.classes, top_k)
 
