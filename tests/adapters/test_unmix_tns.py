@@ -141,7 +141,7 @@ def test_assignment_is_softmax_of_cosine_over_tau() -> None:
 @pytest.mark.parametrize("k", [2, 16, 256])
 def test_init_components_spread_around_source(tiny_handle: ModelHandle, k: int) -> None:
     """mu_k = mu_s + sqrt(a K/(K-1)) sigma_s xi_k with xi ~ N(0, 1) per (k, c); var_k = (1 - a) var_s."""
-    cfg = UnMixTNSConfig(k=k, init_spread=0.5)
+    cfg = UnMixTNSConfig(k=k, init_spread=0.5, init="random")
     spread = math.sqrt(cfg.init_spread * k / (k - 1))
     z_mean, xi, between = [], [], []
     for seed in range(max(4, 512 // k)):
@@ -163,6 +163,40 @@ def test_init_components_spread_around_source(tiny_handle: ModelHandle, k: int) 
     assert abs(float(noise.mean())) < 0.02
     assert abs(float(noise.var()) - 1.0) < 0.03
     assert abs(float(ratio.mean()) - 1.0) < 0.05
+
+
+@pytest.mark.parametrize("k", [2, 16, 128])
+def test_moment_matched_init_matches_source_moments_exactly(tiny_handle: ModelHandle, k: int) -> None:
+    """The equal-weight mixture of the initial components has the source mean and variance per channel."""
+    cfg = UnMixTNSConfig(k=k, init_spread=0.5, init="moment_matched")
+    for seed in range(3):
+        state = STRATEGY.init_state(tiny_handle, cfg, seed=seed)
+        for layer in tiny_handle.bn_layers:
+            means, variances = (state.tensors[key] for key in _keys(layer.name))
+            torch.testing.assert_close(
+                variances, ((1 - cfg.init_spread) * layer.running_var).expand_as(variances)
+            )
+            torch.testing.assert_close(means.mean(0), layer.running_mean, rtol=1e-5, atol=1e-5)
+            total = variances.mean(0) + means.var(0, correction=0)
+            torch.testing.assert_close(total, layer.running_var, rtol=1e-4, atol=1e-6)
+            # Still a random draw: components differ from each other and between seeds.
+            assert float(means.std(0).min()) > 0
+    a = STRATEGY.init_state(tiny_handle, cfg, seed=0).tensors
+    b = STRATEGY.init_state(tiny_handle, cfg, seed=1).tensors
+    assert any(not torch.equal(a[key], b[key]) for key in a if key.endswith(".means"))
+
+
+def test_moment_matched_init_is_the_reference_draw_centred_and_rescaled(tiny_handle: ModelHandle) -> None:
+    ref = STRATEGY.init_state(tiny_handle, UnMixTNSConfig(init="random"), seed=3).tensors
+    mm = STRATEGY.init_state(tiny_handle, UnMixTNSConfig(init="moment_matched"), seed=3).tensors
+    for layer in tiny_handle.bn_layers:
+        key, _ = _keys(layer.name)
+        d_ref = ref[key] - ref[key].mean(0)
+        d_mm = mm[key] - layer.running_mean
+        # Per channel, the centred reference offsets and the moment-matched offsets are proportional.
+        scale = (d_mm * d_ref).sum(0) / (d_ref * d_ref).sum(0)
+        torch.testing.assert_close(d_mm, d_ref * scale, rtol=1e-4, atol=1e-5)
+        assert bool((scale > 0).all())
 
 
 def test_single_component_starts_at_source_statistics(tiny_handle: ModelHandle) -> None:
