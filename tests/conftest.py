@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny seeded BatchNorm CNN and the real CIFAR-10 WRN-40-2 model."""
+"""Shared fixtures and helpers: a tiny seeded BatchNorm CNN, the real CIFAR-10 WRN-40-2 model, Redis checks."""
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,31 @@ CIFAR_TRAIN = SHARED / "data" / "cifar10" / "train_jpeg.npz"
 CIFAR_TEST = SHARED / "data" / "cifar10" / "test_jpeg.npz"
 
 TINY_SIZE = 16
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def redis_reachable(url: str) -> bool:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+        return True
+    except redis.RedisError:
+        return False
+
+
+def require_redis(url: str) -> None:
+    """Skip without Redis on a developer machine; under CI=true a missing Redis is a failure."""
+    if redis_reachable(url):
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"Redis is required when CI=true but {url} is unreachable")
+    pytest.skip(f"no Redis at {url}")
 
 
 def _tiny_network() -> WideResNet:

@@ -72,6 +72,23 @@ class PredictOutcome:
         return self.result.logits[self.rows]
 
 
+@dataclass(frozen=True)
+class _StepContext:
+    """What one step of a stream needs besides its images: resolved once per request."""
+
+    ns: str
+    stream: str
+    policy: Policy
+    handle: ModelHandle
+    strat: ComposedStrategy
+    cfg: StrategyConfig
+    adapt: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.ns}:{self.stream}:{self.policy.epoch}"
+
+
 @dataclass(eq=False)
 class _Pending:
     """A request waiting for its stream; whoever holds the stream lock may serve it in a merged step."""
@@ -234,20 +251,19 @@ class Engine:
             strat.check_batch(batch_u8, adapt)
         except adapters.AdaptError as exc:
             raise from_core(exc) from exc
-        key = f"{ns}:{stream}:{policy.epoch}"
+        ctx = _StepContext(ns, stream, policy, handle, strat, cfg, adapt)
         me = _Pending(batch_u8, asyncio.get_running_loop().create_future())
-        queue = self._queues.setdefault((key, adapt), [])
+        queue = self._queues.setdefault((ctx.key, adapt), [])
         queue.append(me)
         try:
-            async with self.locks.hold(key):
+            async with self.locks.hold(ctx.key):
                 if not me.future.done():
-                    group = self._take(queue, me)
-                    await self._serve(ns, stream, policy, handle, strat, cfg, adapt, group)
+                    await self._serve(ctx, self._take(queue, me))
         finally:
             if me in queue:
                 queue.remove(me)  # cancelled while waiting
             if not queue:
-                self._queues.pop((key, adapt), None)
+                self._queues.pop((ctx.key, adapt), None)
         return me.future.result()
 
     def _take(self, queue: list[_Pending], me: _Pending) -> list[_Pending]:
@@ -262,20 +278,10 @@ class Engine:
             images += other.x.shape[0]
         return group
 
-    async def _serve(
-        self,
-        ns: str,
-        stream: str,
-        policy: Policy,
-        handle: ModelHandle,
-        strat: ComposedStrategy,
-        cfg: StrategyConfig,
-        adapt: bool,
-        group: list[_Pending],
-    ) -> None:
+    async def _serve(self, ctx: _StepContext, group: list[_Pending]) -> None:
         """Run one step on the group's images and hand every member its rows (or the step's error)."""
         try:
-            outcome = await self._step_and_commit(ns, stream, policy, handle, strat, cfg, adapt, group)
+            outcome = await self._step_and_commit(ctx, group)
         except BaseException as exc:
             for p in group:
                 if not p.future.done():
@@ -290,23 +296,13 @@ class Engine:
                 p.future.set_result(replace(outcome, rows=slice(start, start + n), requests=len(group)))
             start += n
 
-    async def _step_and_commit(
-        self,
-        ns: str,
-        stream: str,
-        policy: Policy,
-        handle: ModelHandle,
-        strat: ComposedStrategy,
-        cfg: StrategyConfig,
-        adapt: bool,
-        group: list[_Pending],
-    ) -> PredictOutcome:
+    async def _step_and_commit(self, ctx: _StepContext, group: list[_Pending]) -> PredictOutcome:
+        ns, stream, policy, adapt = ctx.ns, ctx.stream, ctx.policy, ctx.adapt
         x = await self.run(_to_unit_float, [p.x for p in group])
         rows = slice(0, x.shape[0])
-        key = f"{ns}:{stream}:{policy.epoch}"
         for attempt in range(self.settings.conflict_retries + 1):
-            version, state = await self._load(ns, stream, policy, handle, strat, cfg)
-            result = await self._step(handle, strat, cfg, x, state, adapt, policy)
+            version, state = await self._load(ns, stream, policy, ctx.handle, ctx.strat, ctx.cfg)
+            result = await self._step(ctx.handle, ctx.strat, ctx.cfg, x, state, adapt, policy)
             if not adapt:
                 self._observe(policy, result, adapted=False)
                 return PredictOutcome(policy, result, False, False, version, rows)
@@ -317,8 +313,8 @@ class Engine:
                 self._observe(policy, result, adapted)
                 return PredictOutcome(policy, result, adapted, False, new_version, rows)
             self.metrics.conflicts.labels(policy.model, policy.strategy).inc()
-            self._cache.pop(key, None)
-            log.info("state conflict on %s (attempt %d)", key, attempt + 1)
+            self._cache.pop(ctx.key, None)
+            log.info("state conflict on %s (attempt %d)", ctx.key, attempt + 1)
         self._observe(policy, result, adapted=False)
         return PredictOutcome(policy, result, False, True, version, rows)
 

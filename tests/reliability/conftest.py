@@ -6,10 +6,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +15,9 @@ import redis
 import torch
 from fastapi.testclient import TestClient
 
+from tests.conftest import require_redis
 from tta_server.app import create_app
+from tta_server.bench.soak import PrivateRedis
 from tta_server.model_pool import ModelPool
 from tta_server.settings import Settings
 
@@ -28,18 +26,6 @@ MODELS_YAML = REPO / "models.yaml"
 # A database of its own: other suites use other numbers on the same server.
 REDIS_URL = os.environ.get("TTA_RELIABILITY_REDIS_URL", "redis://127.0.0.1:6379/13")
 NPY = {"content-type": "application/x-npy"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
 
 
 def batch(n: int = 8, seed: int = 0) -> np.ndarray:
@@ -56,23 +42,6 @@ def jpeg_bytes(seed: int = 0, size: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def redis_reachable(url: str = REDIS_URL) -> bool:
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
-        return True
-    except redis.RedisError:
-        return False
-
-
-def require_redis(url: str = REDIS_URL) -> None:
-    """Skip without Redis on a developer machine; under CI=true a missing Redis is a failure."""
-    if redis_reachable(url):
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"Redis is required when CI=true but {url} is unreachable")
-    pytest.skip(f"no Redis at {url}")
-
-
 @pytest.fixture(scope="session")
 def pool() -> ModelPool:
     return ModelPool.load(MODELS_YAML, torch.device("cpu"))
@@ -81,7 +50,7 @@ def pool() -> ModelPool:
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """The shared server's reliability database, flushed before and after the test."""
-    require_redis()
+    require_redis(REDIS_URL)
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
     yield REDIS_URL
@@ -107,52 +76,13 @@ def make_client(pool: ModelPool) -> Iterator[Callable[..., TestClient]]:
         c.__exit__(None, None, None)
 
 
-class PrivateRedis:
-    """A redis-server of the test's own on a free loopback port; stop() (SIGKILL) and start() keep its
-    data: the append-only file is written before each reply, so a restart is a crash-and-recover."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="tta-redis-"))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        cmd = [
-            shutil.which("redis-server") or "redis-server",
-            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-            "--save", "", "--appendonly", "yes", "--appendfsync", "no",
-            "--logfile", str(self.dir / "redis.log"),
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if redis_reachable(self.url):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"private redis-server on port {self.port} did not start")
-
-    def stop(self) -> None:
-        """SIGKILL: the server dies mid-whatever, as in a crash."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
 def private_redis() -> Iterator[PrivateRedis]:
     if shutil.which("redis-server") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("redis-server is required when CI=true")
         pytest.skip("redis-server not installed")
+    # The soak bench's own server: stop() is a SIGKILL, start() restarts it on its append-only file.
     server = PrivateRedis()
     server.start()
     yield server

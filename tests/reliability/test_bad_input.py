@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.reliability.conftest import NPY, batch, jpeg_bytes, npy_bytes
+from tests.conftest import npy_bytes
+from tests.reliability.conftest import NPY, batch, jpeg_bytes
 
 MAX_BATCH = 4
 MAX_BODY = 256 * 1024

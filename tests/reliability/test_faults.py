@@ -15,8 +15,9 @@ import redis
 import torch
 
 from adapters.serialization import state_from_bytes, state_to_bytes
-from tests.reliability.conftest import NPY, REDIS_URL, batch, free_port, npy_bytes, require_redis
-from tta_server.bench.soak import check_store_integrity, start_replica, stop_process, wait_ready
+from tests.conftest import npy_bytes, require_redis
+from tests.reliability.conftest import NPY, REDIS_URL, batch
+from tta_server.bench.soak import check_store_integrity, free_port, start_replica, stop_process, wait_ready
 from tta_server.state_store import InMemoryStateStore, RedisStateStore, state_key
 
 pytestmark = pytest.mark.redis
@@ -302,7 +303,7 @@ def test_deleted_stream_does_not_resurrect_an_old_epochs_state(make_client, stor
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 def test_cas_with_stale_version_is_refused(kind: str) -> None:
     if kind == "redis":
-        require_redis()
+        require_redis(REDIS_URL)
         redis.Redis.from_url(REDIS_URL).flushdb()
     store = InMemoryStateStore(60) if kind == "memory" else RedisStateStore(REDIS_URL, 60, 1.0)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.reliability.conftest import MODELS_YAML, NPY, REPO, batch, npy_bytes
+from tests.conftest import npy_bytes
+from tests.reliability.conftest import MODELS_YAML, NPY, REPO, batch
 from tta_server.settings import Settings
 
 ALICE = "alice-key-0123456789abcdef"

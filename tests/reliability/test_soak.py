@@ -7,7 +7,7 @@ import json
 import pytest
 import redis
 
-from tests.reliability.conftest import require_redis
+from tests.conftest import require_redis
 from tta_server.bench import soak
 
 pytestmark = pytest.mark.redis

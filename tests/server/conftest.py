@@ -12,6 +12,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from tests.conftest import require_redis
 from tta_server.app import create_app
 from tta_server.model_pool import ModelPool
 from tta_server.settings import Settings
@@ -43,35 +44,17 @@ def cifar_array(cifar_jpegs: tuple[list[bytes], np.ndarray]) -> np.ndarray:
     return np.stack([np.array(Image.open(io.BytesIO(b)).convert("RGB")) for b in cifar_jpegs[0]])
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def redis_available(url: str = REDIS_URL) -> bool:
-    import redis
-
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
-        return True
-    except redis.RedisError:
-        return False
-
-
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A flushed, real Redis database. Never skipped under CI=true."""
     import redis
 
-    if not redis_available():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis is required in CI but {REDIS_URL} is unreachable")
-        pytest.skip(f"no Redis at {REDIS_URL}")
+    require_redis(REDIS_URL)
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
     yield REDIS_URL
     client.flushdb()
+    client.close()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.server.conftest import npy_bytes
+from tests.conftest import npy_bytes
 
 NPY = {"content-type": "application/x-npy"}
 

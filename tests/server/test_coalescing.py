@@ -46,6 +46,26 @@ async def _queued(
     return await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _run_queued(
+    engine: Engine, strategy: str, batches: list[torch.Tensor], flags: list[bool] | None = None
+) -> list[Any]:
+    """Set the stream's policy, queue one request per batch behind a busy stream, return their outcomes."""
+
+    async def scenario() -> list[Any]:
+        policy = await engine.put_policy(NS, STREAM, None, strategy, {}, 0)
+        adapt = flags or [True] * len(batches)
+        jobs = [
+            lambda b=b, a=a: engine.predict(NS, STREAM, b, a, policy)
+            for b, a in zip(batches, adapt, strict=True)
+        ]
+        return await _queued(engine, policy, jobs)
+
+    try:
+        return asyncio.run(scenario())
+    finally:
+        engine.close()
+
+
 def _reference(pool: ModelPool, strategy: str, x_u8: torch.Tensor) -> adapters.StepResult:
     handle, strat = pool.get(None), adapters.get_strategy(strategy)
     cfg = strat.parse_config({})
@@ -84,71 +104,26 @@ def test_queued_requests_share_one_step_on_their_concatenation(
 
 
 def test_merging_stops_at_max_step_images(pool: ModelPool, cifar_array: np.ndarray) -> None:
-    batches = _batches(cifar_array, [8, 4, 16, 2])
-    engine = _engine(pool, max_step_images=12)
-
-    async def scenario() -> list[Any]:
-        policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
-        return await _queued(
-            engine, policy, [lambda b=b: engine.predict(NS, STREAM, b, True, policy) for b in batches]
-        )
-
-    outs = asyncio.run(scenario())
-    engine.close()
+    outs = _run_queued(_engine(pool, max_step_images=12), "norm", _batches(cifar_array, [8, 4, 16, 2]))
     # Oldest first: 8 + 4 fill the first step; 16 runs alone; the 2 behind it get their own step.
     assert [(o.requests, o.version) for o in outs] == [(2, 1), (2, 1), (1, 2), (1, 3)]
 
 
 def test_max_step_images_one_never_merges(pool: ModelPool, cifar_array: np.ndarray) -> None:
-    batches = _batches(cifar_array, [4, 4, 4])
-    engine = _engine(pool, max_step_images=1)
-
-    async def scenario() -> list[Any]:
-        policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
-        return await _queued(
-            engine, policy, [lambda b=b: engine.predict(NS, STREAM, b, True, policy) for b in batches]
-        )
-
-    outs = asyncio.run(scenario())
-    engine.close()
+    outs = _run_queued(_engine(pool, max_step_images=1), "norm", _batches(cifar_array, [4, 4, 4]))
     assert [(o.requests, o.version) for o in outs] == [(1, 1), (1, 2), (1, 3)]
 
 
 def test_adapting_and_frozen_requests_are_not_merged(pool: ModelPool, cifar_array: np.ndarray) -> None:
     batches = _batches(cifar_array, [8, 8, 8])
-    engine = _engine(pool)
-
-    async def scenario() -> list[Any]:
-        policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
-        flags = [True, False, True]
-        return await _queued(
-            engine,
-            policy,
-            [
-                lambda b=b, f=f: engine.predict(NS, STREAM, b, f, policy)
-                for b, f in zip(batches, flags, strict=True)
-            ],
-        )
-
-    first, frozen, third = asyncio.run(scenario())
-    engine.close()
+    first, frozen, third = _run_queued(_engine(pool), "norm", batches, [True, False, True])
     assert (first.requests, third.requests, frozen.requests) == (2, 2, 1)
     assert not frozen.adapted and first.adapted and third.adapted
 
 
 def test_a_too_small_request_fails_alone(pool: ModelPool, cifar_array: np.ndarray) -> None:
     """tent needs 2 images: a 1-image request errors even though merging would have made it big enough."""
-    batches = _batches(cifar_array, [8, 1, 8])
-    engine = _engine(pool)
-
-    async def scenario() -> list[Any]:
-        policy = await engine.put_policy(NS, STREAM, None, "tent", {}, 0)
-        return await _queued(
-            engine, policy, [lambda b=b: engine.predict(NS, STREAM, b, True, policy) for b in batches]
-        )
-
-    a, small, c = asyncio.run(scenario())
-    engine.close()
+    a, small, c = _run_queued(_engine(pool), "tent", _batches(cifar_array, [8, 1, 8]))
     assert isinstance(small, BatchTooSmallError)
     assert (a.requests, c.requests, a.version, c.version) == (2, 2, 1, 1)
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 import redis
 
-from tests.server.conftest import npy_bytes
+from tests.conftest import npy_bytes
 from tta_server.state_store import InMemoryStateStore, RedisStateStore
 
 pytestmark = pytest.mark.redis

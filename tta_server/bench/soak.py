@@ -136,10 +136,13 @@ class PrivateRedis:
         raise RuntimeError(f"redis-server on port {self.port} did not start")
 
     def kill(self) -> None:
+        """SIGKILL: the server dies mid-whatever, as in a crash; start() recovers from the AOF."""
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait(10)
             self.proc = None
+
+    stop = kill
 
     def close(self) -> None:
         self.kill()
