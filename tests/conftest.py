@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,6 +39,45 @@ def redis_reachable(url: str) -> bool:
         return True
     except redis.RedisError:
         return False
+
+
+@contextlib.contextmanager
+def flushed_redis(url: str) -> Iterator[str]:
+    """A real Redis database, flushed before and after; never skipped under CI=true."""
+    import redis
+
+    require_redis(url)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@contextlib.contextmanager
+def app_clients(pool: Any, models_yaml: Path, **defaults: Any) -> Iterator[Callable[..., Any]]:
+    """A factory of TestClients (lifespan entered) over one loaded model pool; all closed on exit."""
+    from fastapi.testclient import TestClient
+
+    from tta_server.app import create_app
+    from tta_server.settings import Settings
+
+    opened: list[TestClient] = []
+
+    def factory(**overrides: Any) -> TestClient:
+        settings = Settings(models_config=models_yaml, **(defaults | overrides))
+        client = TestClient(create_app(settings, pool=pool), raise_server_exceptions=False)
+        client.__enter__()
+        opened.append(client)
+        return client
+
+    try:
+        yield factory
+    finally:
+        for c in opened:
+            c.__exit__(None, None, None)
 
 
 def require_redis(url: str) -> None:

@@ -11,15 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import torch
 from fastapi.testclient import TestClient
 
-from tests.conftest import require_redis
-from tta_server.app import create_app
+from tests.conftest import app_clients, flushed_redis
 from tta_server.bench.soak import PrivateRedis
 from tta_server.model_pool import ModelPool
-from tta_server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS_YAML = REPO / "models.yaml"
@@ -50,30 +47,15 @@ def pool() -> ModelPool:
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """The shared server's reliability database, flushed before and after the test."""
-    require_redis(REDIS_URL)
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield REDIS_URL
-    client.flushdb()
-    client.close()
+    with flushed_redis(REDIS_URL) as url:
+        yield url
 
 
 @pytest.fixture
 def make_client(pool: ModelPool) -> Iterator[Callable[..., TestClient]]:
     """TestClients over the shared model with settings overrides (lifespan entered); closed at teardown."""
-    opened: list[TestClient] = []
-
-    def factory(**overrides: object) -> TestClient:
-        overrides.setdefault("log_level", "WARNING")
-        settings = Settings(models_config=MODELS_YAML, **overrides)  # type: ignore[arg-type]
-        client = TestClient(create_app(settings, pool=pool), raise_server_exceptions=False)
-        client.__enter__()
-        opened.append(client)
-        return client
-
-    yield factory
-    for c in opened:
-        c.__exit__(None, None, None)
+    with app_clients(pool, MODELS_YAML, log_level="WARNING") as factory:
+        yield factory
 
 
 @pytest.fixture

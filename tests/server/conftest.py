@@ -12,7 +12,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.conftest import require_redis
+from tests.conftest import app_clients, flushed_redis
 from tta_server.app import create_app
 from tta_server.model_pool import ModelPool
 from tta_server.settings import Settings
@@ -47,31 +47,15 @@ def cifar_array(cifar_jpegs: tuple[list[bytes], np.ndarray]) -> np.ndarray:
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A flushed, real Redis database. Never skipped under CI=true."""
-    import redis
-
-    require_redis(REDIS_URL)
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield REDIS_URL
-    client.flushdb()
-    client.close()
+    with flushed_redis(REDIS_URL) as url:
+        yield url
 
 
 @pytest.fixture
 def make_client(pool: ModelPool) -> Iterator[Callable[..., TestClient]]:
-    """Build TestClients over the shared model with settings overrides; closed at teardown."""
-    opened: list[TestClient] = []
-
-    def factory(**overrides: object) -> TestClient:
-        settings = Settings(models_config=MODELS_YAML, **overrides)  # type: ignore[arg-type]
-        client = TestClient(create_app(settings, pool=pool))
-        client.__enter__()
-        opened.append(client)
-        return client
-
-    yield factory
-    for c in opened:
-        c.__exit__(None, None, None)
+    """TestClients over the shared model with settings overrides (lifespan entered); closed at teardown."""
+    with app_clients(pool, MODELS_YAML) as factory:
+        yield factory
 
 
 @pytest.fixture
