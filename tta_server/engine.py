@@ -298,7 +298,7 @@ class Engine:
 
     async def _step_and_commit(self, ctx: _StepContext, group: list[_Pending]) -> PredictOutcome:
         ns, stream, policy, adapt = ctx.ns, ctx.stream, ctx.policy, ctx.adapt
-        x = await self.run(_to_unit_float, [p.x for p in group])
+        x = await self.run(_to_unit_float, [p.x for p in group], ctx.handle.device)
         rows = slice(0, x.shape[0])
         for attempt in range(self.settings.conflict_retries + 1):
             version, state = await self._load(ns, stream, policy, ctx.handle, ctx.strat, ctx.cfg)
@@ -436,9 +436,14 @@ class Engine:
             self._cache.popitem(last=False)
 
 
-def _to_unit_float(batches: list[torch.Tensor]) -> torch.Tensor:
-    """uint8 NCHW batches -> one float batch in [0, 1] (cat keeps the channels_last layout of raw uploads)."""
-    x = batches[0] if len(batches) == 1 else torch.cat(batches)
+def _to_unit_float(batches: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """uint8 NCHW batches -> one float batch in [0, 1] on `device`.
+
+    Merged requests may arrive on different devices (JPEGs decoded on the GPU, raw arrays on the host);
+    cat keeps the channels_last layout of raw uploads.
+    """
+    on_device = [b.to(device, non_blocking=True) for b in batches]
+    x = on_device[0] if len(on_device) == 1 else torch.cat(on_device)
     return x.float().div_(255.0)
 
 
