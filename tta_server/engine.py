@@ -127,6 +127,11 @@ class Engine:
         devices = {h.device.type for h in pool.handles.values()}
         workers = settings.compute_workers or (4 if "cuda" in devices else 1)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tta-step")
+        # Decoding has its own threads: a request's decode must not wait behind other streams' steps,
+        # or requests of one stream reach its lock one by one and can never be merged.
+        self.decoder = ThreadPoolExecutor(
+            max_workers=settings.decode_workers, thread_name_prefix="tta-decode"
+        )
         self.locks = _StreamLocks()
         # Requests queued behind a stream's lock, per (stream state key, adapt): merged into one step.
         self._queues: dict[tuple[str, bool], list[_Pending]] = {}
@@ -140,8 +145,13 @@ class Engine:
         """Torch work happens off the event loop, in the step executor."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    async def decode(self, fn: Callable[..., T], *args: Any) -> T:
+        """Payload decoding, off the event loop and off the step threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
+
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.decoder.shutdown(wait=False, cancel_futures=True)
 
     # ----------------------------------------------------------------- policies
     def validate_policy(

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     compute_workers: int | None = Field(
         None, ge=1, le=64, description="concurrent strategy steps (1 on CPU, 4 on GPU)"
     )
+    decode_workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="threads decoding uploads, apart from the steps so decodes never queue behind them",
+    )
 
     redis_url: str | None = Field(None, description="redis://host:port/db; unset = in-process store")
     state_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="idle streams expire after this")

@@ -109,10 +109,10 @@ async def _read_batch(
                 raise PayloadTooLargeError(f"at most {settings.max_batch} images per request")
             blobs = [await f.read() for f in files]
         device = handle.device if settings.decode_on_device else None
-        return await engine.run(codec.decode_files, blobs, size, settings.max_image_pixels, device)
+        return await engine.decode(codec.decode_files, blobs, size, settings.max_image_pixels, device)
     if ctype in ("application/x-npy", "application/octet-stream"):
         body = await request.body()
-        batch = await engine.run(codec.decode_npy, body, size)
+        batch = await engine.decode(codec.decode_npy, body, size)
         if batch.shape[0] > settings.max_batch:
             raise PayloadTooLargeError(
                 f"at most {settings.max_batch} images per request, got {batch.shape[0]}"
