@@ -161,21 +161,18 @@ def mixture_moments(
 ) -> tuple[Tensor, Tensor]:
     """Mean and variance of the equal-weight mixture of mu_hat_bk = (1-p_bk) mu_k + p_bk mu_i_b (same for var).
 
-    Expanded into (B, K) @ (K, C) products so no (B, K, C) tensor is materialised.
+    Expanded into two (B, K) @ (K, 3C) products so no (B, K, C) tensor is materialised:
+    with mu_hat_bk = mu_k + p_bk (mu_i_b - mu_k),
+    (1/K) sum_k mu_hat_bk^2 = (1/K) [sum_k mu_k^2 + 2 (mu_i (p mu) - p mu^2) + |p|^2 mu_i^2 - 2 mu_i (p^2 mu) + p^2 mu^2].
     """
-    k = comp_mu.shape[0]
+    k, c = comp_mu.shape
+    comp_sq = comp_mu * comp_mu
+    pm, pm2, pv = (p @ torch.cat([comp_mu, comp_sq, comp_var], 1)).split(c, 1)
     p2 = p * p
-    sum_mu = comp_mu.sum(0)[None]
-    mean = (mu_i + sum_mu - p @ comp_mu) / k
-    mean_var = (var_i + comp_var.sum(0)[None] - p @ comp_var) / k
-    # (1/K) sum_k mu_hat_bk^2, with mu_hat = mu_k + p (mu_i - mu_k)
-    sq = (
-        (comp_mu**2).sum(0)[None]
-        + 2 * (mu_i * (p @ comp_mu) - p @ comp_mu**2)
-        + p2.sum(1, keepdim=True) * mu_i**2
-        - 2 * mu_i * (p2 @ comp_mu)
-        + p2 @ comp_mu**2
-    ) / k
+    p2m, p2m2 = (p2 @ torch.cat([comp_mu, comp_sq], 1)).split(c, 1)
+    mean = (mu_i + comp_mu.sum(0) - pm) / k
+    mean_var = (var_i + comp_var.sum(0) - pv) / k
+    sq = (comp_sq.sum(0) + 2 * (mu_i * (pm - p2m) - pm2) + p2.sum(1, keepdim=True) * mu_i**2 + p2m2) / k
     var = mean_var + (sq - mean**2).clamp_min(0)
     return mean, var
 
@@ -183,8 +180,8 @@ def mixture_moments(
 def per_sample_normalize(x: Tensor, mean: Tensor, var: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
     scale = w[None] * torch.rsqrt(var + eps)  # (B, C)
     shift = b[None] - mean * scale
-    # In-place add on the fresh product: same values bit for bit, one full-size temporary fewer.
-    return torch.mul(x, scale[:, :, None, None].to(x.dtype)).add_(shift[:, :, None, None].to(x.dtype))
+    # One fused pass over x (a multiply then an in-place add is two, and 1.5-6x slower on CPU).
+    return torch.addcmul(shift[:, :, None, None].to(x.dtype), x, scale[:, :, None, None].to(x.dtype))
 
 
 __all__ = ["UnMixStats", "UnMixTNSConfig", "assignment", "mixture_moments"]

@@ -725,7 +725,7 @@ def _format_merging(r: dict[str, Any]) -> list[str]:
 
 def format_report(r: dict[str, Any]) -> str:
     lines = [
-        f"throughput: model {r['model']} batch {r['batch_size']} float32 {r['layout']} on {r['device']}",
+        f"throughput: model {r['model']} batch {r['batch_size']} {r['dtype']} {r['layout']} on {r['device']}",
         f"load average {r['loadavg_start']} -> {r['loadavg_end']}",
         "",
         f"{'in-process':<22}{'img/s':>10}{'ms/step p50':>13}{'ratio':>8}{'paired':>8}  {'vs':<9}"
