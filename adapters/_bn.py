@@ -130,6 +130,22 @@ def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+class GroupedPlan:
+    """Several streams in one forward pass: each BN layer normalises each stream's rows with that stream's plan.
+
+    Everything else in an eval-mode network acts on each sample alone, so a forward under this plan
+    gives every stream exactly what its own forward would: statistics, updates and drift are per plan.
+    """
+
+    def __init__(self, plans: list[NormPlan], sizes: list[int]) -> None:
+        self.plans = plans
+        self.sizes = sizes
+
+    def normalize(self, layer: AdaptiveBatchNorm2d, x: Tensor) -> Tensor:
+        parts = x.split(self.sizes)  # views: the batch is the outermost dimension in both memory layouts
+        return torch.cat([plan.normalize(layer, part) for plan, part in zip(self.plans, parts, strict=True)])
+
+
 class BasePlan:
     """Shared bookkeeping: per-layer affine overrides and (optionally) recorded batch statistics.
 

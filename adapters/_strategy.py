@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from adapters import losses
-from adapters._bn import active_plan
+from adapters._bn import GroupedPlan, active_plan
 from adapters.base import (
     AdaptationState,
     BatchTooSmallError,
@@ -222,6 +222,55 @@ class ComposedStrategy:
                 seed = int(state.meta.get("seed", 0))
                 outcome.tensors = {**self.normalizer.init_tensors(handle, cfg, seed), **outcome.tensors}
         return self._finish(handle, state, outcome, batch.shape[0], adapt)
+
+    def can_step_many(self, adapt: bool) -> bool:
+        """Whether `step_many` may serve this kind of step: no gradient update (that has per-stream filters,
+        optimisers and second passes), only normalisation statistics."""
+        return self.updater is None or not adapt
+
+    def step_many(
+        self,
+        handle: ModelHandle,
+        batches: list[Tensor],
+        states: list[AdaptationState],
+        config: StrategyConfig,
+        adapt: bool = True,
+    ) -> list[StepResult]:
+        """One forward pass for several streams' batches; result i is what `step(batches[i], states[i])` gives.
+
+        Every BN layer normalises each stream's rows with that stream's own statistics (`GroupedPlan`),
+        so nothing mixes between streams, while the convolutions run once on the whole batch.
+        """
+        if not self.can_step_many(adapt):
+            raise ValueError(f"{self.name} adapts by gradient steps; use step() for each stream")
+        cfg = self.parse_config(config)
+        for batch, state in zip(batches, states, strict=True):
+            self.check_state(handle, state)
+            self.check_batch(batch, adapt)
+        affine_keys = handle.affine_names() if self.updater is not None else None
+        plans = [
+            self.normalizer.plan(
+                handle,
+                cfg,
+                state.tensors,
+                {k: state.tensors[k] for k in affine_keys} if affine_keys else None,
+                adapt,
+                True,
+            )
+            for state in states
+        ]
+        sizes = [b.shape[0] for b in batches]
+        x = torch.cat([b.to(handle.device, non_blocking=True) for b in batches])
+        if handle.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), active_plan(GroupedPlan(plans, sizes)), self._autocast(handle):
+            logits = handle.model(x).float()
+        results = []
+        for plan, state, rows in zip(plans, states, logits.split(sizes), strict=True):
+            updated = plan.updated_tensors()
+            outcome = UpdateOutcome(logits=rows, plan=plan, tensors=updated, updated=bool(updated))
+            results.append(self._finish(handle, state, outcome, rows.shape[0], adapt))
+        return results
 
     def _predict_only(
         self, handle: ModelHandle, x: Tensor, state: AdaptationState, forward: Forward

@@ -1,0 +1,89 @@
+"""`step_many`: one forward for several streams gives each stream exactly its own `step`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adapters
+from adapters.base import AdaptationState, ModelHandle
+
+from ._reference import make_batch, small_config
+
+SHARED = [name for name in adapters.list_strategies() if adapters.get_strategy(name).can_step_many(True)]
+GRADIENT = [
+    name for name in adapters.list_strategies() if not adapters.get_strategy(name).can_step_many(True)
+]
+
+
+def _states(strategy: adapters.ComposedStrategy, handle: ModelHandle, cfg: object) -> list[AdaptationState]:
+    """Three streams with different histories: fresh, one step, two steps (different seeds)."""
+    states = []
+    for history in range(3):
+        state = strategy.init_state(handle, cfg, seed=history)
+        for i in range(history):
+            state = strategy.step(handle, make_batch(5, seed=100 + 10 * history + i), state, cfg).state
+        states.append(state)
+    return states
+
+
+def test_the_batch_sharing_strategies_are_the_statistics_only_ones() -> None:
+    assert {"source", "norm", "alpha_bn", "unmix_tns"} <= set(SHARED)
+    assert {"tent", "eata", "eta", "sar", "unmix_tns+tent"} <= set(GRADIENT)
+
+
+@pytest.mark.parametrize("name", SHARED)
+@pytest.mark.parametrize("adapt", [True, False])
+def test_step_many_equals_one_step_per_stream(tiny_handle: ModelHandle, name: str, adapt: bool) -> None:
+    strategy = adapters.get_strategy(name)
+    cfg = small_config(strategy)
+    states = _states(strategy, tiny_handle, cfg)
+    batches = [make_batch(n, seed=n) for n in (4, 1 if strategy.min_batch_size == 1 else 2, 7)]
+    shared = strategy.step_many(tiny_handle, batches, states, cfg, adapt)
+    for got, batch, state in zip(shared, batches, states, strict=True):
+        want = strategy.step(tiny_handle, batch, state, cfg, adapt)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+        assert got.state.tensors.keys() == want.state.tensors.keys()
+        for key in want.state.tensors:
+            torch.testing.assert_close(got.state.tensors[key], want.state.tensors[key], rtol=1e-5, atol=1e-6)
+        assert got.state.meta == want.state.meta
+        assert (got.stats.samples, got.stats.used, got.stats.updated) == (
+            want.stats.samples,
+            want.stats.used,
+            want.stats.updated,
+        )
+        assert got.stats.mean_entropy == pytest.approx(want.stats.mean_entropy, rel=1e-4, abs=1e-6)
+        if want.stats.bn_distance is None:
+            assert got.stats.bn_distance is None
+        else:
+            assert got.stats.bn_distance == pytest.approx(want.stats.bn_distance, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", GRADIENT)
+def test_gradient_strategies_share_only_frozen_predictions(tiny_handle: ModelHandle, name: str) -> None:
+    strategy = adapters.get_strategy(name)
+    cfg = small_config(strategy)
+    states = [strategy.init_state(tiny_handle, cfg, seed=s) for s in range(2)]
+    batches = [make_batch(3, seed=1), make_batch(2, seed=2)]
+    with pytest.raises(ValueError, match="gradient"):
+        strategy.step_many(tiny_handle, batches, states, cfg, adapt=True)
+    shared = strategy.step_many(tiny_handle, batches, states, cfg, adapt=False)
+    for got, batch, state in zip(shared, batches, states, strict=True):
+        want = strategy.step(tiny_handle, batch, state, cfg, adapt=False)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_streams_do_not_leak_into_each_other(tiny_handle: ModelHandle) -> None:
+    """norm: a stream's predictions do not depend on which other streams share the forward."""
+    strategy = adapters.get_strategy("norm")
+    cfg = strategy.parse_config({})
+    state = strategy.init_state(tiny_handle, cfg)
+    mine = make_batch(6, seed=0)
+    alone = strategy.step_many(tiny_handle, [mine], [state], cfg)[0].logits
+    for other_seed in (1, 2):
+        other = make_batch(9, seed=other_seed) * 0.3  # a very different batch
+        together = strategy.step_many(tiny_handle, [other, mine], [state, state], cfg)[1].logits
+        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    # While one step over the concatenation does mix the batches' statistics:
+    mixed = strategy.step(tiny_handle, torch.cat([make_batch(9, seed=1) * 0.3, mine]), state, cfg).logits[9:]
+    assert not torch.allclose(mixed, alone, atol=1e-3)
