@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -90,6 +91,24 @@ class _StepContext:
 
 
 @dataclass(eq=False)
+class _SharedJob:
+    """One stream's step waiting to share a forward with other streams' steps."""
+
+    x: list[torch.Tensor]  # uint8 batches of the stream's merged requests
+    state: AdaptationState
+    future: asyncio.Future[StepResult]
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():  # the request was cancelled meanwhile
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+@dataclass(eq=False)
 class _Pending:
     """A request waiting for its stream; whoever holds the stream lock may serve it in a merged step."""
 
@@ -135,6 +154,9 @@ class Engine:
         self.locks = _StreamLocks()
         # Requests queued behind a stream's lock, per (stream state key, adapt): merged into one step.
         self._queues: dict[tuple[str, bool], list[_Pending]] = {}
+        # Steps of different streams waiting for a compute thread, per (model, strategy, config, adapt).
+        self._shared: dict[tuple[str, ...], list[_SharedJob]] = {}
+        self._shared_lock = threading.Lock()
         # Latest committed state per stream, kept on the device; used only when its version is current.
         self._cache: OrderedDict[str, tuple[int, AdaptationState]] = OrderedDict()
         self.default_policy = self.validate_policy(
@@ -308,11 +330,12 @@ class Engine:
 
     async def _step_and_commit(self, ctx: _StepContext, group: list[_Pending]) -> PredictOutcome:
         ns, stream, policy, adapt = ctx.ns, ctx.stream, ctx.policy, ctx.adapt
-        x = await self.run(_to_unit_float, [p.x for p in group], ctx.handle.device)
-        rows = slice(0, x.shape[0])
+        # uint8 batches: the compute thread converts them as part of the step (no extra thread hop).
+        x = [p.x for p in group]
+        rows = slice(0, sum(b.shape[0] for b in x))
         for attempt in range(self.settings.conflict_retries + 1):
             version, state = await self._load(ns, stream, policy, ctx.handle, ctx.strat, ctx.cfg)
-            result = await self._step(ctx.handle, ctx.strat, ctx.cfg, x, state, adapt, policy)
+            result = await self._step(ctx, x, state)
             if not adapt:
                 self._observe(policy, result, adapted=False)
                 return PredictOutcome(policy, result, False, False, version, rows)
@@ -374,19 +397,16 @@ class Engine:
             raise from_core(exc) from exc
         return stored.version, state
 
-    async def _step(
-        self,
-        handle: ModelHandle,
-        strat: ComposedStrategy,
-        cfg: StrategyConfig,
-        x: torch.Tensor,
-        state: AdaptationState,
-        adapt: bool,
-        policy: Policy,
-    ) -> StepResult:
+    async def _step(self, ctx: _StepContext, x: list[torch.Tensor], state: AdaptationState) -> StepResult:
+        """One step on the uint8 batches `x` (merged requests of the stream), shared with other streams'
+        steps where the strategy allows it."""
+        handle, strat, cfg, adapt, policy = ctx.handle, ctx.strat, ctx.cfg, ctx.adapt, ctx.policy
         t0 = time.perf_counter()
         try:
-            result = await self.run(strat.step, handle, x, state, cfg, adapt)
+            if self.settings.share_forward and strat.can_step_many(adapt):
+                result = await self._shared_step(ctx, x, state)
+            else:
+                result = await self.run(_step_u8, strat, handle, x, state, cfg, adapt)
         except adapters.AdaptError as exc:
             raise from_core(exc) from exc
         self.metrics.step_duration.labels(policy.model, policy.strategy).observe(time.perf_counter() - t0)
@@ -396,9 +416,67 @@ class Engine:
             self.metrics.resets.labels(policy.model, policy.strategy, "non_finite").inc()
             fresh = await self.run(strat.init_state, handle, cfg, policy.seed)
             result = await self.run(
-                strat.step, handle, x, fresh.with_updates(**_carry_counters(state)), cfg, adapt
+                _step_u8, strat, handle, x, fresh.with_updates(**_carry_counters(state)), cfg, adapt
             )
         return result
+
+    # --------------------------------------------------------- shared forwards
+    async def _shared_step(
+        self, ctx: _StepContext, x: list[torch.Tensor], state: AdaptationState
+    ) -> StepResult:
+        """Queue this stream's step; the compute thread that picks the queue up runs every step queued by
+        then (same model, strategy and config) as one `step_many` forward, each with its own statistics.
+
+        Nothing waits on a timer: steps only share a forward when they would have queued for the
+        compute threads anyway.
+        """
+        key = (
+            ctx.policy.model,
+            ctx.policy.strategy,
+            json.dumps(ctx.policy.config, sort_keys=True),
+            ctx.adapt,
+        )
+        loop = asyncio.get_running_loop()
+        job = _SharedJob(x, state, loop.create_future())
+        with self._shared_lock:
+            queue = self._shared.setdefault(key, [])
+            queue.append(job)
+            first = len(queue) == 1
+        if first:
+            loop.run_in_executor(self.executor, self._drain_shared, key, ctx, loop)
+        return await job.future
+
+    def _drain_shared(self, key: tuple[str, ...], ctx: _StepContext, loop: asyncio.AbstractEventLoop) -> None:
+        """Compute thread: run the queued steps of `key` (up to max_step_images images) as one forward."""
+        with self._shared_lock:
+            queue = self._shared.pop(key, [])
+            group, images = [], 0
+            for job in queue:
+                n = sum(b.shape[0] for b in job.x)
+                if group and images + n > self.settings.max_step_images:
+                    break
+                group.append(job)
+                images += n
+            rest = queue[len(group) :]
+            if rest:
+                self._shared[key] = rest
+                loop.call_soon_threadsafe(
+                    loop.run_in_executor, self.executor, self._drain_shared, key, ctx, loop
+                )
+        if not group:
+            return
+        try:
+            if len(group) == 1:
+                results = [_step_u8(ctx.strat, ctx.handle, group[0].x, group[0].state, ctx.cfg, ctx.adapt)]
+            else:
+                xs = [_to_unit_float(j.x, ctx.handle.device) for j in group]
+                results = ctx.strat.step_many(ctx.handle, xs, [j.state for j in group], ctx.cfg, ctx.adapt)
+        except Exception as exc:
+            for job in group:
+                loop.call_soon_threadsafe(_settle, job.future, None, exc)
+            return
+        for job, result in zip(group, results, strict=True):
+            loop.call_soon_threadsafe(_settle, job.future, result, None)
 
     async def _commit(
         self, ns: str, stream: str, policy: Policy, result: StepResult, version: int
@@ -455,6 +533,17 @@ def _to_unit_float(batches: list[torch.Tensor], device: torch.device) -> torch.T
     on_device = [b.to(device, non_blocking=True) for b in batches]
     x = on_device[0] if len(on_device) == 1 else torch.cat(on_device)
     return x.float().div_(255.0)
+
+
+def _step_u8(
+    strat: ComposedStrategy,
+    handle: ModelHandle,
+    batches: list[torch.Tensor],
+    state: AdaptationState,
+    cfg: StrategyConfig,
+    adapt: bool,
+) -> StepResult:
+    return strat.step(handle, _to_unit_float(batches, handle.device), state, cfg, adapt)
 
 
 def _all_finite(state: AdaptationState) -> bool:

@@ -53,6 +53,13 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_batch: int = Field(256, ge=1)
+    share_forward: bool = Field(
+        True,
+        description=(
+            "steps of different streams (same model, strategy and config) that wait for the compute threads "
+            "run as one forward, each stream with its own statistics (statistics-only strategies, adapt=false)"
+        ),
+    )
     decode_on_device: bool = Field(
         True, description="decode JPEG uploads with nvJPEG on the model's GPU (CPU models: libjpeg-turbo)"
     )

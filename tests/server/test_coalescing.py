@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -173,3 +174,100 @@ def test_a_cancelled_request_is_not_served(pool: ModelPool, cifar_array: np.ndar
     engine.close()
     assert isinstance(cancelled, asyncio.CancelledError)
     assert (a.requests, c.requests) == (2, 2) and meta["samples_seen"] == 16
+
+
+# ------------------------------------------------------------------ forwards shared across streams
+def _blocked_engine_run(
+    engine: Engine, jobs: list[Callable[[], Awaitable[PredictOutcome]]]
+) -> list[PredictOutcome | BaseException]:
+    """Run `jobs` while the single compute thread is busy, so their steps queue up, then free it."""
+    gate = threading.Event()
+
+    async def scenario() -> list[PredictOutcome | BaseException]:
+        blocker = asyncio.get_running_loop().run_in_executor(engine.executor, gate.wait)
+        tasks = [asyncio.create_task(job()) for job in jobs]
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        gate.set()
+        await blocker
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        return asyncio.run(scenario())
+    finally:
+        engine.close()
+
+
+def _warm_streams(engine: Engine, strategy: str, streams: list[str], warmup: torch.Tensor) -> list[Any]:
+    """Give each stream a stored state (kept on the device), so its next load needs no compute thread."""
+
+    async def scenario() -> list[Any]:
+        out = []
+        for s in streams:
+            policy = await engine.put_policy(NS, s, None, strategy, {}, 0)
+            await engine.predict(NS, s, warmup, True, policy)
+            handle, strat = engine.pool.get(policy.model), engine.strategy(strategy)
+            _, state = await engine._load(NS, s, policy, handle, strat, strat.parse_config(policy.config))
+            out.append((policy, state))
+        return out
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("strategy", ["norm", "unmix_tns"])
+def test_steps_of_different_streams_share_one_forward(
+    pool: ModelPool, cifar_array: np.ndarray, strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warmup, *batches = _batches(cifar_array, [4, 8, 3, 12])
+    engine = _engine(pool, compute_workers=1)
+    streams = [f"s{i}" for i in range(3)]
+    before = _warm_streams(engine, strategy, streams, warmup)
+    calls: list[list[int]] = []
+    real = adapters.ComposedStrategy.step_many
+
+    def spy(self: adapters.ComposedStrategy, handle: Any, xs: list[torch.Tensor], *args: Any) -> Any:
+        calls.append([x.shape[0] for x in xs])
+        return real(self, handle, xs, *args)
+
+    monkeypatch.setattr(adapters.ComposedStrategy, "step_many", spy)
+    outs = _blocked_engine_run(
+        engine,
+        [
+            lambda s=s, b=b, p=p: engine.predict(NS, s, b, True, p)
+            for s, b, (p, _) in zip(streams, batches, before, strict=True)
+        ],
+    )
+    assert calls == [[8, 3, 12]]  # one forward for the three streams
+    strat = adapters.get_strategy(strategy)
+    cfg = strat.parse_config({})
+    for out, b, (_, state) in zip(outs, batches, before, strict=True):
+        assert isinstance(out, PredictOutcome) and out.adapted and out.version == 2 and out.requests == 1
+        # Each stream got exactly what a step of its own gives: its own statistics, nothing mixed.
+        want = strat.step(pool.get(None), b.float() / 255, state, cfg, True)
+        torch.testing.assert_close(out.logits, want.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_steps_and_disabled_sharing_run_alone(
+    pool: ModelPool, cifar_array: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warmup, *batches = _batches(cifar_array, [4, 4, 4])
+    calls: list[int] = []
+    real = adapters.ComposedStrategy.step_many
+
+    def spy(self: adapters.ComposedStrategy, *args: Any) -> Any:
+        calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(adapters.ComposedStrategy, "step_many", spy)
+    for strategy, share in (("tent", True), ("norm", False)):
+        engine = _engine(pool, compute_workers=1, share_forward=share)
+        before = _warm_streams(engine, strategy, ["s0", "s1"], warmup)
+        jobs = [
+            lambda i=i, engine=engine, before=before: engine.predict(
+                NS, f"s{i}", batches[i], True, before[i][0]
+            )
+            for i in range(2)
+        ]
+        outs = _blocked_engine_run(engine, jobs)
+        assert all(isinstance(o, PredictOutcome) and o.adapted and o.version == 2 for o in outs)
+    assert calls == []
