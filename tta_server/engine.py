@@ -403,7 +403,7 @@ class Engine:
         handle, strat, cfg, adapt, policy = ctx.handle, ctx.strat, ctx.cfg, ctx.adapt, ctx.policy
         t0 = time.perf_counter()
         try:
-            if self.settings.share_forward and strat.can_step_many(adapt):
+            if self._shares_forward(handle) and strat.can_step_many(adapt):
                 result = await self._shared_step(ctx, x, state)
             else:
                 result = await self.run(_step_u8, strat, handle, x, state, cfg, adapt)
@@ -421,6 +421,13 @@ class Engine:
         return result
 
     # --------------------------------------------------------- shared forwards
+    def _shares_forward(self, handle: ModelHandle) -> bool:
+        if self.settings.share_forward is not None:
+            return self.settings.share_forward
+        # On CPU a bigger batch barely speeds convolutions up, while every BN layer then joins the
+        # streams' outputs (one more pass over the activations): measured slower for ResNet-50.
+        return handle.device.type == "cuda"
+
     async def _shared_step(
         self, ctx: _StepContext, x: list[torch.Tensor], state: AdaptationState
     ) -> StepResult:

@@ -53,11 +53,12 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_batch: int = Field(256, ge=1)
-    share_forward: bool = Field(
-        True,
+    share_forward: bool | None = Field(
+        None,
         description=(
             "steps of different streams (same model, strategy and config) that wait for the compute threads "
-            "run as one forward, each stream with its own statistics (statistics-only strategies, adapt=false)"
+            "run as one forward, each stream with its own statistics (statistics-only strategies, adapt=false); "
+            "unset: on for CUDA models, off on CPU, where joining the activations costs more than it saves"
         ),
     )
     decode_on_device: bool = Field(

@@ -117,6 +117,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="(e): concurrent senders per stream, with and without request merging (0 = skip)",
     )
     p.add_argument("--merge-batch", type=int, default=8, help="(e): images per request")
+    p.add_argument(
+        "--share-forward",
+        choices=("true", "false"),
+        default=None,
+        help="(e): TTA_SHARE_FORWARD of the servers (default: the server's, on for CUDA only)",
+    )
     p.add_argument("--server-timeout", type=float, default=180.0, help="seconds to wait for the server")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -578,7 +584,11 @@ def measure_merging(
     cfg = strategy_configs(args.strategy_config).get(args.http_strategy, {})
     b = args.merge_batch
     bodies = [(npy_body(images[i : i + b]), "application/x-npy") for i in range(0, len(images) - b + 1, b)]
-    out: dict[str, Any] = {"clients_per_stream": args.merge_clients, "request_images": b}
+    out: dict[str, Any] = {
+        "clients_per_stream": args.merge_clients,
+        "request_images": b,
+        "share_forward": args.share_forward,
+    }
     for label, max_step in (("unmerged", 1), ("merged", 256)):
         load = HttpLoad(
             args.http_strategy,
@@ -592,7 +602,10 @@ def measure_merging(
             clients_per_stream=args.merge_clients,
         )
         try:
-            with serve(args, spec, redis_url, {"TTA_MAX_STEP_IMAGES": str(max_step)}) as base:
+            env = {"TTA_MAX_STEP_IMAGES": str(max_step)}
+            if args.share_forward is not None:
+                env["TTA_SHARE_FORWARD"] = str(args.share_forward).lower()
+            with serve(args, spec, redis_url, env) as base:
                 out[label] = asyncio.run(_http_load(base, load)) | {"max_step_images": max_step}
         except (BenchError, OSError, httpx.HTTPError) as exc:
             out[label] = {"error": f"{type(exc).__name__}: {exc}"}
