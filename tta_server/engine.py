@@ -154,6 +154,7 @@ class Engine:
         self.locks = _StreamLocks()
         # Requests queued behind a stream's lock, per (stream state key, adapt): merged into one step.
         self._queues: dict[tuple[str, bool], list[_Pending]] = {}
+        self._inflight: set[asyncio.Future[None]] = set()  # merged steps running (kept referenced)
         # Steps of different streams waiting for a compute thread, per (model, strategy, config, adapt).
         self._shared: dict[tuple[str, ...], list[_SharedJob]] = {}
         self._shared_lock = threading.Lock()
@@ -289,14 +290,20 @@ class Engine:
         queue.append(me)
         try:
             async with self.locks.hold(ctx.key):
-                if not me.future.done():
-                    await self._serve(ctx, self._take(queue, me))
+                if me in queue:  # not yet taken into the step of a request ahead of it
+                    # Shielded: if this request is cancelled (client gone), the step still runs to the
+                    # end for the requests merged into it.
+                    task = asyncio.ensure_future(self._serve(ctx, self._take(queue, me)))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._inflight.discard)
+                    await asyncio.shield(task)
         finally:
             if me in queue:
                 queue.remove(me)  # cancelled while waiting
             if not queue:
                 self._queues.pop((ctx.key, adapt), None)
-        return me.future.result()
+        # Done, or still running in the step of a request ahead of it that was cancelled meanwhile.
+        return await me.future
 
     def _take(self, queue: list[_Pending], me: _Pending) -> list[_Pending]:
         """`me` plus the requests queued behind it, oldest first, up to `max_step_images` in all."""

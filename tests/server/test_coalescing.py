@@ -272,3 +272,37 @@ def test_gradient_steps_and_disabled_sharing_run_alone(
         outs = _blocked_engine_run(engine, jobs)
         assert all(isinstance(o, PredictOutcome) and o.adapted and o.version == 2 for o in outs)
     assert calls == []
+
+
+def test_a_cancelled_lock_holder_still_serves_the_requests_merged_into_its_step(
+    pool: ModelPool, cifar_array: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = _batches(cifar_array, [8, 8, 8])
+    engine = _engine(pool)
+    real_step = engine._step
+    started = asyncio.Event()
+
+    async def slow_step(*args: Any) -> Any:
+        started.set()
+        await asyncio.sleep(0.3)
+        return await real_step(*args)
+
+    async def scenario() -> tuple[list[Any], dict[str, Any]]:
+        policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
+        monkeypatch.setattr(engine, "_step", slow_step)
+        async with engine.locks.hold(f"{NS}:{STREAM}:{policy.epoch}"):
+            tasks = [asyncio.create_task(engine.predict(NS, STREAM, b, True, policy)) for b in batches]
+            for _ in range(20):
+                await asyncio.sleep(0)
+        await started.wait()
+        tasks[0].cancel()  # the holder's client goes away while the merged step runs
+        outs = await asyncio.gather(*tasks, return_exceptions=True)
+        _, meta, _ = await engine.describe(NS, STREAM)
+        return outs, meta
+
+    (holder, b, c), meta = asyncio.run(scenario())
+    engine.close()
+    assert isinstance(holder, asyncio.CancelledError)
+    assert isinstance(b, PredictOutcome) and isinstance(c, PredictOutcome)
+    assert (b.requests, c.requests, b.version, c.version) == (3, 3, 1, 1)
+    assert meta["steps"] == 1 and meta["samples_seen"] == 24  # the step ran once, for all three
