@@ -138,7 +138,7 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
 
 class BodyLimitMiddleware:
-    """Refuses request bodies over `max_bytes` (413) by Content-Length and while streaming."""
+    """Refuses request bodies over `max_bytes` (413): by Content-Length, or while reading a chunked one."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -154,15 +154,31 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await _error_response(413, too_large.body())(scope, receive, send)
             return
+        if declared is not None:
+            await self.app(scope, receive, send)  # the server stops reading at Content-Length
+            return
+        # No Content-Length (chunked): read the body here, so an oversized one is a 413 whatever the
+        # route (a body error raised inside a route's JSON parsing would surface as a 400).
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise too_large
-            return message
+            if message["type"] != "http.request":  # client gone
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                await _error_response(413, too_large.body())(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        await self.app(scope, limited_receive, send)
+        async def buffered_receive() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, buffered_receive, send)

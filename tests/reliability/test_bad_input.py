@@ -4,6 +4,7 @@ stream's state is left exactly as it was."""
 from __future__ import annotations
 
 import io
+import json
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -243,6 +244,21 @@ def test_oversized_policy_body_is_refused(client) -> None:
     r = client.put(f"/v1/streams/{STREAM}", json={"strategy": "tent", "config": {"x": "y" * (MAX_BODY + 10)}})
     assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
     assert client.get(f"/v1/streams/{STREAM}").json()["strategy"] == "tent"
+
+
+def test_oversized_chunked_policy_body_is_413(client) -> None:
+    body = json.dumps({"strategy": "norm", "config": {"x": "y" * (MAX_BODY + 10)}}).encode()
+    chunks = iter([body[i : i + 65536] for i in range(0, len(body), 65536)])
+    r = client.put(f"/v1/streams/{STREAM}", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
+    assert client.get(f"/v1/streams/{STREAM}").json()["strategy"] == "tent"
+
+
+def test_chunked_body_within_the_limit_is_served(client) -> None:
+    body = npy_bytes(batch(4))
+    chunks = iter([body[i : i + 1000] for i in range(0, len(body), 1000)])
+    r = client.post(f"/v1/streams/{STREAM}/predict", params={"adapt": "false"}, content=chunks, headers=NPY)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 4
 
 
 def test_extreme_aspect_ratio_is_resized_without_blowing_up(client) -> None:
