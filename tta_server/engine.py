@@ -328,6 +328,7 @@ class Engine:
             if not isinstance(exc, Exception):
                 raise
             return
+        self.metrics.step_requests.labels(ctx.policy.model, ctx.policy.strategy).observe(len(group))
         start = 0
         for p in group:
             n = p.x.shape[0]
@@ -479,6 +480,7 @@ class Engine:
                 )
         if not group:
             return
+        self.metrics.forward_streams.labels(ctx.policy.model, ctx.policy.strategy).observe(len(group))
         try:
             if len(group) == 1:
                 results = [_step_u8(ctx.strat, ctx.handle, group[0].x, group[0].state, ctx.cfg, ctx.adapt)]

@@ -15,6 +15,7 @@ STORE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 BYTES_BUCKETS = tuple(float(2**k) for k in range(10, 28, 2))
 ENTROPY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
 UNIT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+COUNT_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
 DISTANCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 MS = ("model", "strategy")
@@ -46,6 +47,20 @@ class Metrics:
             "Time of one strategy step (forward, and backward for gradient strategies)",
             MS,
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.step_requests = Histogram(
+            "tta_step_requests",
+            "Requests of one stream served by one step (queued requests are merged)",
+            MS,
+            buckets=COUNT_BUCKETS,
+            registry=r,
+        )
+        self.forward_streams = Histogram(
+            "tta_forward_streams",
+            "Streams whose steps ran in one shared forward (TTA_SHARE_FORWARD)",
+            MS,
+            buckets=COUNT_BUCKETS,
             registry=r,
         )
         self.samples = Counter("tta_samples", "Images predicted", MS, registry=r)
@@ -121,7 +136,7 @@ class Metrics:
         for model in models:
             for strategy in strategies:
                 for metric in (
-                    self.step_duration, self.samples, self.samples_adapted, self.samples_used,
+                    self.step_duration, self.step_requests, self.forward_streams, self.samples, self.samples_adapted, self.samples_used,
                     self.samples_filtered, self.updates, self.conflicts, self.state_bytes, self.entropy,
                     self.confidence, self.bn_distance, self.class_shift,
                 ):  # fmt: skip

@@ -67,6 +67,14 @@ def _run_queued(
         engine.close()
 
 
+def _histogram(engine: Engine, name: str, strategy: str) -> tuple[float, float]:
+    """(count, sum) of a (model, strategy) histogram."""
+    labels = {"model": "cifar10_wrn40_2", "strategy": strategy}
+    count = engine.metrics.registry.get_sample_value(f"{name}_count", labels) or 0.0
+    total = engine.metrics.registry.get_sample_value(f"{name}_sum", labels) or 0.0
+    return count, total
+
+
 def _reference(pool: ModelPool, strategy: str, x_u8: torch.Tensor) -> adapters.StepResult:
     handle, strat = pool.get(None), adapters.get_strategy(strategy)
     cfg = strat.parse_config({})
@@ -87,9 +95,10 @@ def test_queued_requests_share_one_step_on_their_concatenation(
         )
         _, meta, _ = await engine.describe(NS, STREAM)
         samples = engine.metrics.samples.labels(policy.model, strategy)._value.get()
-        return outs, meta, samples
+        merged = _histogram(engine, "tta_step_requests", strategy)
+        return outs, meta, (samples, merged)
 
-    outs, meta, samples = asyncio.run(scenario())
+    outs, meta, (samples, merged) = asyncio.run(scenario())
     engine.close()
     ref = _reference(pool, strategy, torch.cat(batches))
     start = 0
@@ -102,6 +111,7 @@ def test_queued_requests_share_one_step_on_their_concatenation(
         start += b.shape[0]
     assert meta["steps"] == 1 and meta["samples_seen"] == 28
     assert samples == 28  # the step's metrics are recorded once, not once per request
+    assert merged == (1.0, 3.0)  # one step, serving three requests
 
 
 def test_merging_stops_at_max_step_images(pool: ModelPool, cifar_array: np.ndarray) -> None:
@@ -238,6 +248,8 @@ def test_steps_of_different_streams_share_one_forward(
         ],
     )
     assert calls == [[8, 3, 12]]  # one forward for the three streams
+    # the warm-up steps ran alone (three forwards of one stream), then one forward of three streams
+    assert _histogram(engine, "tta_forward_streams", strategy) == (4.0, 6.0)
     strat = adapters.get_strategy(strategy)
     cfg = strat.parse_config({})
     for out, b, (_, state) in zip(outs, batches, before, strict=True):
