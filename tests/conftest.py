@@ -17,7 +17,9 @@ from adapters.base import ModelHandle
 from adapters.models import ModelSpec, build_handle
 from adapters.models.wide_resnet import WideResNet
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+MODELS_YAML = REPO / "models.yaml"
+SHARED = REPO.parent / "shared"
 CIFAR_WEIGHTS = SHARED / "models" / "cifar10_wrn40_2.pt"
 CIFAR_TRAIN = SHARED / "data" / "cifar10" / "train_jpeg.npz"
 CIFAR_TEST = SHARED / "data" / "cifar10" / "test_jpeg.npz"
@@ -167,3 +169,38 @@ def cifar_handle() -> ModelHandle:
         source_data=CIFAR_TRAIN,
     )
     return build_handle(spec)
+
+
+# ------------------------------------------------------------ served-model fixtures (server suites)
+@pytest.fixture(scope="session")
+def pool() -> Any:
+    """The shipped models.yaml loaded once, on the CPU, shared by every app a test builds."""
+    from tta_server.model_pool import ModelPool
+
+    return ModelPool.load(MODELS_YAML, torch.device("cpu"))
+
+
+@pytest.fixture
+def suite_redis_url() -> str:
+    """The Redis database of a test suite; suites that share the server override it with their own."""
+    return os.environ.get("TTA_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")
+
+
+@pytest.fixture
+def redis_url(suite_redis_url: str) -> Iterator[str]:
+    """The suite's real Redis database, flushed before and after the test. Never skipped under CI=true."""
+    with flushed_redis(suite_redis_url) as url:
+        yield url
+
+
+@pytest.fixture
+def client_settings() -> dict[str, Any]:
+    """Settings every `make_client` app of a suite starts from (tests add their own overrides)."""
+    return {}
+
+
+@pytest.fixture
+def make_client(pool: Any, client_settings: dict[str, Any]) -> Iterator[Callable[..., Any]]:
+    """TestClients over the shared model with settings overrides (lifespan entered); closed at teardown."""
+    with app_clients(pool, MODELS_YAML, **client_settings) as factory:
+        yield factory

@@ -1,25 +1,20 @@
-"""Fixtures for the reliability suite: one loaded model shared by every app, a flushed Redis database,
-private redis-server processes that tests may stop and restart, and payload helpers."""
+"""Fixtures for the reliability suite: its own Redis database and app log level (the model pool and app
+factories come from tests/conftest.py), private redis-server processes that tests may stop and restart,
+and payload helpers."""
 
 from __future__ import annotations
 
 import io
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
-import torch
-from fastapi.testclient import TestClient
 
-from tests.conftest import app_clients, flushed_redis
 from tta_server.bench.soak import PrivateRedis
-from tta_server.model_pool import ModelPool
 
-REPO = Path(__file__).resolve().parents[2]
-MODELS_YAML = REPO / "models.yaml"
 # A database of its own: other suites use other numbers on the same server.
 REDIS_URL = os.environ.get("TTA_RELIABILITY_REDIS_URL", "redis://127.0.0.1:6379/13")
 NPY = {"content-type": "application/x-npy"}
@@ -39,23 +34,14 @@ def jpeg_bytes(seed: int = 0, size: int = 32) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="session")
-def pool() -> ModelPool:
-    return ModelPool.load(MODELS_YAML, torch.device("cpu"))
+@pytest.fixture
+def suite_redis_url() -> str:
+    return REDIS_URL
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
-    """The shared server's reliability database, flushed before and after the test."""
-    with flushed_redis(REDIS_URL) as url:
-        yield url
-
-
-@pytest.fixture
-def make_client(pool: ModelPool) -> Iterator[Callable[..., TestClient]]:
-    """TestClients over the shared model with settings overrides (lifespan entered); closed at teardown."""
-    with app_clients(pool, MODELS_YAML, log_level="WARNING") as factory:
-        yield factory
+def client_settings() -> dict[str, Any]:
+    return {"log_level": "WARNING"}
 
 
 @pytest.fixture

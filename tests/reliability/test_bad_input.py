@@ -26,7 +26,7 @@ def client(pool):
     """One app (in-process store) with small limits, and a stream that has adapted once."""
     from fastapi.testclient import TestClient
 
-    from tests.reliability.conftest import MODELS_YAML
+    from tests.conftest import MODELS_YAML
     from tta_server.app import create_app
     from tta_server.settings import Settings
 

@@ -23,7 +23,8 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 from schemathesis.checks import not_a_server_error
 
-from tests.reliability.conftest import MODELS_YAML, jpeg_bytes
+from tests.conftest import MODELS_YAML
+from tests.reliability.conftest import jpeg_bytes
 from tta_server.app import create_app
 from tta_server.settings import Settings
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import npy_bytes
-from tests.reliability.conftest import MODELS_YAML, NPY, REPO, batch
+from tests.conftest import MODELS_YAML, REPO, npy_bytes
+from tests.reliability.conftest import NPY, batch
 from tta_server.settings import Settings
 
 ALICE = "alice-key-0123456789abcdef"

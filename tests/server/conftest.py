@@ -1,37 +1,24 @@
-"""Fixtures for server tests: the real model loaded once, app factories, a real Redis database."""
+"""Fixtures for server tests: CIFAR-10 test images and live uvicorn servers (the model pool, app
+factories and the Redis database come from tests/conftest.py)."""
 
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from fastapi.testclient import TestClient
 
-from tests.conftest import app_clients, flushed_redis
+from tests.conftest import CIFAR_TEST, MODELS_YAML
 from tta_server.app import create_app
 from tta_server.model_pool import ModelPool
 from tta_server.settings import Settings
-
-REPO = Path(__file__).resolve().parents[2]
-MODELS_YAML = REPO / "models.yaml"
-TEST_NPZ = REPO.parent / "shared" / "data" / "cifar10" / "test_jpeg.npz"
-REDIS_URL = os.environ.get("TTA_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")
-
-
-@pytest.fixture(scope="session")
-def pool() -> ModelPool:
-    return ModelPool.load(MODELS_YAML, torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
 def cifar_jpegs() -> tuple[list[bytes], np.ndarray]:
     """200 CIFAR-10 test JPEGs spread over all classes (the file is ordered by class)."""
-    d = np.load(TEST_NPZ)
+    d = np.load(CIFAR_TEST)
     idx = np.random.default_rng(0).permutation(len(d["labels"]))[:200]
     jpegs = [d["jpeg"][d["offsets"][i] : d["offsets"][i + 1]].tobytes() for i in idx]
     return jpegs, d["labels"][idx].astype(np.int64)
@@ -42,20 +29,6 @@ def cifar_array(cifar_jpegs: tuple[list[bytes], np.ndarray]) -> np.ndarray:
     from PIL import Image
 
     return np.stack([np.array(Image.open(io.BytesIO(b)).convert("RGB")) for b in cifar_jpegs[0]])
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A flushed, real Redis database. Never skipped under CI=true."""
-    with flushed_redis(REDIS_URL) as url:
-        yield url
-
-
-@pytest.fixture
-def make_client(pool: ModelPool) -> Iterator[Callable[..., TestClient]]:
-    """TestClients over the shared model with settings overrides (lifespan entered); closed at teardown."""
-    with app_clients(pool, MODELS_YAML) as factory:
-        yield factory
 
 
 @pytest.fixture

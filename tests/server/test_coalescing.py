@@ -13,14 +13,13 @@ import pytest
 import torch
 
 import adapters
+from tests.conftest import MODELS_YAML
 from tta_server.engine import Engine, Policy, PredictOutcome
 from tta_server.errors import BatchTooSmallError
 from tta_server.metrics import Metrics
 from tta_server.model_pool import ModelPool
 from tta_server.settings import Settings
 from tta_server.state_store import InMemoryStateStore
-
-from .conftest import MODELS_YAML
 
 NS, STREAM = "ns", "cam"
 
