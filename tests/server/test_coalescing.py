@@ -207,6 +207,19 @@ def _blocked_engine_run(
         engine.close()
 
 
+def _record_step_many(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """Spy on `step_many`: each call appends the batch sizes of the streams it served."""
+    calls: list[list[int]] = []
+    real = adapters.ComposedStrategy.step_many
+
+    def spy(self: adapters.ComposedStrategy, handle: Any, xs: list[torch.Tensor], *args: Any) -> Any:
+        calls.append([x.shape[0] for x in xs])
+        return real(self, handle, xs, *args)
+
+    monkeypatch.setattr(adapters.ComposedStrategy, "step_many", spy)
+    return calls
+
+
 def _warm_streams(engine: Engine, strategy: str, streams: list[str], warmup: torch.Tensor) -> list[Any]:
     """Give each stream a stored state (kept on the device), so its next load needs no compute thread."""
 
@@ -231,14 +244,7 @@ def test_steps_of_different_streams_share_one_forward(
     engine = _engine(pool, compute_workers=1, share_forward=True)
     streams = [f"s{i}" for i in range(3)]
     before = _warm_streams(engine, strategy, streams, warmup)
-    calls: list[list[int]] = []
-    real = adapters.ComposedStrategy.step_many
-
-    def spy(self: adapters.ComposedStrategy, handle: Any, xs: list[torch.Tensor], *args: Any) -> Any:
-        calls.append([x.shape[0] for x in xs])
-        return real(self, handle, xs, *args)
-
-    monkeypatch.setattr(adapters.ComposedStrategy, "step_many", spy)
+    calls = _record_step_many(monkeypatch)
     outs = _blocked_engine_run(
         engine,
         [
@@ -262,14 +268,7 @@ def test_gradient_steps_and_disabled_sharing_run_alone(
     pool: ModelPool, cifar_array: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     warmup, *batches = _batches(cifar_array, [4, 4, 4])
-    calls: list[int] = []
-    real = adapters.ComposedStrategy.step_many
-
-    def spy(self: adapters.ComposedStrategy, *args: Any) -> Any:
-        calls.append(1)
-        return real(self, *args)
-
-    monkeypatch.setattr(adapters.ComposedStrategy, "step_many", spy)
+    calls = _record_step_many(monkeypatch)
     # tent never shares; norm shares only when asked to or on a CUDA model (these run on the CPU).
     for strategy, share in (("tent", True), ("norm", False), ("norm", None)):
         engine = _engine(pool, compute_workers=1, share_forward=share)
