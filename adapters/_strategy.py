@@ -161,9 +161,7 @@ class ComposedStrategy:
             )
 
     def _autocast(self, handle: ModelHandle) -> contextlib.AbstractContextManager[Any]:
-        if handle.autocast_dtype is None or not self.autocast_ok:
-            return contextlib.nullcontext()
-        return torch.autocast(handle.device.type, dtype=handle.autocast_dtype)
+        return handle.autocast() if self.autocast_ok else contextlib.nullcontext()
 
     def init_state(self, handle: ModelHandle, config: StrategyConfig, seed: int = 0) -> AdaptationState:
         self.check_model(handle)

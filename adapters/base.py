@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -82,6 +83,12 @@ class ModelHandle:
     source_images: Callable[[int, int], Tensor] | None = None
     channels_last: bool = False
     autocast_dtype: torch.dtype | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The forward pass's reduced-precision context (a no-op for float32 models)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def affine_names(self) -> list[str]:
         """State keys of every BN layer's affine parameters, in layer order."""

@@ -272,26 +272,20 @@ class StrategyRun:
         self.updated += int(result.stats.updated)
 
 
-def bare_autocast(handle: ModelHandle) -> contextlib.AbstractContextManager[Any]:
-    """The served model's autocast, so the bare figures use the same compute dtype."""
-    if handle.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(handle.device.type, dtype=handle.autocast_dtype)
-
-
 def bare_workloads(net: nn.Module, batches: list[Tensor], handle: ModelHandle) -> tuple[Workload, Workload]:
+    """Bare forward and forward+backward, under the served model's autocast (same compute dtype)."""
     params = list(net.parameters())
     counter = {"f": 0, "t": 0}
 
     def forward() -> None:
-        with torch.inference_mode(), bare_autocast(handle):
+        with torch.inference_mode(), handle.autocast():
             net(batches[counter["f"] % len(batches)])
         counter["f"] += 1
 
     def train() -> None:
         for p in params:
             p.grad = None
-        with bare_autocast(handle):
+        with handle.autocast():
             logits = net(batches[counter["t"] % len(batches)])
         loss = logits.float().logsumexp(1).mean()
         loss.backward()
@@ -317,7 +311,7 @@ def in_process(
         except adapters.AdaptError as exc:
             skipped[name] = f"{type(exc).__name__}: {exc}"
             print(f"  skipping {name}: {exc}", file=sys.stderr)
-    with torch.inference_mode(), bare_autocast(handle):
+    with torch.inference_mode(), handle.autocast():
         bare_logits = net(batches[0]).float()
     source = adapters.get_strategy("source")
     src_cfg = source.parse_config({})
