@@ -207,9 +207,7 @@ class ComposedStrategy:
         cfg = self.parse_config(config)
         self.check_state(handle, state)
         self.check_batch(batch, adapt)
-        x = batch.to(handle.device, non_blocking=True)
-        if handle.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _to_input(handle, batch)
         forward = self._forward_fn(handle, cfg, state.tensors, adapt)
         if self.updater is None or not adapt:
             outcome = self._predict_only(handle, x, state, forward)
@@ -245,39 +243,31 @@ class ComposedStrategy:
         for batch, state in zip(batches, states, strict=True):
             self.check_state(handle, state)
             self.check_batch(batch, adapt)
-        affine_keys = handle.affine_names() if self.updater is not None else None
         plans = [
-            self.normalizer.plan(
-                handle,
-                cfg,
-                state.tensors,
-                {k: state.tensors[k] for k in affine_keys} if affine_keys else None,
-                adapt,
-                True,
-            )
+            self.normalizer.plan(handle, cfg, state.tensors, self._frozen_affine(handle, state), adapt, True)
             for state in states
         ]
         sizes = [b.shape[0] for b in batches]
-        x = torch.cat([b.to(handle.device, non_blocking=True) for b in batches])
-        if handle.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _to_input(handle, torch.cat([b.to(handle.device, non_blocking=True) for b in batches]))
         with torch.inference_mode(), active_plan(GroupedPlan(plans, sizes)), self._autocast(handle):
             logits = handle.model(x).float()
-        results = []
-        for plan, state, rows in zip(plans, states, logits.split(sizes), strict=True):
-            updated = plan.updated_tensors()
-            outcome = UpdateOutcome(logits=rows, plan=plan, tensors=updated, updated=bool(updated))
-            results.append(self._finish(handle, state, outcome, rows.shape[0], adapt))
-        return results
+        return [
+            self._finish(handle, state, _prediction(rows, plan), rows.shape[0], adapt)
+            for plan, state, rows in zip(plans, states, logits.split(sizes), strict=True)
+        ]
 
     def _predict_only(
         self, handle: ModelHandle, x: Tensor, state: AdaptationState, forward: Forward
     ) -> UpdateOutcome:
-        affine = {k: state.tensors[k] for k in handle.affine_names()} if self.updater is not None else None
         with torch.inference_mode():
-            logits, plan = forward(x, affine, True, True)
-            updated = plan.updated_tensors()
-        return UpdateOutcome(logits=logits, plan=plan, tensors=updated, updated=bool(updated))
+            logits, plan = forward(x, self._frozen_affine(handle, state), True, True)
+            return _prediction(logits, plan)
+
+    def _frozen_affine(self, handle: ModelHandle, state: AdaptationState) -> dict[str, Tensor] | None:
+        """The state's BN affine parameters when an updater trains them (else the source ones apply)."""
+        if self.updater is None:
+            return None
+        return {k: state.tensors[k] for k in handle.affine_names()}
 
     def _finish(
         self, handle: ModelHandle, state: AdaptationState, out: UpdateOutcome, n: int, adapt: bool
@@ -308,6 +298,18 @@ class ComposedStrategy:
             reset=out.reset,
         )
         return StepResult(logits=logits, state=new_state, stats=stats)
+
+
+def _to_input(handle: ModelHandle, batch: Tensor) -> Tensor:
+    """The batch on the model's device, in the model's memory layout."""
+    x = batch.to(handle.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if handle.channels_last else x
+
+
+def _prediction(logits: Tensor, plan: StatPlan) -> UpdateOutcome:
+    """A forward without a gradient update: the plan's statistics updates are the only new tensors."""
+    updated = plan.updated_tensors()
+    return UpdateOutcome(logits=logits, plan=plan, tensors=updated, updated=bool(updated))
 
 
 def bn_distance(handle: ModelHandle, batch_stats: Mapping[int, tuple[Tensor, Tensor]]) -> Tensor | None:
