@@ -308,14 +308,10 @@ class Engine:
     def _take(self, queue: list[_Pending], me: _Pending) -> list[_Pending]:
         """`me` plus the requests queued behind it, oldest first, up to `max_step_images` in all."""
         queue.remove(me)
-        group, images = [me], me.x.shape[0]
-        for other in list(queue):
-            if images + other.x.shape[0] > self.settings.max_step_images:
-                break
-            queue.remove(other)
-            group.append(other)
-            images += other.x.shape[0]
-        return group
+        group = [me, *queue]
+        n = _fitting([p.x.shape[0] for p in group], self.settings.max_step_images)
+        del queue[: n - 1]
+        return group[:n]
 
     async def _serve(self, ctx: _StepContext, group: list[_Pending]) -> None:
         """Run one step on the group's images and hand every member its rows (or the step's error)."""
@@ -465,14 +461,8 @@ class Engine:
         """Compute thread: run the queued steps of `key` (up to max_step_images images) as one forward."""
         with self._shared_lock:
             queue = self._shared.pop(key, [])
-            group, images = [], 0
-            for job in queue:
-                n = sum(b.shape[0] for b in job.x)
-                if group and images + n > self.settings.max_step_images:
-                    break
-                group.append(job)
-                images += n
-            rest = queue[len(group) :]
+            n = _fitting([sum(b.shape[0] for b in job.x) for job in queue], self.settings.max_step_images)
+            group, rest = queue[:n], queue[n:]
             if rest:
                 self._shared[key] = rest
                 loop.call_soon_threadsafe(
@@ -538,6 +528,16 @@ class Engine:
         self._cache.move_to_end(key)
         while len(self._cache) > self.settings.state_cache_size:
             self._cache.popitem(last=False)
+
+
+def _fitting(sizes: list[int], cap: int) -> int:
+    """How many leading items (at least one) fit in `cap` images together."""
+    total = 0
+    for n, size in enumerate(sizes):
+        total += size
+        if n and total > cap:
+            return n
+    return len(sizes)
 
 
 def _to_unit_float(batches: list[torch.Tensor], device: torch.device) -> torch.Tensor:
