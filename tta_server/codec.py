@@ -6,10 +6,11 @@ decompression bomb is refused without allocating it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,34 +32,40 @@ ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP"}
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def check_image_header(data: bytes, max_pixels: int) -> str:
-    """Format ("JPEG", "PNG" or "WEBP") of one image file, from its header alone; refuses what we won't decode."""
+@contextlib.contextmanager
+def _open_image(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """Pillow's view of one image file, after checking format and size from its header alone.
+
+    Pillow errors, in the header or while decoding the pixels inside the block, become 400/413 errors.
+    """
     if not data:
         raise InvalidImageError("empty image file")
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt, (w, h) = img.format, img.size
+            if fmt not in ALLOWED_FORMATS:
+                raise InvalidImageError(f"unsupported image format {fmt}; send JPEG, PNG or WebP")
+            if w * h > max_pixels:
+                raise PayloadTooLargeError(
+                    f"image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels"
+                )
+            yield img
     except Image.DecompressionBombError as exc:
         raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InvalidImageError(f"not a decodable image (JPEG, PNG or WebP expected): {exc}") from exc
-    if fmt not in ALLOWED_FORMATS:
-        raise InvalidImageError(f"unsupported image format {fmt}; send JPEG, PNG or WebP")
-    if w * h > max_pixels:
-        raise PayloadTooLargeError(f"image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels")
-    return fmt
+
+
+def check_image_header(data: bytes, max_pixels: int) -> str:
+    """Format ("JPEG", "PNG" or "WEBP") of one image file, from its header alone; refuses what we won't decode."""
+    with _open_image(data, max_pixels) as img:
+        return str(img.format)
 
 
 def decode_image_bytes(data: bytes, max_pixels: int) -> torch.Tensor:
     """One JPEG/PNG/WebP file -> uint8 tensor (3, H, W), decoded by Pillow (the reference decoder)."""
-    check_image_header(data, max_pixels)
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            pixels = np.asarray(img.convert("RGB"))
-    except Image.DecompressionBombError as exc:
-        raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImageError(f"not a decodable image (JPEG, PNG or WebP expected): {exc}") from exc
+    with _open_image(data, max_pixels) as img:
+        pixels = np.asarray(img.convert("RGB"))
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
