@@ -99,37 +99,35 @@ def resolve_strategies(raw: str) -> list[str]:
     import adapters
 
     known = adapters.list_strategies()
-    if raw.strip() == "all":
-        return known
-    names = parse_list(raw)
-    if not names:
-        raise UsageError("--strategies is empty")
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise UsageError(
-            f"unknown strategy {', '.join(map(repr, unknown))}; valid strategies: {', '.join(known)}"
-        )
-    if len(set(names)) != len(names):
-        raise UsageError(f"--strategies lists a strategy twice: {raw}")
-    return names
+    return _resolve_names(
+        raw, "--strategies", "strategy", known, known, f"valid strategies: {', '.join(known)}"
+    )
 
 
 def resolve_corruptions(raw: str) -> list[str]:
     from tta_data import CORRUPTIONS
 
+    valid = (CLEAN, *CORRUPTIONS)
+    return _resolve_names(
+        raw, "--corruptions", "corruption", valid, list(CORRUPTIONS), f"valid: {', '.join(valid)}, all"
+    )
+
+
+def _resolve_names(
+    raw: str, option: str, noun: str, valid: Sequence[str], everything: list[str], valid_hint: str
+) -> list[str]:
+    """A comma list of names from `valid`, or "all" for `everything`; empty, unknown or repeated names are
+    usage errors."""
     if raw.strip() == "all":
-        return list(CORRUPTIONS)
+        return everything
     names = parse_list(raw)
     if not names:
-        raise UsageError("--corruptions is empty")
-    valid = (CLEAN, *CORRUPTIONS)
+        raise UsageError(f"{option} is empty")
     unknown = [n for n in names if n not in valid]
     if unknown:
-        raise UsageError(
-            f"unknown corruption {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}, all"
-        )
+        raise UsageError(f"unknown {noun} {', '.join(map(repr, unknown))}; {valid_hint}")
     if len(set(names)) != len(names):
-        raise UsageError(f"--corruptions lists a corruption twice: {raw}")
+        raise UsageError(f"{option} lists a {noun} twice: {raw}")
     return names
 
 
