@@ -96,7 +96,8 @@ def decode_files(
     decoded = _decode_jpegs(jpegs, device) if jpegs else None
     if decoded is None and jpegs and device.type != "cpu":
         # The device decoder refused a file (say nvJPEG and an unusual sampling): try the CPU decoder.
-        decoded = [img.to(device) for img in _decode_jpegs(jpegs, torch.device("cpu")) or []] or None
+        on_host = _decode_jpegs(jpegs, torch.device("cpu"))
+        decoded = None if on_host is None else [img.to(device) for img in on_host]
     if decoded is not None:
         for i, img in zip(jpeg_idx, decoded, strict=True):
             images[i] = img

@@ -136,9 +136,10 @@ class Metrics:
         for model in models:
             for strategy in strategies:
                 for metric in (
-                    self.step_duration, self.step_requests, self.forward_streams, self.samples, self.samples_adapted, self.samples_used,
-                    self.samples_filtered, self.updates, self.conflicts, self.state_bytes, self.entropy,
-                    self.confidence, self.bn_distance, self.class_shift,
+                    self.step_duration, self.step_requests, self.forward_streams, self.samples,
+                    self.samples_adapted, self.samples_used, self.samples_filtered, self.updates,
+                    self.conflicts, self.state_bytes, self.entropy, self.confidence, self.bn_distance,
+                    self.class_shift,
                 ):  # fmt: skip
                     metric.labels(model, strategy)
 
