@@ -50,7 +50,7 @@ from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult,
 from adapters.models import ModelSpec, build_classifier, build_handle
 from adapters.serialization import state_from_bytes, state_to_bytes
 from tta_server import drift
-from tta_server.settings import REPO_ROOT
+from tta_server.settings import REPO_ROOT, Settings
 
 DEFAULT_STRATEGIES = "source,norm,alpha_bn,unmix_tns,tent,eata"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -583,7 +583,8 @@ def measure_merging(
         "request_images": b,
         "share_forward": args.share_forward,
     }
-    for label, max_step in (("unmerged", 1), ("merged", 256)):
+    default_max_step = Settings.model_fields["max_step_images"].default
+    for label, max_step in (("unmerged", 1), ("merged", default_max_step)):
         load = HttpLoad(
             args.http_strategy,
             cfg,
