@@ -46,6 +46,16 @@ async def _queued(
     return await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def _start_predicts(
+    engine: Engine, policy: Policy, batches: list[torch.Tensor]
+) -> list[asyncio.Task[PredictOutcome]]:
+    """Start one adapting predict per batch, and let each reach (and queue on) the stream's lock."""
+    tasks = [asyncio.create_task(engine.predict(NS, STREAM, b, True, policy)) for b in batches]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    return tasks
+
+
 def _run_queued(
     engine: Engine, strategy: str, batches: list[torch.Tensor], flags: list[bool] | None = None
 ) -> list[Any]:
@@ -171,9 +181,7 @@ def test_a_cancelled_request_is_not_served(pool: ModelPool, cifar_array: np.ndar
     async def scenario() -> tuple[list[Any], dict[str, Any]]:
         policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
         async with engine.locks.hold(f"{NS}:{STREAM}:{policy.epoch}"):
-            tasks = [asyncio.create_task(engine.predict(NS, STREAM, b, True, policy)) for b in batches]
-            for _ in range(20):
-                await asyncio.sleep(0)
+            tasks = await _start_predicts(engine, policy, batches)
             tasks[1].cancel()  # the client went away while waiting
         outs = await asyncio.gather(*tasks, return_exceptions=True)
         _, meta, _ = await engine.describe(NS, STREAM)
@@ -301,9 +309,7 @@ def test_a_cancelled_lock_holder_still_serves_the_requests_merged_into_its_step(
         policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
         monkeypatch.setattr(engine, "_step", slow_step)
         async with engine.locks.hold(f"{NS}:{STREAM}:{policy.epoch}"):
-            tasks = [asyncio.create_task(engine.predict(NS, STREAM, b, True, policy)) for b in batches]
-            for _ in range(20):
-                await asyncio.sleep(0)
+            tasks = await _start_predicts(engine, policy, batches)
         await started.wait()
         tasks[0].cancel()  # the holder's client goes away while the merged step runs
         outs = await asyncio.gather(*tasks, return_exceptions=True)
