@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
@@ -64,38 +65,49 @@ def optim_step(
     return _sgd(params, grads, opt_state, step, cfg)
 
 
+# Both steps use torch's multi-tensor (`_foreach_*`) kernels, as torch.optim does with foreach=True: a
+# handful of launches for all BN parameters instead of several per parameter, which matters on a GPU.
+# They return new tensors; the state's tensors are never modified in place.
+
+
+def _with_weight_decay(g: list[Tensor], p: list[Tensor], weight_decay: float) -> list[Tensor]:
+    # Not `alpha=weight_decay`: an alpha that overflows float32 raises, where the product just becomes inf
+    # (and the engine then discards the non-finite state, as for any other diverged update).
+    return list(torch._foreach_add(g, torch._foreach_mul(p, weight_decay)))
+
+
 def _adam(params, grads, state, t: int, cfg: OptimConfig):  # type: ignore[no-untyped-def]
-    new_params: dict[str, Tensor] = {}
-    new_state: dict[str, Tensor] = {}
-    bc1 = 1 - cfg.beta1**t
-    bc2_sqrt = math.sqrt(1 - cfg.beta2**t)
-    for name, p in params.items():
-        p = p.detach()
-        g = grads[name]
-        if cfg.weight_decay:
-            g = g + cfg.weight_decay * p
-        m = state[f"{OPT_PREFIX}exp_avg.{name}"] * cfg.beta1 + g * (1 - cfg.beta1)
-        v = state[f"{OPT_PREFIX}exp_avg_sq.{name}"] * cfg.beta2 + g * g * (1 - cfg.beta2)
-        denom = v.sqrt() / bc2_sqrt + cfg.adam_eps
-        new_params[name] = p - (cfg.lr / bc1) * m / denom
-        new_state[f"{OPT_PREFIX}exp_avg.{name}"] = m
-        new_state[f"{OPT_PREFIX}exp_avg_sq.{name}"] = v
-    return new_params, new_state
+    names = list(params)
+    p = [params[n].detach() for n in names]
+    g = [grads[n] for n in names]
+    if cfg.weight_decay:
+        g = _with_weight_decay(g, p, cfg.weight_decay)
+    m = torch._foreach_lerp([state[f"{OPT_PREFIX}exp_avg.{n}"] for n in names], g, 1 - cfg.beta1)
+    v = torch._foreach_mul([state[f"{OPT_PREFIX}exp_avg_sq.{n}"] for n in names], cfg.beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - cfg.beta2)
+    denom = torch._foreach_div(torch._foreach_sqrt(v), math.sqrt(1 - cfg.beta2**t))
+    torch._foreach_add_(denom, cfg.adam_eps)
+    new_p = torch._foreach_addcdiv(p, m, denom, value=-cfg.lr / (1 - cfg.beta1**t))
+    new_state = {f"{OPT_PREFIX}exp_avg.{n}": x for n, x in zip(names, m, strict=True)}
+    new_state.update({f"{OPT_PREFIX}exp_avg_sq.{n}": x for n, x in zip(names, v, strict=True)})
+    return dict(zip(names, new_p, strict=True)), new_state
 
 
 def _sgd(params, grads, state, step: int, cfg: OptimConfig):  # type: ignore[no-untyped-def]
-    new_params: dict[str, Tensor] = {}
+    names = list(params)
+    p = [params[n].detach() for n in names]
+    g = [grads[n] for n in names]
+    if cfg.weight_decay:
+        g = _with_weight_decay(g, p, cfg.weight_decay)
     new_state: dict[str, Tensor] = {}
-    for name, p in params.items():
-        p = p.detach()
-        g = grads[name]
-        if cfg.weight_decay:
-            g = g + cfg.weight_decay * p
-        if cfg.momentum:
-            key = f"{OPT_PREFIX}momentum_buffer.{name}"
-            # torch.optim.SGD starts the buffer at the first gradient (no dampening on step 1).
-            buf = g.clone() if step == 0 else state[key] * cfg.momentum + g * (1 - cfg.dampening)
-            new_state[key] = buf
-            g = g + cfg.momentum * buf if cfg.nesterov else buf
-        new_params[name] = p - cfg.lr * g
-    return new_params, new_state
+    if cfg.momentum:
+        keys = [f"{OPT_PREFIX}momentum_buffer.{n}" for n in names]
+        if step == 0:
+            buf = [x.clone() for x in g]  # torch.optim.SGD starts the buffer at the first gradient
+        else:
+            buf = torch._foreach_mul([state[k] for k in keys], cfg.momentum)
+            torch._foreach_add_(buf, g, alpha=1 - cfg.dampening)
+        new_state = dict(zip(keys, buf, strict=True))
+        g = torch._foreach_add(g, buf, alpha=cfg.momentum) if cfg.nesterov else buf
+    new_p = torch._foreach_add(p, g, alpha=-cfg.lr)
+    return dict(zip(names, new_p, strict=True)), new_state
