@@ -68,7 +68,8 @@ class UpdateOutcome:
     used: int = 0
     filtered: int = 0
     updated: bool = False
-    loss: float | None = None
+    # A 0-dim tensor reaches the host with the step's other figures; a float is already there.
+    loss: Tensor | float | None = None
     reset: bool = False
 
 
@@ -282,22 +283,38 @@ class ComposedStrategy:
         new_state = (
             state.with_updates({k: v.detach() for k, v in tensors.items()}, **meta) if adapt else state
         )
-        # One device-to-host copy for all figures: each float() would be a sync of its own on a GPU.
-        dist = bn_distance(handle, out.plan.batch_stats)
-        figures = [losses.softmax_entropy(logits).mean(), losses.mean_confidence(logits)]
-        entropy, confidence, *rest = torch.stack(figures + ([dist] if dist is not None else [])).tolist()
+        logits, figures = _to_host(logits, _figures(handle, logits, out))
         stats = StepStats(
             samples=n,
             used=out.used if self.updater is not None else (n if out.updated else 0),
             filtered=out.filtered,
             updated=out.updated and adapt,
-            mean_entropy=entropy,
-            mean_confidence=confidence,
-            loss=out.loss,
-            bn_distance=rest[0] if rest else None,
+            mean_entropy=figures["entropy"],
+            mean_confidence=figures["confidence"],
+            loss=figures.get("loss", out.loss if isinstance(out.loss, float) else None),
+            bn_distance=figures.get("bn_distance"),
             reset=out.reset,
         )
         return StepResult(logits=logits, state=new_state, stats=stats)
+
+
+def _figures(handle: ModelHandle, logits: Tensor, out: UpdateOutcome) -> dict[str, Tensor]:
+    """The step's summary figures as 0-dim tensors on the model's device."""
+    figures = {"entropy": losses.softmax_entropy(logits).mean(), "confidence": losses.mean_confidence(logits)}
+    dist = bn_distance(handle, out.plan.batch_stats)
+    if dist is not None:
+        figures["bn_distance"] = dist
+    if isinstance(out.loss, Tensor):
+        figures["loss"] = out.loss.detach().float()
+    return figures
+
+
+def _to_host(logits: Tensor, figures: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """Predictions and figures in one device-to-host copy: every separate copy (`.item()`, `.tolist()`,
+    `.cpu()`) would be a host synchronisation of its own on a GPU, the one per step that is inevitable."""
+    flat = torch.cat([logits.reshape(-1), torch.stack(list(figures.values()))]).cpu()
+    values = flat[logits.numel() :].tolist()
+    return flat[: logits.numel()].view(logits.shape), dict(zip(figures, values, strict=True))
 
 
 def _to_input(handle: ModelHandle, batch: Tensor) -> Tensor:
@@ -313,11 +330,14 @@ def _prediction(logits: Tensor, plan: StatPlan) -> UpdateOutcome:
 
 
 def bn_distance(handle: ModelHandle, batch_stats: Mapping[int, tuple[Tensor, Tensor]]) -> Tensor | None:
-    """Mean over layers and channels of the symmetric KL between batch and source BN Gaussians (0-dim)."""
+    """Mean over layers and channels of the symmetric KL between batch and source BN Gaussians (0-dim).
+
+    All layers in one pass over their concatenated statistics: a loop over layers would launch ten
+    small kernels per layer, which on a GPU costs more than the statistics themselves.
+    """
     if not batch_stats:
         return None
-    total = torch.zeros((), device=handle.device)
-    for index, (mean, var) in batch_stats.items():
-        layer = handle.bn_layers[index]
-        total = total + losses.gaussian_symmetric_kl(mean, var, layer.running_mean, layer.running_var).mean()
-    return total / len(batch_stats)
+    src_mean, src_var, weight = handle.source_moments(tuple(batch_stats))
+    mean = torch.cat([m for m, _ in batch_stats.values()])
+    var = torch.cat([v for _, v in batch_stats.values()])
+    return (losses.gaussian_symmetric_kl(mean, var, src_mean, src_var) * weight).sum()

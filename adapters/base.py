@@ -83,12 +83,31 @@ class ModelHandle:
     source_images: Callable[[int, int], Tensor] | None = None
     channels_last: bool = False
     autocast_dtype: torch.dtype | None = None
+    _moments: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The forward pass's reduced-precision context (a no-op for float32 models)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def source_moments(self, indices: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """BN layers `indices`' source running means and variances, each concatenated over the layers, and
+        every channel's weight 1 / (layers x its layer's channels): a weighted sum over the concatenation is
+        the mean over layers of per-layer channel means. Memoised, because the model never changes."""
+        cached = self._moments.get(indices)
+        if cached is None:
+            layers = [self.bn_layers[i] for i in indices]
+            share = [torch.full((bn.num_features,), 1.0 / (bn.num_features * len(layers))) for bn in layers]
+            cached = (
+                torch.cat([bn.running_mean.float() for bn in layers]),
+                torch.cat([bn.running_var.float() for bn in layers]),
+                torch.cat(share).to(self.device),
+            )
+            self._moments[indices] = cached
+        return cached
 
     def affine_names(self) -> list[str]:
         """State keys of every BN layer's affine parameters, in layer order."""
@@ -141,6 +160,8 @@ class StepStats:
 
 @dataclass(frozen=True)
 class StepResult:
+    """`logits` are on the host (float32): the step's one device-to-host copy brings them with the stats."""
+
     logits: Tensor
     state: AdaptationState
     stats: StepStats

@@ -67,27 +67,29 @@ class EATAUpdater:
             ent = losses.softmax_entropy(logits)
             probs = logits.detach().float().softmax(1)
             reliable = ent.detach() < e0
-            selected = reliable.clone()
+            selected = reliable
             has_probs = bool(state.meta.get("has_probs", False))
             m = state.tensors[PROBS_KEY]
             if has_probs:
                 cos = F.cosine_similarity(m[None], probs, dim=1).abs()
-                selected &= cos < cfg.d_margin
-            n_sel = int(selected.sum())
-            new_m, new_has = _update_probs(m, has_probs, probs, reliable, selected, cfg.probs_momentum)
+                selected = reliable & (cos < cfg.d_margin)
+            # The step's one host synchronisation before its result: whether any sample survived the
+            # filters decides whether there is an update at all. Masks instead of boolean indexing below
+            # (indexing would synchronise again to learn the number of rows).
+            n_rel, n_sel = (int(c) for c in torch.stack([reliable.sum(), selected.sum()]).tolist())
+            new_m, new_has = _update_probs(m, has_probs, probs, (reliable, n_rel), (selected, n_sel), cfg)
             meta: dict[str, Any] = {"has_probs": new_has}
             tensors: dict[str, Tensor] = {PROBS_KEY: new_m}
-            loss_value = None
+            loss = None
             if n_sel > 0:
-                weights = torch.exp(e0 - ent[selected].detach())
-                loss = (ent[selected] * weights).mean()
+                weights = torch.exp(e0 - ent.detach()) * selected
+                loss = (ent * weights).sum() / n_sel  # the weighted mean over the selected samples
                 if cfg.fisher_alpha > 0:
                     loss = loss + cfg.fisher_alpha * _fisher_penalty(handle, state, params)
                 grads = torch.autograd.grad(loss, list(params.values()))
                 upd_tensors, upd_meta = apply_gradients(state, params, grads, cfg)
                 tensors.update(upd_tensors)
                 meta.update(upd_meta)
-                loss_value = loss.detach().item()
         return UpdateOutcome(
             logits,
             plan,
@@ -96,21 +98,32 @@ class EATAUpdater:
             used=n_sel,
             filtered=x.shape[0] - n_sel,
             updated=n_sel > 0,
-            loss=loss_value,
+            loss=None if loss is None else loss.detach(),
         )
 
 
 def _update_probs(
-    m: Tensor, has: bool, probs: Tensor, reliable: Tensor, selected: Tensor, momentum: float
+    m: Tensor,
+    has: bool,
+    probs: Tensor,
+    reliable: tuple[Tensor, int],
+    selected: tuple[Tensor, int],
+    cfg: EATAConfig,
 ) -> tuple[Tensor, bool]:
-    """m starts as the mean of the first reliable predictions, then follows an EMA of selected ones."""
+    """m starts as the mean of the first reliable predictions, then follows an EMA of selected ones.
+
+    `reliable` and `selected` are (mask, number of True) pairs."""
     if not has:
-        if bool(reliable.any()):
-            return probs[reliable].mean(0), True
+        if reliable[1]:
+            return _masked_mean(probs, *reliable), True
         return m, False
-    if bool(selected.any()):
-        return momentum * m + (1 - momentum) * probs[selected].mean(0), True
+    if selected[1]:
+        return cfg.probs_momentum * m + (1 - cfg.probs_momentum) * _masked_mean(probs, *selected), True
     return m, True
+
+
+def _masked_mean(rows: Tensor, mask: Tensor, count: int) -> Tensor:
+    return (mask.to(rows.dtype) @ rows) / count
 
 
 def _fisher_penalty(handle: ModelHandle, state: AdaptationState, params: dict[str, Tensor]) -> Tensor:

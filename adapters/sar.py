@@ -55,28 +55,30 @@ class SARUpdater:
             logits, plan = forward(x, {**affine, **params}, True, True)
             ent = losses.softmax_entropy(logits)
             s1 = ent.detach() < e0
+            # Two host synchronisations before the result, one per filter: an empty filter skips the step.
+            # Masked means instead of boolean indexing, which would synchronise to learn the row count.
             n1 = int(s1.sum())
             if n1 == 0:
                 return UpdateOutcome(logits, plan, {}, {}, used=0, filtered=x.shape[0])
-            grads = torch.autograd.grad(ent[s1].mean(), list(params.values()))
-            norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
-            perturbed = {
-                n: (p.detach() + cfg.rho * g / (norm + 1e-12)).requires_grad_(True)
-                for (n, p), g in zip(params.items(), grads, strict=True)
-            }
+            grads = torch.autograd.grad((ent * s1).sum() / n1, list(params.values()))
+            scale = cfg.rho / (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) + 1e-12)
+            ascent = torch._foreach_add(
+                [p.detach() for p in params.values()], torch._foreach_mul(grads, scale)
+            )
+            perturbed = {n: e.requires_grad_(True) for n, e in zip(params, ascent, strict=True)}
             # Like the reference, the second pass sees the whole batch (same BN statistics), then filters.
             logits2, _ = forward(x, {**affine, **perturbed}, False, False)
-            ent2 = losses.softmax_entropy(logits2)[s1]
-            s2 = ent2.detach() < e0
-            n2 = int(s2.sum())
+            ent2 = losses.softmax_entropy(logits2)
+            s2 = s1 & (ent2.detach() < e0)
+            loss2_sum = (ent2 * s2).sum()
+            # The loss reaches the host with the count: it drives the recovery decision.
+            n2, loss2 = torch.stack([s2.sum().float(), loss2_sum.detach()]).tolist()
+            n2 = int(n2)
             if n2 == 0:
                 return UpdateOutcome(logits, plan, {}, {}, used=0, filtered=x.shape[0])
-            loss2 = ent2[s2].mean()
-            grads2 = torch.autograd.grad(loss2, list(perturbed.values()))
+            grads2 = torch.autograd.grad(loss2_sum / n2, list(perturbed.values()))
         tensors, meta = apply_gradients(state, params, grads2, cfg)
-        return self._recover(
-            handle, state, cfg, logits, plan, tensors, meta, loss2.detach().item(), n2, x.shape[0]
-        )
+        return self._recover(handle, state, cfg, logits, plan, tensors, meta, loss2 / n2, n2, x.shape[0])
 
     def _recover(  # type: ignore[no-untyped-def]
         self, handle, state, cfg: SARConfig, logits, plan, tensors, meta: dict[str, Any], loss: float, n2, n

@@ -74,4 +74,4 @@ class TentUpdater:
             grads = torch.autograd.grad(loss, list(params.values()))
         tensors, meta = apply_gradients(state, params, grads, cfg)
         n = x.shape[0]
-        return UpdateOutcome(logits, plan, tensors, meta, used=n, updated=True, loss=loss.detach().item())
+        return UpdateOutcome(logits, plan, tensors, meta, used=n, updated=True, loss=loss.detach())

@@ -1,0 +1,126 @@
+"""Kernel launches and host synchronisations of a piece of code, counted on any device with the profiler.
+
+On a GPU a step is launch-bound when it issues many small kernels, and stalls whenever the host reads
+device data before the result. Both can be counted on the CPU, so they are checked without a GPU:
+
+* `kernels`: leaf aten ops, i.e. ops that do the work themselves. Views and other metadata-only ops,
+  allocations, and copies or fills of 0-dim tensors (how the CPU wraps Python scalars; a GPU kernel takes
+  them as arguments) are not kernels. A multi-tensor `_foreach_*` op counts once, as it launches one
+  kernel per chunk of tensors on a GPU while the CPU loops over the tensors.
+* `host_syncs`: scalar reads (`.item()`, `int()`, `bool()`), boolean-mask indexing (`nonzero`), and
+  `.tolist()`, which the profiler does not show on the CPU and is therefore counted by wrapping it.
+
+The counts are a proxy for launches, not a GPU measurement: some composite ops launch more than one
+kernel on a GPU and fused CPU kernels can differ from GPU ones.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+SYNC_OPS = frozenset({"aten::_local_scalar_dense", "aten::nonzero"})
+NO_KERNEL = frozenset(
+    {
+        "aten::alias",
+        "aten::as_strided",
+        "aten::as_strided_",
+        "aten::chunk",
+        "aten::contiguous",
+        "aten::detach",
+        "aten::detach_",
+        "aten::empty",
+        "aten::empty_like",
+        "aten::empty_strided",
+        "aten::expand",
+        "aten::expand_as",
+        "aten::flatten",
+        "aten::lift_fresh",
+        "aten::narrow",
+        "aten::numpy_T",
+        "aten::permute",
+        "aten::reshape",
+        "aten::_reshape_alias",
+        "aten::resize_",
+        "aten::resolve_conj",
+        "aten::resolve_neg",
+        "aten::result_type",
+        "aten::select",
+        "aten::set_",
+        "aten::slice",
+        "aten::split",
+        "aten::split_with_sizes",
+        "aten::squeeze",
+        "aten::t",
+        "aten::to",
+        "aten::_to_copy",
+        "aten::transpose",
+        "aten::unbind",
+        "aten::unsqueeze",
+        "aten::_unsafe_view",
+        "aten::view",
+        "aten::view_as",
+        "detach",
+    }
+)
+_SCALAR_WRAPS = frozenset({"aten::copy_", "aten::fill_"})
+
+
+@dataclass
+class OpCount:
+    kernels: int = 0
+    host_syncs: int = 0
+    by_op: Counter[str] = field(default_factory=Counter)
+
+
+def _is_kernel(event: Any) -> bool:
+    name = event.name
+    if not name.startswith("aten::") or name in NO_KERNEL:
+        return False
+    # A copy or fill of a 0-dim tensor is the CPU wrapping a Python scalar.
+    return not (name in _SCALAR_WRAPS and all(not shape for shape in event.input_shapes[:1]))
+
+
+def _count(events: Any, out: OpCount) -> None:
+    for e in events:
+        if e.name.startswith("aten::_foreach_"):
+            out.by_op[e.name] += 1  # one multi-tensor launch on a GPU; the CPU loops inside it
+            continue
+        if e.name in SYNC_OPS:
+            out.host_syncs += 1
+        inner = [c for c in e.cpu_children if c.name.startswith("aten::")]
+        if _is_kernel(e) and not any(_is_kernel(c) or c.name.startswith("aten::_foreach_") for c in inner):
+            out.by_op[e.name] += 1
+        else:
+            _count(e.cpu_children, out)
+
+
+@contextmanager
+def counting_ops() -> Iterator[OpCount]:
+    """Count the kernels and host synchronisations of the code in the block (filled in on exit).
+
+    Patches `torch.Tensor.tolist` while active: for benchmarks and tests, not for a serving process.
+    """
+    out = OpCount()
+    tolist = torch.Tensor.tolist
+    reads = [0]
+
+    def counted(t: torch.Tensor) -> Any:
+        reads[0] += 1
+        return tolist(t)
+
+    torch.Tensor.tolist = counted  # type: ignore[method-assign]
+    try:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            yield out
+    finally:
+        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+    _count([e for e in prof.events() if e.cpu_parent is None], out)
+    out.kernels = sum(out.by_op.values())
+    out.host_syncs += reads[0]
