@@ -18,6 +18,7 @@ Deviations from the reference, both measured (docs/BENCHMARKS.md):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Literal
@@ -108,31 +109,159 @@ class UnMixPlan(BasePlan):
         self.tensors = tensors
         self.update = update
         self._updated: dict[str, Tensor] = {}
+        self._tables = ComponentTables.of_state(tensors, cfg.tau)
+        # Per-instance statistics of every layer; the batch statistics for drift are pooled from them
+        # once, after the forward pass, for all layers together.
+        self._instances: list[tuple[int, Tensor, Tensor]] = []
+        self._pooled: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def batch_stats(self) -> dict[int, tuple[Tensor, Tensor]]:
+        if len(self._pooled) != len(self._instances):
+            self._pooled = pool_instances(self._instances)
+        return self._pooled
+
+    @batch_stats.setter
+    def batch_stats(self, value: dict[int, tuple[Tensor, Tensor]]) -> None:
+        self._pooled = value
 
     def normalize(self, layer: AdaptiveBatchNorm2d, x: Tensor) -> Tensor:
         if x.shape[2] * x.shape[3] < 2:
             raise BatchTooSmallError(f"unmix_tns needs spatial size >= 2 at BN layer {layer.layer_name!r}")
-        k_mean, k_var = _keys(layer.layer_name)
-        comp_mu, comp_var = self.tensors[k_mean], self.tensors[k_var]
-        # Instance statistics in fp32; they keep their graph so Tent-style gradients flow through them.
-        mu_i, var_i = instance_mean_var(x)
-        p = assignment(mu_i.detach(), comp_mu, self.cfg.tau)
-        mean, var = mixture_moments(mu_i, var_i, comp_mu, comp_var, p)
-        if self.record:
-            batch_mean = mu_i.mean(0)
-            self._record(layer, batch_mean, (var_i + (mu_i - batch_mean) ** 2).mean(0))
-        if self.update:
-            lam = 1 - (1 - self.cfg.bn_momentum) ** (x.shape[0] / self.cfg.batch_size_max)
-            with torch.no_grad():
-                p_mean = p.mean(0)[:, None]  # (K, 1): average assignment over the batch
-                new_mu = comp_mu + lam * (p.T @ mu_i.detach() / x.shape[0] - p_mean * comp_mu)
-                new_var = comp_var + lam * (p.T @ var_i.detach() / x.shape[0] - p_mean * comp_var)
-            self._updated[k_mean], self._updated[k_var] = new_mu, new_var
+        table = self._tables[layer.layer_name]
+        # Statistics in float32 even under autocast (whose matrix products would be bf16). The instance
+        # statistics keep their graph so Tent-style gradients flow through them.
+        with torch.autocast(x.device.type, enabled=False):
+            mu_i, var_i = instance_mean_var(x)
+            p = table.assignment(mu_i.detach())
+            mean, var = table.moments(mu_i, var_i, p)
+            if self.record:
+                self._instances.append((layer.layer_index, mu_i.detach(), var_i.detach()))
+            if self.update:
+                k_mean, k_var = _keys(layer.layer_name)
+                self._updated[k_mean], self._updated[k_var] = component_update(
+                    self.tensors[k_mean], self.tensors[k_var], mu_i.detach(), var_i.detach(), p, self.cfg
+                )
         w, b = self.weight_bias(layer)
         return per_sample_normalize(x, mean, var, w, b, layer.eps)
 
     def updated_tensors(self) -> dict[str, Tensor]:
         return dict(self._updated)
+
+
+class LayerTable:
+    """What the mixture needs from one layer's K components, precomputed (all divided by K).
+
+    `rhs` is [M | M^2 | V] / K of shape (K, 3C), `sums` its column sums, `unit` the components'
+    channel-mean vectors normalised to unit length and divided by tau.
+    """
+
+    def __init__(self, rhs: Tensor, sums: Tensor, unit: Tensor, k: int) -> None:
+        self.rhs, self.sums, self.unit, self.k = rhs, sums, unit, k
+        self.c = unit.shape[1]
+
+    def assignment(self, mu_i: Tensor) -> Tensor:
+        """p_bk = softmax_k(cos(mu_i_b, mu_k) / tau), shape (B, K)."""
+        return (F.normalize(mu_i, dim=1) @ self.unit.T).softmax(1)
+
+    def moments(self, mu_i: Tensor, var_i: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of the equal-weight mixture of mu_hat_bk = (1-p_bk) mu_k + p_bk mu_i_b (same for var).
+
+        Two (B, K) @ (K, <=3C) products and no (B, K, C) tensor. With sum_k p_bk = 1 (a softmax):
+        mean = (sum_k mu_k - p mu + mu_i) / K, the same for the mean of the variances, and
+        (1/K) sum_k mu_hat_bk^2 = (1/K) [sum_k mu_k^2 - 2 p mu^2 + p^2 mu^2 + 2 mu_i (p mu - p^2 mu) + |p_b|^2 mu_i^2].
+        """
+        c, inv_k = self.c, 1.0 / self.k
+        pm, pm2, pv = (p @ self.rhs).split(c, 1)
+        p2 = p * p
+        p2m, p2m2 = (p2 @ self.rhs[:, : 2 * c]).split(c, 1)
+        sum_m, sum_m2, sum_v = self.sums.split(c)
+        mean = torch.sub(sum_m, pm).add_(mu_i, alpha=inv_k)
+        mean_var = torch.sub(sum_v, pv).add_(var_i, alpha=inv_k)
+        sq = torch.sub(sum_m2, pm2, alpha=2).add_(p2m2).addcmul_(mu_i, pm - p2m, value=2)
+        sq = sq.addcmul_(p2.sum(1, keepdim=True), mu_i * mu_i, value=inv_k)
+        # Out of place: clamp's gradient needs its input.
+        return mean, mean_var + sq.addcmul_(mean, mean, value=-1).clamp_min(0)
+
+
+class ComponentTables(dict[str, LayerTable]):
+    """The `LayerTable` of every layer, computed with a few kernels for all layers together (per layer
+    it would be about twenty small ones each, which would dominate a GPU step)."""
+
+    @classmethod
+    def of_state(cls, tensors: Mapping[str, Tensor], tau: float) -> ComponentTables:
+        names = [
+            k[len(PREFIX) : -len(".means")] for k in tensors if k.startswith(PREFIX) and k.endswith(".means")
+        ]
+        return cls.build(
+            names, [tensors[_keys(n)[0]] for n in names], [tensors[_keys(n)[1]] for n in names], tau
+        )
+
+    @classmethod
+    def build(
+        cls, names: list[str], means: list[Tensor], variances: list[Tensor], tau: float
+    ) -> ComponentTables:
+        if not names:
+            return cls()
+        k = means[0].shape[0]
+        sizes = [m.shape[1] for m in means]
+        m_all = torch.cat(means, 1)
+        m2_all = m_all * m_all
+        # Per layer blocks [M_l | M_l^2 | V_l], so every layer's right-hand side is one column slice.
+        pieces = zip(m_all.split(sizes, 1), m2_all.split(sizes, 1), variances, strict=True)
+        rhs = torch.cat([t for block in pieces for t in block], 1).div_(k)
+        sums = rhs.sum(0)
+        unit = m_all * _segment_inverse_norms(m2_all, sizes).mul_(1.0 / tau)
+        tables = cls()
+        offset = 0
+        for name, c, u in zip(names, sizes, unit.split(sizes, 1), strict=True):
+            tables[name] = LayerTable(rhs[:, offset : offset + 3 * c], sums[offset : offset + 3 * c], u, k)
+            offset += 3 * c
+        return tables
+
+
+def _segment_inverse_norms(squares: Tensor, sizes: list[int]) -> Tensor:
+    """1 / max(||row segment||, 1e-12) of every (row, layer) segment, broadcast back to its columns.
+
+    Two matrix products with a 0/1 layer-membership matrix (deterministic, unlike scatter-adds on a GPU);
+    the same clamp as `F.normalize`.
+    """
+    member = _membership(tuple(sizes), squares.device, squares.dtype)
+    return (squares @ member).clamp_min_(1e-24).rsqrt_() @ member.T
+
+
+@functools.lru_cache(maxsize=16)
+def _membership(sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(sum of sizes, len(sizes)) matrix with a 1 where a column belongs to a layer."""
+    layer_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return F.one_hot(layer_of, len(sizes)).to(device=device, dtype=dtype)
+
+
+def component_update(
+    comp_mu: Tensor, comp_var: Tensor, mu_i: Tensor, var_i: Tensor, p: Tensor, cfg: UnMixTNSConfig
+) -> tuple[Tensor, Tensor]:
+    """mu_k += lam * mean_b p_bk (mu_i_b - mu_k) (same for var): one fused matrix product each."""
+    b = mu_i.shape[0]
+    lam = 1 - (1 - cfg.bn_momentum) ** (b / cfg.batch_size_max)
+    with torch.no_grad():
+        keep = torch.mul(p.mean(0), -lam).add_(1)[:, None]  # 1 - lam * (average assignment over the batch)
+        new_mu = torch.addmm(comp_mu * keep, p.T, mu_i, alpha=lam / b)
+        new_var = torch.addmm(comp_var * keep, p.T, var_i, alpha=lam / b)
+    return new_mu, new_var
+
+
+def pool_instances(instances: list[tuple[int, Tensor, Tensor]]) -> dict[int, tuple[Tensor, Tensor]]:
+    """Each layer's batch mean and biased variance from its per-instance (B, C) statistics, all layers at once:
+    mean over b of mu_i, and mean over b of var_i + (mu_i - mean)^2 (law of total variance)."""
+    if not instances:
+        return {}
+    sizes = [mu.shape[1] for _, mu, _ in instances]
+    mu = torch.cat([mu for _, mu, _ in instances], 1)
+    var = torch.cat([var for _, _, var in instances], 1)
+    mean = mu.mean(0)
+    pooled = (var + (mu - mean).square_()).mean(0)
+    layers = [index for index, _, _ in instances]
+    return dict(zip(layers, zip(mean.split(sizes), pooled.split(sizes), strict=True), strict=True))
 
 
 def instance_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -151,35 +280,24 @@ def instance_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def assignment(mu_i: Tensor, comp_mu: Tensor, tau: float) -> Tensor:
-    """p_bk = softmax_k(cos(mu_i_b, mu_k) / tau), shape (B, K)."""
-    sim = F.normalize(mu_i, dim=1) @ F.normalize(comp_mu, dim=1).T
-    return (sim / tau).softmax(1)
+    """p_bk = softmax_k(cos(mu_i_b, mu_k) / tau) for one layer's components, shape (B, K)."""
+    return _single(comp_mu, comp_mu, tau).assignment(mu_i)
 
 
 def mixture_moments(
     mu_i: Tensor, var_i: Tensor, comp_mu: Tensor, comp_var: Tensor, p: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Mean and variance of the equal-weight mixture of mu_hat_bk = (1-p_bk) mu_k + p_bk mu_i_b (same for var).
+    """`LayerTable.moments` for one layer's components."""
+    return _single(comp_mu, comp_var, 1.0).moments(mu_i, var_i, p)
 
-    Expanded into two (B, K) @ (K, 3C) products so no (B, K, C) tensor is materialised:
-    with mu_hat_bk = mu_k + p_bk (mu_i_b - mu_k),
-    (1/K) sum_k mu_hat_bk^2 = (1/K) [sum_k mu_k^2 + 2 (mu_i (p mu) - p mu^2) + |p|^2 mu_i^2 - 2 mu_i (p^2 mu) + p^2 mu^2].
-    """
-    k, c = comp_mu.shape
-    comp_sq = comp_mu * comp_mu
-    pm, pm2, pv = (p @ torch.cat([comp_mu, comp_sq, comp_var], 1)).split(c, 1)
-    p2 = p * p
-    p2m, p2m2 = (p2 @ torch.cat([comp_mu, comp_sq], 1)).split(c, 1)
-    mean = (mu_i + comp_mu.sum(0) - pm) / k
-    mean_var = (var_i + comp_var.sum(0) - pv) / k
-    sq = (comp_sq.sum(0) + 2 * (mu_i * (pm - p2m) - pm2) + p2.sum(1, keepdim=True) * mu_i**2 + p2m2) / k
-    var = mean_var + (sq - mean**2).clamp_min(0)
-    return mean, var
+
+def _single(comp_mu: Tensor, comp_var: Tensor, tau: float) -> LayerTable:
+    return ComponentTables.build(["layer"], [comp_mu], [comp_var], tau)["layer"]
 
 
 def per_sample_normalize(x: Tensor, mean: Tensor, var: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
     scale = w[None] * torch.rsqrt(var + eps)  # (B, C)
-    shift = b[None] - mean * scale
+    shift = torch.addcmul(b[None], mean, scale, value=-1)
     # One fused pass over x (a multiply then an in-place add is two, and 1.5-6x slower on CPU).
     return torch.addcmul(shift[:, :, None, None].to(x.dtype), x, scale[:, :, None, None].to(x.dtype))
 
