@@ -6,6 +6,7 @@ mu = (1 - w) * mu_s + w * mu_B and var = (1 - w) * var_s + w * var_B(unbiased), 
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 from torch import Tensor
 
@@ -47,9 +48,9 @@ class AlphaPlan(BasePlan):
         mean_b, var_b = channel_mean_var(x)
         n = x.shape[0] * x.shape[2] * x.shape[3]
         self._record(layer, mean_b, var_b)
-        var_unbiased = var_b * (n / (n - 1))
-        mean = (1 - self.w) * layer.running_mean + self.w * mean_b
-        var = (1 - self.w) * layer.running_var + self.w * var_unbiased
+        # lerp(a, b, w) = (1 - w) a + w b, one kernel each; the unbiased variance's factor folds into the weight.
+        mean = torch.lerp(layer.running_mean, mean_b, self.w)
+        var = torch.add(layer.running_var * (1 - self.w), var_b, alpha=self.w * n / (n - 1))
         w, b = self.weight_bias(layer)
         return normalize_with(x, mean, var, w, b, layer.eps)
 

@@ -5,8 +5,9 @@ device data before the result. Both can be counted on the CPU, so they are check
 
 * `kernels`: leaf aten ops, i.e. ops that do the work themselves. Views and other metadata-only ops,
   allocations, and copies or fills of 0-dim tensors (how the CPU wraps Python scalars; a GPU kernel takes
-  them as arguments) are not kernels. A multi-tensor `_foreach_*` op counts once, as it launches one
-  kernel per chunk of tensors on a GPU while the CPU loops over the tensors.
+  them as arguments) are not kernels. Reductions, matrix products, softmax and cat count once (`ATOMIC`),
+  as does a multi-tensor `_foreach_*` op, which launches one kernel per chunk of tensors on a GPU while
+  the CPU loops over the tensors.
 * `host_syncs`: scalar reads (`.item()`, `int()`, `bool()`), boolean-mask indexing (`nonzero`), and
   `.tolist()`, which the profiler does not show on the CPU and is therefore counted by wrapping it.
 
@@ -70,6 +71,22 @@ NO_KERNEL = frozenset(
     }
 )
 _SCALAR_WRAPS = frozenset({"aten::copy_", "aten::fill_"})
+# One kernel each on a GPU, where the CPU implementation calls further ops (a fill of the output, a
+# division after a sum, ...).
+ATOMIC = frozenset(
+    {
+        "aten::_log_softmax",
+        "aten::_softmax",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::cat",
+        "aten::linalg_vector_norm",
+        "aten::mean",
+        "aten::mm",
+        "aten::sum",
+        "aten::var_mean",
+    }
+)
 
 
 @dataclass
@@ -89,13 +106,13 @@ def _is_kernel(event: Any) -> bool:
 
 def _count(events: Any, out: OpCount) -> None:
     for e in events:
-        if e.name.startswith("aten::_foreach_"):
-            out.by_op[e.name] += 1  # one multi-tensor launch on a GPU; the CPU loops inside it
+        if e.name.startswith("aten::_foreach_") or e.name in ATOMIC:
+            out.by_op[e.name] += 1  # a multi-tensor op: one launch per chunk of tensors on a GPU
             continue
         if e.name in SYNC_OPS:
             out.host_syncs += 1
         inner = [c for c in e.cpu_children if c.name.startswith("aten::")]
-        if _is_kernel(e) and not any(_is_kernel(c) or c.name.startswith("aten::_foreach_") for c in inner):
+        if _is_kernel(e) and not any(_is_kernel(c) or c.name in ATOMIC for c in inner):
             out.by_op[e.name] += 1
         else:
             _count(e.cpu_children, out)
