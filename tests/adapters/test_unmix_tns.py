@@ -241,3 +241,33 @@ def test_each_sample_is_normalised_on_its_own(tiny_handle: ModelHandle) -> None:
     # Replacing the other samples does not change sample 0's prediction either.
     mixed = torch.cat([x[:1], make_batch(5, seed=4)])
     torch.testing.assert_close(STRATEGY.step(tiny_handle, mixed, state, cfg).logits[0], together[0], **TOL)
+
+
+def test_drift_statistics_are_each_layers_batch_moments(tiny_handle: ModelHandle) -> None:
+    """The BN statistics recorded for drift are every layer input's channel mean and biased variance."""
+    cfg = UnMixTNSConfig(k=4)
+    state = STRATEGY.init_state(tiny_handle, cfg, seed=1)
+    x = make_batch(5, seed=6)
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def factory(name: str, bn: nn.BatchNorm2d) -> nn.Module:
+        k_mean, k_var = _keys(name)
+        ref = ReferenceUnMix(bn, state.tensors[k_mean], state.tensors[k_var], cfg.tau, 0.0)
+        ref.register_forward_pre_hook(
+            lambda _, args: seen.__setitem__(
+                name, (args[0].mean(dim=(0, 2, 3)), args[0].var(dim=(0, 2, 3), correction=0))
+            )
+        )
+        return ref
+
+    model, _ = replace_bn(tiny_handle, factory)
+    with torch.no_grad():
+        model(x)
+    forward = STRATEGY._forward_fn(tiny_handle, cfg, state.tensors, adapt=True)
+    with torch.no_grad():
+        _, plan = forward(x, None, True, True)
+    assert sorted(plan.batch_stats) == list(range(len(tiny_handle.bn_layers)))
+    for layer in tiny_handle.bn_layers:
+        mean, var = plan.batch_stats[layer.index]
+        torch.testing.assert_close(mean, seen[layer.name][0], **TOL)
+        torch.testing.assert_close(var, seen[layer.name][1], **TOL)
