@@ -44,6 +44,11 @@ def test_tiny_throughput_run_writes_the_documented_json(tmp_path: Path) -> None:
     for row in report["strategies"].values():
         assert _positive(row["ips"])
         assert _positive(row["ratio"])
+        assert row["host_syncs_per_call"] == 1  # the result
+    # Per-layer statistics add kernels to the bare forward's; one more host read, for the result.
+    bare_kernels = report["bare"]["bare_forward"]["kernels_per_call"]
+    assert bare_kernels > 0 and report["bare"]["bare_forward"]["host_syncs_per_call"] == 0
+    assert report["strategies"]["norm"]["kernels_per_call"] > bare_kernels
     assert set(report["http"]) == {"raw", "jpeg"}
     for row in report["http"].values():
         for key in ("ips", "ratio", "p50_ms", "p99_ms"):

@@ -50,6 +50,7 @@ from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult,
 from adapters.models import ModelSpec, build_classifier, build_handle
 from adapters.serialization import state_from_bytes, state_to_bytes
 from tta_server import drift
+from tta_server.bench.opcount import counting_ops
 from tta_server.settings import REPO_ROOT, Settings
 
 DEFAULT_STRATEGIES = "source,norm,alpha_bn,unmix_tns,tent,eata"
@@ -320,9 +321,11 @@ def in_process(
     workloads = [fwd, train] + [Workload(n, r, batches[0].shape[0]) for n, r in runs.items()]
     sync = torch.cuda.synchronize if handle.device.type == "cuda" else (lambda: None)
     run_interleaved(workloads, args.warmup, args.iters, args.phase_seconds, sync)
+    # Untimed, after the timing: kernels and host synchronisations per call (a GPU launch-count proxy).
+    ops = {w.name: _ops_of(w.fn) for w in workloads}
     out: dict[str, Any] = {
-        "bare_forward": fwd.summary(),
-        "bare_train": train.summary(),
+        "bare_forward": fwd.summary() | ops["bare_forward"],
+        "bare_train": train.summary() | ops["bare_train"],
         "bare_vs_source_max_abs_diff": float((bare_logits - src_logits.float()).abs().max()),
     }
     bare_f, bare_t = out["bare_forward"]["ips"], out["bare_train"]["ips"]
@@ -344,6 +347,7 @@ def in_process(
             "calls": s["calls"],
             "updated_fraction": run.updated / max(run.calls, 1),
             "init_s": run.init_s,
+            **ops[w.name],
         }
     out["strategies"] = strategies
     return out, runs, skipped
@@ -701,6 +705,12 @@ def measure_state(
     return out
 
 
+def _ops_of(fn: Callable[[], object]) -> dict[str, int]:
+    with counting_ops() as ops:
+        fn()
+    return {"kernels_per_call": ops.kernels, "host_syncs_per_call": ops.host_syncs}
+
+
 # ----------------------------------------------------------------------------------------- report
 def _goal(ratio: float | None, goal: float | None) -> str:
     if ratio is None or goal is None:
@@ -736,18 +746,22 @@ def format_report(r: dict[str, Any]) -> str:
         f"throughput: model {r['model']} batch {r['batch_size']} {r['dtype']} {r['layout']} on {r['device']}",
         f"load average {r['loadavg_start']} -> {r['loadavg_end']}",
         "",
-        f"{'in-process':<22}{'img/s':>10}{'ms/step p50':>13}{'ratio':>8}{'paired':>8}  {'vs':<9}"
-        "goal (on ratio)",
+        f"{'in-process':<22}{'img/s':>10}{'ms/step p50':>13}{'ratio':>8}{'paired':>8}{'kernels':>9}{'syncs':>7}"
+        f"  {'vs':<9}goal (on ratio)",
     ]
     bf, bt = r["bare"]["bare_forward"], r["bare"]["bare_train"]
     for label, b in (("bare forward", bf), ("bare fwd+bwd", bt)):
-        lines.append(f"{label:<22}{b['ips']:>10.1f}{b['step_ms_p50']:>13.1f}{1.0:>8.2f}{1.0:>8.2f}  -")
+        lines.append(
+            f"{label:<22}{b['ips']:>10.1f}{b['step_ms_p50']:>13.1f}{1.0:>8.2f}{1.0:>8.2f}"
+            f"{b['kernels_per_call']:>9}{b['host_syncs_per_call']:>7}  -"
+        )
     for name, s in r["strategies"].items():
         vs = "fwd+bwd" if s["needs_grad"] else "forward"
         goal = (TRAIN_GOALS if s["needs_grad"] else FORWARD_GOALS).get(name)
         lines.append(
             f"{name:<22}{s['ips']:>10.1f}{s['step_ms_p50']:>13.1f}{s['ratio']:>8.2f}"
-            f"{s['ratio_paired_median']:>8.2f}  {vs:<9}{_goal(s['ratio'], goal):<12}"
+            f"{s['ratio_paired_median']:>8.2f}{s['kernels_per_call']:>9}{s['host_syncs_per_call']:>7}"
+            f"  {vs:<9}{_goal(s['ratio'], goal):<12}"
             + (f" (updated {s['updated_fraction']:.0%} of steps)" if s["needs_grad"] else "")
         )
     for name, why in r.get("skipped", {}).items():
