@@ -127,11 +127,13 @@ def _masked_mean(rows: Tensor, mask: Tensor, count: int) -> Tensor:
 
 
 def _fisher_penalty(handle: ModelHandle, state: AdaptationState, params: dict[str, Tensor]) -> Tensor:
+    """sum over parameters of F * (theta - theta_0)^2, on the concatenated parameters (a few kernels,
+    not several per BN parameter tensor)."""
     source = handle.source_affine()
-    total = torch.zeros((), device=handle.device)
-    for n, p in params.items():
-        total = total + (state.tensors[FISHER_PREFIX + n] * (p - source[n]) ** 2).sum()
-    return total
+    theta = torch.cat([p.reshape(-1) for p in params.values()])
+    theta0 = torch.cat([source[n].reshape(-1) for n in params])
+    fisher = torch.cat([state.tensors[FISHER_PREFIX + n].reshape(-1) for n in params])
+    return (fisher * (theta - theta0).square()).sum()
 
 
 def fisher_diagonal(
