@@ -190,9 +190,11 @@ class ComponentTables(dict[str, LayerTable]):
 
     @classmethod
     def of_state(cls, tensors: Mapping[str, Tensor], tau: float) -> ComponentTables:
-        names = [
+        # Sorted: a state's key order depends on where it came from (init or deserialisation), and the
+        # concatenation order must not change the tables' float rounding.
+        names = sorted(
             k[len(PREFIX) : -len(".means")] for k in tensors if k.startswith(PREFIX) and k.endswith(".means")
-        ]
+        )
         return cls.build(
             names, [tensors[_keys(n)[0]] for n in names], [tensors[_keys(n)[1]] for n in names], tau
         )
