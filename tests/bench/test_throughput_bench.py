@@ -1,4 +1,4 @@
-"""`tta-bench throughput`: a tiny end-to-end run (real WRN-40-2, uvicorn subprocess, Redis db 14)."""
+"""`tta-bench throughput` (a tiny run: real WRN-40-2, uvicorn subprocess, Redis db 14) and `tta-bench ops`."""
 
 from __future__ import annotations
 
@@ -86,3 +86,18 @@ def test_multipart_body_is_parsed_as_files() -> None:
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(SystemExit):
         throughput.main(["--iters", "0"])
+
+
+def test_ops_command_counts_kernels_and_syncs_per_call(tmp_path: Path) -> None:
+    if not CIFAR_WEIGHTS.is_file():
+        pytest.skip(f"shared checkpoint not found at {CIFAR_WEIGHTS}")
+    out = tmp_path / "ops.json"
+    argv = ["ops", "--batch-size", "4", "--strategies", "source,sar", "--device", "cpu", "--json", str(out)]
+    assert cli.main(argv) == 0
+    ops = json.loads(out.read_text())["ops"]
+    assert set(ops) == {"bare forward", "bare fwd+bwd", "source", "sar"}
+    assert ops["bare forward"]["host_syncs"] == 0
+    assert ops["source"]["host_syncs"] == 1  # the result
+    assert ops["sar"]["host_syncs"] == 3  # the result and one per filter
+    # Recording BN statistics for drift adds kernels to the forward; a backward adds more.
+    assert ops["bare forward"]["kernels"] < ops["source"]["kernels"] < ops["bare fwd+bwd"]["kernels"]

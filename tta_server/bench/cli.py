@@ -9,6 +9,7 @@ COMMANDS = {
     "accuracy": "tta_server.bench.accuracy",
     "throughput": "tta_server.bench.throughput",
     "soak": "tta_server.bench.soak",
+    "ops": "tta_server.bench.opcount",
 }
 
 

@@ -141,3 +141,67 @@ def counting_ops() -> Iterator[OpCount]:
     _count([e for e in prof.events() if e.cpu_parent is None], out)
     out.kernels = sum(out.by_op.values())
     out.host_syncs += reads[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`tta-bench ops`: kernels and host synchronisations of one bare forward, one bare forward+backward
+    and one step of each strategy, at the throughput bench's model, batch and input layout."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    import adapters
+    from adapters.models import build_handle
+    from tta_server.bench import throughput as tp
+    from tta_server.model_pool import resolve_device
+
+    parser = argparse.ArgumentParser(prog="tta-bench ops", description=main.__doc__)
+    parser.add_argument(
+        "--model", choices=("wrn", "resnet50"), default="wrn", help="wrn = models.yaml default"
+    )
+    parser.add_argument("--models-config", type=Path, default=tp.REPO_ROOT / "models.yaml")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None)
+    parser.add_argument("--strategies", default="source,norm,alpha_bn,unmix_tns,tent,eata,sar")
+    parser.add_argument("--strategy-config", action="append", default=[], metavar="NAME=JSON")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    spec = tp.resolve_spec(args)
+    if args.precision:
+        spec = spec.model_copy(update={"precision": args.precision})
+    handle = build_handle(spec, device)
+    batch = tp.to_input(tp.input_images(spec, args.batch_size), device, "nhwc")
+    net = tp.build_bare(spec, device, handle.channels_last).requires_grad_(True)
+    fwd, train = tp.bare_workloads(net, [batch], handle)
+    calls: dict[str, Any] = {"bare forward": fwd.fn, "bare fwd+bwd": train.fn}
+    configs = tp.strategy_configs(args.strategy_config)
+    for name in [n.strip() for n in args.strategies.split(",") if n.strip()]:
+        strategy = adapters.get_strategy(name)
+        try:
+            cfg = strategy.parse_config(configs.get(name, {}))
+            calls[name] = tp.StrategyRun(strategy, handle, cfg, [batch])
+        except adapters.AdaptError as exc:
+            print(f"  skipping {name}: {exc}")
+    rows: dict[str, dict[str, int]] = {}
+    print(f"ops per call: model {spec.id} batch {args.batch_size} on {tp.describe_device(device)}")
+    print(f"{'call':<16}{'kernels':>9}{'syncs':>7}")
+    for label, fn in calls.items():
+        fn()  # warm up: first steps create state (EATA's prediction average), caches and lazy buffers
+        with counting_ops() as ops:
+            fn()
+        rows[label] = {"kernels": ops.kernels, "host_syncs": ops.host_syncs}
+        print(f"{label:<16}{ops.kernels:>9}{ops.host_syncs:>7}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"model": spec.id, "batch_size": args.batch_size, "ops": rows}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
