@@ -6,11 +6,13 @@ No pickle anywhere: a blob from an untrusted store can at worst be refused, neve
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch import Tensor
 
 from adapters.base import AdaptationState, StateMismatchError
 
@@ -25,7 +27,7 @@ class CorruptStateError(StateMismatchError):
 
 
 def state_to_bytes(state: AdaptationState) -> bytes:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.tensors.items()}
+    tensors = to_host(state.tensors)
     meta = json.dumps(dict(state.meta), sort_keys=True, allow_nan=False)
     return st_save(tensors, metadata={META_KEY: meta, "format": FORMAT})
 
@@ -43,6 +45,40 @@ def state_from_bytes(blob: bytes, device: torch.device | str = "cpu") -> Adaptat
         raise CorruptStateError(f"stored state is corrupt: {exc}") from exc
     if not isinstance(meta, dict):
         raise CorruptStateError(f"stored state meta is not a JSON object: {type(meta).__name__}")
-    if device != "cpu":
-        tensors = {k: v.to(device) for k, v in tensors.items()}
+    if torch.device(device).type != "cpu":
+        tensors = move_grouped(tensors, torch.device(device))
     return AdaptationState(tensors, meta)
+
+
+def to_host(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU copies of `tensors`, each its own storage (safetensors refuses shared storage).
+
+    Device tensors cross in one copy per dtype (`move_grouped`), not one per tensor: a state holds up to
+    hundreds of tensors, and every device-to-host copy waits for the device.
+    """
+    if any(t.device.type != "cpu" for t in tensors.values()):
+        tensors = move_grouped(tensors, torch.device("cpu"))
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, t in tensors.items():
+        t = t.detach()
+        ptr = t.untyped_storage().data_ptr()
+        shared = t.numel() > 0 and ptr in seen
+        seen.add(ptr)
+        out[key] = t.clone(memory_format=torch.contiguous_format) if shared else t.contiguous()
+    return out
+
+
+def move_grouped(tensors: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """`tensors` on `device` with one transfer per (device, dtype) group: each group is flattened into one
+    buffer, moved, and split back, so the results are views of that buffer. Keys keep their order."""
+    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    for key, t in tensors.items():
+        groups.setdefault((t.device, t.dtype), []).append(key)
+    moved: dict[str, Tensor] = {}
+    for keys in groups.values():
+        parts = [tensors[k].detach() for k in keys]
+        flat = torch.cat([t.reshape(-1) for t in parts]).to(device)
+        for key, t, chunk in zip(keys, parts, flat.split([t.numel() for t in parts]), strict=True):
+            moved[key] = chunk.view(t.shape)
+    return {k: moved[k] for k in tensors}

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -20,7 +20,7 @@ import torch
 
 import adapters
 from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult, StrategyConfig
-from adapters.serialization import CorruptStateError, state_from_bytes, state_to_bytes
+from adapters.serialization import CorruptStateError, state_from_bytes, state_to_bytes, to_host
 from tta_server import drift
 from tta_server.errors import (
     StateCorruptError,
@@ -488,7 +488,9 @@ class Engine:
         self, ns: str, stream: str, policy: Policy, result: StepResult, version: int
     ) -> int | None:
         state = result.state
-        if not await self.run(_all_finite, state):
+        # The tensors cross to the host once (one copy per dtype); the check and the encoding both use them.
+        host = await self.run(to_host, state.tensors)
+        if not await self.run(_all_finite, host):
             # Never store a broken update: the stream keeps its last good state.
             self.metrics.resets.labels(policy.model, policy.strategy, "non_finite_rollback").inc()
             log.warning("non-finite adapted state for %s/%s discarded", ns, stream)
@@ -498,7 +500,7 @@ class Engine:
             state.meta.get("drift"), result, handle.num_classes, self.settings.drift_momentum
         )
         state = state.with_updates(drift=new_drift, policy=policy.config_hash())
-        blob = await self.run(state_to_bytes, state)
+        blob = await self.run(state_to_bytes, AdaptationState(host, state.meta))
         t0 = time.perf_counter()
         new_version = await self.store.cas_state(
             ns,
@@ -562,8 +564,8 @@ def _step_u8(
     return strat.step(handle, _to_unit_float(batches, handle.device), state, cfg, adapt)
 
 
-def _all_finite(state: AdaptationState) -> bool:
-    sums = [t.float().sum() for t in state.tensors.values() if t.is_floating_point()]
+def _all_finite(tensors: Mapping[str, torch.Tensor]) -> bool:
+    sums = [t.float().sum() for t in tensors.values() if t.is_floating_point()]
     return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
