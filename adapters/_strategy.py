@@ -218,7 +218,7 @@ class ComposedStrategy:
                 # A recovery reset restores the whole adaptive model: normalisation statistics too.
                 seed = int(state.meta.get("seed", 0))
                 outcome.tensors = {**self.normalizer.init_tensors(handle, cfg, seed), **outcome.tensors}
-        return self._finish(handle, state, outcome, batch.shape[0], adapt)
+        return self._finish_many(handle, [(state, outcome)], adapt)[0]
 
     def can_step_many(self, adapt: bool) -> bool:
         """Whether `step_many` may serve this kind of step: no gradient update (that has per-stream filters,
@@ -252,10 +252,8 @@ class ComposedStrategy:
         x = _to_input(handle, torch.cat([b.to(handle.device, non_blocking=True) for b in batches]))
         with torch.inference_mode(), active_plan(GroupedPlan(plans, sizes)), self._autocast(handle):
             logits = handle.model(x).float()
-        return [
-            self._finish(handle, state, _prediction(rows, plan), rows.shape[0], adapt)
-            for plan, state, rows in zip(plans, states, logits.split(sizes), strict=True)
-        ]
+        outcomes = [_prediction(rows, plan) for plan, rows in zip(plans, logits.split(sizes), strict=True)]
+        return self._finish_many(handle, list(zip(states, outcomes, strict=True)), adapt)
 
     def _predict_only(
         self, handle: ModelHandle, x: Tensor, state: AdaptationState, forward: Forward
@@ -270,10 +268,26 @@ class ComposedStrategy:
             return None
         return {k: state.tensors[k] for k in handle.affine_names()}
 
-    def _finish(
-        self, handle: ModelHandle, state: AdaptationState, out: UpdateOutcome, n: int, adapt: bool
+    def _finish_many(
+        self, handle: ModelHandle, steps: list[tuple[AdaptationState, UpdateOutcome]], adapt: bool
+    ) -> list[StepResult]:
+        """StepResults of one or more streams' steps, whose predictions and figures reach the host together."""
+        logits = [out.logits.detach().float() for _, out in steps]
+        host = _to_host([(lg, _figures(handle, lg, out)) for lg, (_, out) in zip(logits, steps, strict=True)])
+        return [
+            self._result(state, out, host_logits, figures, adapt)
+            for (state, out), (host_logits, figures) in zip(steps, host, strict=True)
+        ]
+
+    def _result(
+        self,
+        state: AdaptationState,
+        out: UpdateOutcome,
+        logits: Tensor,
+        figures: dict[str, float],
+        adapt: bool,
     ) -> StepResult:
-        logits = out.logits.detach().float()
+        n = logits.shape[0]
         tensors = {**out.plan.updated_tensors(), **out.tensors} if adapt else {}
         meta = dict(out.meta)
         if adapt:
@@ -283,7 +297,6 @@ class ComposedStrategy:
         new_state = (
             state.with_updates({k: v.detach() for k, v in tensors.items()}, **meta) if adapt else state
         )
-        logits, figures = _to_host(logits, _figures(handle, logits, out))
         stats = StepStats(
             samples=n,
             used=out.used if self.updater is not None else (n if out.updated else 0),
@@ -309,12 +322,17 @@ def _figures(handle: ModelHandle, logits: Tensor, out: UpdateOutcome) -> dict[st
     return figures
 
 
-def _to_host(logits: Tensor, figures: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Predictions and figures in one device-to-host copy: every separate copy (`.item()`, `.tolist()`,
-    `.cpu()`) would be a host synchronisation of its own on a GPU, the one per step that is inevitable."""
-    flat = torch.cat([logits.reshape(-1), torch.stack(list(figures.values()))]).cpu()
-    values = flat[logits.numel() :].tolist()
-    return flat[: logits.numel()].view(logits.shape), dict(zip(figures, values, strict=True))
+def _to_host(steps: list[tuple[Tensor, dict[str, Tensor]]]) -> list[tuple[Tensor, dict[str, float]]]:
+    """The predictions and figures of one or more steps in one device-to-host copy: every separate copy
+    (`.item()`, `.tolist()`, `.cpu()`) would be a host synchronisation of its own on a GPU."""
+    sizes = [logits.numel() for logits, _ in steps]
+    pieces = [logits.reshape(-1) for logits, _ in steps] + [torch.stack(list(f.values())) for _, f in steps]
+    flat = torch.cat(pieces).cpu()
+    values = iter(flat[sum(sizes) :].tolist())
+    return [
+        (host.view(logits.shape), {name: next(values) for name in figures})
+        for (logits, figures), host in zip(steps, flat[: sum(sizes)].split(sizes), strict=True)
+    ]
 
 
 def _to_input(handle: ModelHandle, batch: Tensor) -> Tensor:

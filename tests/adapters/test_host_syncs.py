@@ -70,3 +70,15 @@ def test_the_counter_restores_tolist() -> None:
     with counting_ops():
         pass
     assert torch.Tensor.tolist is torch._C.TensorBase.tolist
+
+
+@pytest.mark.parametrize("name", ["norm", "unmix_tns"])
+def test_a_shared_forward_synchronises_once_for_all_streams(tiny_handle: ModelHandle, name: str) -> None:
+    strategy = adapters.get_strategy(name)
+    cfg = small_config(strategy)
+    states = [strategy.init_state(tiny_handle, cfg, seed=s) for s in range(3)]
+    batches = [make_batch(4, seed=s) for s in range(3)]
+    with counting_ops() as ops:
+        results = strategy.step_many(tiny_handle, batches, states, cfg)
+    assert [r.logits.shape[0] for r in results] == [4, 4, 4]
+    assert ops.host_syncs == 1
