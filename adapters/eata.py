@@ -82,8 +82,9 @@ class EATAUpdater:
             tensors: dict[str, Tensor] = {PROBS_KEY: new_m}
             loss = None
             if n_sel > 0:
-                weights = torch.exp(e0 - ent.detach()) * selected
-                loss = (ent * weights).sum() / n_sel  # the weighted mean over the selected samples
+                # The weighted mean over the selected samples; `where`, not a product with the mask, so a
+                # non-finite entropy of a dropped sample cannot reach the loss (0 * nan is nan).
+                loss = torch.where(selected, ent * torch.exp(e0 - ent.detach()), 0).sum() / n_sel
                 if cfg.fisher_alpha > 0:
                     loss = loss + cfg.fisher_alpha * _fisher_penalty(handle, state, params)
                 grads = torch.autograd.grad(loss, list(params.values()))
@@ -123,7 +124,7 @@ def _update_probs(
 
 
 def _masked_mean(rows: Tensor, mask: Tensor, count: int) -> Tensor:
-    return (mask.to(rows.dtype) @ rows) / count
+    return torch.where(mask[:, None], rows, 0).sum(0) / count
 
 
 def _fisher_penalty(handle: ModelHandle, state: AdaptationState, params: dict[str, Tensor]) -> Tensor:

@@ -56,11 +56,12 @@ class SARUpdater:
             ent = losses.softmax_entropy(logits)
             s1 = ent.detach() < e0
             # Two host synchronisations before the result, one per filter: an empty filter skips the step.
-            # Masked means instead of boolean indexing, which would synchronise to learn the row count.
+            # Masked means (`where`, so dropped samples cannot turn the loss into nan) instead of boolean
+            # indexing, which would synchronise to learn the row count.
             n1 = int(s1.sum())
             if n1 == 0:
                 return UpdateOutcome(logits, plan, {}, {}, used=0, filtered=x.shape[0])
-            grads = torch.autograd.grad((ent * s1).sum() / n1, list(params.values()))
+            grads = torch.autograd.grad(torch.where(s1, ent, 0).sum() / n1, list(params.values()))
             scale = cfg.rho / (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) + 1e-12)
             ascent = torch._foreach_add(
                 [p.detach() for p in params.values()], torch._foreach_mul(grads, scale)
@@ -70,7 +71,7 @@ class SARUpdater:
             logits2, _ = forward(x, {**affine, **perturbed}, False, False)
             ent2 = losses.softmax_entropy(logits2)
             s2 = s1 & (ent2.detach() < e0)
-            loss2_sum = (ent2 * s2).sum()
+            loss2_sum = torch.where(s2, ent2, 0).sum()
             # The loss reaches the host with the count: it drives the recovery decision.
             n2, loss2 = torch.stack([s2.sum().float(), loss2_sum.detach()]).tolist()
             n2 = int(n2)
