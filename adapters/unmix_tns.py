@@ -123,7 +123,7 @@ class UnMixPlan(BasePlan):
 
     @batch_stats.setter
     def batch_stats(self, value: dict[int, tuple[Tensor, Tensor]]) -> None:
-        self._pooled = value
+        self._pooled = value  # BasePlan.__init__ starts it empty
 
     def normalize(self, layer: AdaptiveBatchNorm2d, x: Tensor) -> Tensor:
         if x.shape[2] * x.shape[3] < 2:
