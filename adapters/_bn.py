@@ -101,11 +101,13 @@ def check_batch_stats_possible(x: Tensor, layer_name: str) -> None:
 
 
 def _bcast(v: Tensor) -> Tensor:
-    return v[None, :, None, None]
+    """Per-channel (C) or per-sample, per-channel (B, C) values, shaped to broadcast over (B, C, H, W)."""
+    return v.reshape(-1 if v.ndim == 2 else 1, v.shape[-1], 1, 1)
 
 
 def normalize_with(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """Affine normalisation with given per-channel statistics; differentiable in all of them."""
+    """Affine normalisation with given statistics, per channel (C,) or per sample and channel (B, C);
+    differentiable in all of them."""
     scale = weight * torch.rsqrt(var + eps)
     shift = torch.addcmul(bias, mean, scale, value=-1)
     # One fused pass over x (a multiply then an add is two, and up to 6x slower on CPU at cache-sized shapes).
