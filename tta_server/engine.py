@@ -489,8 +489,8 @@ class Engine:
     ) -> int | None:
         state = result.state
         # The tensors cross to the host once (one copy per dtype); the check and the encoding both use them.
-        host = await self.run(to_host, state.tensors)
-        if not await self.run(_all_finite, host):
+        host = await self.run(_finite_on_host, state.tensors)
+        if host is None:
             # Never store a broken update: the stream keeps its last good state.
             self.metrics.resets.labels(policy.model, policy.strategy, "non_finite_rollback").inc()
             log.warning("non-finite adapted state for %s/%s discarded", ns, stream)
@@ -564,9 +564,11 @@ def _step_u8(
     return strat.step(handle, _to_unit_float(batches, handle.device), state, cfg, adapt)
 
 
-def _all_finite(tensors: Mapping[str, torch.Tensor]) -> bool:
-    sums = [t.float().sum() for t in tensors.values() if t.is_floating_point()]
-    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
+def _finite_on_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Host copies of `tensors`, or None when any of them holds inf or nan."""
+    host = to_host(tensors)
+    sums = [t.float().sum() for t in host.values() if t.is_floating_point()]
+    return host if not sums or bool(torch.isfinite(torch.stack(sums)).all()) else None
 
 
 def _carry_counters(state: AdaptationState) -> dict[str, Any]:
