@@ -18,7 +18,7 @@ kernel on a GPU and fused CPU kernels can differ from GPU ones.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,6 +143,13 @@ def counting_ops() -> Iterator[OpCount]:
     out.host_syncs += reads[0]
 
 
+def count_call(fn: Callable[[], object]) -> OpCount:
+    """The kernels and host synchronisations of one call of `fn`."""
+    with counting_ops() as ops:
+        fn()
+    return ops
+
+
 def main(argv: list[str] | None = None) -> int:
     """`tta-bench ops`: kernels and host synchronisations of one bare forward, one bare forward+backward
     and one step of each strategy, at the throughput bench's model, batch and input layout."""
@@ -189,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'call':<16}{'kernels':>9}{'syncs':>7}")
     for label, fn in calls.items():
         fn()  # warm up: first steps create state (EATA's prediction average), caches and lazy buffers
-        with counting_ops() as ops:
-            fn()
+        ops = count_call(fn)
         rows[label] = {"kernels": ops.kernels, "host_syncs": ops.host_syncs}
         print(f"{label:<16}{ops.kernels:>9}{ops.host_syncs:>7}")
     if args.json:

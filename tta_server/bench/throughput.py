@@ -50,7 +50,7 @@ from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult,
 from adapters.models import ModelSpec, build_classifier, build_handle
 from adapters.serialization import state_from_bytes, state_to_bytes
 from tta_server import drift
-from tta_server.bench.opcount import counting_ops
+from tta_server.bench.opcount import count_call
 from tta_server.settings import REPO_ROOT, Settings
 
 DEFAULT_STRATEGIES = "source,norm,alpha_bn,unmix_tns,tent,eata"
@@ -706,8 +706,7 @@ def measure_state(
 
 
 def _ops_of(fn: Callable[[], object]) -> dict[str, int]:
-    with counting_ops() as ops:
-        fn()
+    ops = count_call(fn)
     return {"kernels_per_call": ops.kernels, "host_syncs_per_call": ops.host_syncs}
 
 
