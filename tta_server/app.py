@@ -25,9 +25,10 @@ from tta_server import __version__
 from tta_server.api import info, streams
 from tta_server.api.deps import RateLimiter
 from tta_server.engine import Engine
-from tta_server.errors import PayloadTooLargeError, StoreUnavailableError, TTAError
+from tta_server.errors import PayloadTooLargeError, StoreUnavailableError, TTAError, to_http
 from tta_server.metrics import Metrics
 from tta_server.model_pool import ModelPool, resolve_device
+from tta_server.records import CorruptRecordError
 from tta_server.settings import Settings, get_settings
 from tta_server.state_store import InMemoryStateStore, RedisStateStore, StateStore
 
@@ -129,8 +130,16 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         error_type = kinds.get(exc.status_code, "http_error")
         return _error_response(exc.status_code, {"error": str(exc.detail), "error_type": error_type})
 
+    @app.exception_handler(adapters.AdaptError)
+    @app.exception_handler(CorruptRecordError)
+    async def lower_layer_error(request: Request, exc: Exception) -> JSONResponse:
+        mapped = to_http(exc)  # errors of the core and the record decoder, mapped in one table
+        if mapped is not None:
+            return await tta_error(request, mapped)
+        return await internal_error(request, exc)
+
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         request_id = uuid.uuid4().hex[:12]
         log.exception("unhandled error (request %s)", request_id, exc_info=exc)
         body = {"error": f"internal error (request id {request_id})", "error_type": "internal"}

@@ -83,6 +83,31 @@ class Metrics:
             MS,
             registry=r,
         )
+        self.discarded = Counter(
+            "tta_updates_discarded",
+            "Adapting steps computed but not stored, by reason (conflict, stream_replaced, non_finite, "
+            "store_unwritable, deadline)",
+            (*MS, "reason"),
+            registry=r,
+        )
+        self.stream_events = Counter(
+            "tta_stream_events",
+            "Stream lifecycle events: created_implicit (first predict on an unconfigured stream), "
+            "lost_state (a committed state vanished from the store), lost_policy (a policy record vanished; "
+            "restored from its state)",
+            ("event",),
+            registry=r,
+        )
+        self.store_writable = Gauge(
+            "tta_state_store_writable",
+            "0 after the state store refused a write for lack of memory",
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "tta_queue_wait_seconds",
+            "Time a predict waited for its stream (lock and merging) before its step started",
+            registry=r,
+        )
         self.resets = Counter(
             "tta_state_resets", "Streams returned to the source state", (*MS, "reason"), registry=r
         )
@@ -142,6 +167,9 @@ class Metrics:
                     self.class_shift,
                 ):  # fmt: skip
                     metric.labels(model, strategy)
+        for event in ("created_implicit", "lost_state", "lost_policy"):
+            self.stream_events.labels(event)
+        self.store_writable.set(1)
 
     def names(self) -> set[str]:
         """Exported sample names (with _total/_bucket/_sum/_count suffixes) of every metric."""

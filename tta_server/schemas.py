@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +33,12 @@ class StreamPublic(BaseModel):
     strategy: str
     config: dict[str, Any]
     seed: int
+    incarnation: str = Field(
+        description="id of this incarnation of the stream (new at create, PUT change, reset)"
+    )
+    origin: Literal["put", "implicit", "restored"] = Field(
+        description="how the policy came to be: PUT, a first predict (default policy), or restored from its state"
+    )
     steps: int = 0
     updates: int = 0
     samples_seen: int = 0
@@ -82,7 +88,21 @@ class PredictResponse(BaseModel):
     stream_id: str
     model: str
     strategy: str
-    adapted: bool
+    incarnation: str = Field(
+        description="id of this incarnation of the stream (new at create, PUT change, reset)"
+    )
+    created: bool = Field(description="this request created the stream, under the default policy")
+    lost: Literal["state", "policy"] | None = Field(
+        None,
+        description=(
+            "`state`: the stream's committed state had vanished from the store (it restarted from the source "
+            "state); `policy`: its policy record had vanished and was restored from the state"
+        ),
+    )
+    adapted: bool = Field(description="this request's update was stored")
+    not_adapted: Literal["conflict", "stream_replaced", "non_finite", "store_unwritable"] | None = Field(
+        None, description="why an adapting request's update was not stored"
+    )
     conflict: bool
     version: int
     predictions: list[Prediction]

@@ -40,6 +40,21 @@ class Settings(BaseSettings):
         2, ge=0, le=10, description="re-runs of a step when another replica won the race"
     )
     state_cache_size: int = Field(256, ge=0, description="streams whose latest state stays on the device")
+    require_configured_streams: bool = Field(
+        False,
+        description=(
+            "refuse predictions on streams without a policy (404 unknown_stream) instead of creating them "
+            "under the default policy"
+        ),
+    )
+    max_stream_queue: int = Field(
+        64, ge=1, le=10_000, description="requests one stream may have waiting; more answer 503 overloaded"
+    )
+    store_grace_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="/readyz turns 503 only after the state store has been unreachable this long",
+    )
 
     # alpha_bn stays sound for single-image requests, where test-batch statistics degrade to instance norm.
     default_strategy: str = "alpha_bn"

@@ -1,18 +1,32 @@
 """Where stream policies and adapted states live: Redis for production, a dict for embedded use.
 
-Key scheme (versioned, colon-separated; `ns` is the API key's namespace):
-  tta:v1:stream:{ns}:{stream}            JSON policy record (model, strategy, config, seed, epoch)
-  tta:v1:state:{ns}:{stream}:{epoch}     hash {v: version, blob: safetensors bytes, meta: JSON}
-  tta:v1:drift:{ns}                      sorted set stream -> BN distance EMA (top-N export)
-Every key carries the state TTL, refreshed on write. A state write is a compare-and-set on `v`
-(one Lua script), so two replicas can never interleave half-updates or silently overwrite each other.
+Key scheme (prefix versioned; `{...}` is a Redis Cluster hash tag, so both keys of one stream share a
+slot and every multi-key operation on a stream stays in that slot):
+
+  tta:v2:{<ns>/<stream>}:policy   hash  inc (incarnation id), v (last committed version), rec (policy JSON)
+  tta:v2:{<ns>/<stream>}:state    hash  inc, v, blob (safetensors), meta (JSON), policy (copy of rec)
+  tta:v2:drift:{<ns>/<shard>}     zset  stream -> BN-distance EMA, 16 shards per namespace
+
+`/` never occurs in a namespace or stream id, so the tag cannot be forged by a stream name. The drift
+board is split into shards by a hash of the stream id: one namespace's board spreads over 16 slots
+instead of making one slot hot; the top-N read merges the shards' top-N.
+
+A state is valid only under the incarnation its record names: every create, policy change, reset and
+delete-and-recreate draws a fresh random incarnation, so no old state can ever be read or committed on
+(the version sequence may restart; the incarnation never repeats). A state write is one compare-and-set
+script over the policy's incarnation and the state's version. Both keys carry the state TTL, refreshed
+together by every read and write, so a stream in use (adapting or not) never expires.
+
+The store returns raw fields; `tta_server.records` decodes them defensively.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import time
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,58 +34,86 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from tta_server.errors import StoreUnavailableError
+from tta_server.errors import StateCorruptError, StoreFullError, StoreUnavailableError
 
-PREFIX = "tta:v1"
+log = logging.getLogger(__name__)
 
-
-def stream_key(ns: str, stream: str) -> str:
-    return f"{PREFIX}:stream:{ns}:{stream}"
-
-
-def state_key(ns: str, stream: str, epoch: int) -> str:
-    return f"{PREFIX}:state:{ns}:{stream}:{epoch}"
+PREFIX = "tta:v2"
+DRIFT_SHARDS = 16
 
 
-def drift_key(ns: str) -> str:
-    return f"{PREFIX}:drift:{ns}"
+def _tag(ns: str, stream: str) -> str:
+    return f"{{{ns}/{stream}}}"
 
 
-# Resets leave the previous epochs' states to expire; deleting a stream removes them too (the most
-# recent ones), or re-creating it at epoch 0 would resurrect an old state.
-DELETE_EPOCHS = 1024
+def policy_key(ns: str, stream: str) -> str:
+    return f"{PREFIX}:{_tag(ns, stream)}:policy"
 
 
-def epoch_state_keys(ns: str, stream: str, epoch: int) -> list[str]:
-    return [state_key(ns, stream, e) for e in range(max(0, epoch - DELETE_EPOCHS + 1), epoch + 1)]
+def state_key(ns: str, stream: str) -> str:
+    return f"{PREFIX}:{_tag(ns, stream)}:state"
+
+
+def drift_shard(stream: str) -> int:
+    return zlib.crc32(stream.encode()) % DRIFT_SHARDS
+
+
+def drift_key(ns: str, shard: int) -> str:
+    return f"{PREFIX}:drift:{{{ns}/{shard}}}"
 
 
 @dataclass(frozen=True)
-class StoredState:
-    version: int
-    blob: bytes | None  # None when only the version/meta were asked for
-    meta: dict[str, Any]
+class RawStream:
+    """A stream's stored fields as bytes, undecoded. `state_blob` is None when the caller's cached copy
+    (same incarnation and version) is current; `wrong_type` names a key holding something else than a hash."""
+
+    policy: dict[str, bytes] | None
+    state: dict[str, bytes] | None
+    wrong_type: str | None = None
+
+
+class CasOutcome:
+    GONE = -2  # the stream's incarnation changed (deleted, reset or re-created): nothing written
+    CONFLICT = -1  # another step committed first
 
 
 class StateStore(Protocol):
     async def ping(self) -> None: ...
-    async def get_policy(self, ns: str, stream: str) -> dict[str, Any] | None: ...
-    async def set_policy(
-        self, ns: str, stream: str, record: dict[str, Any], only_if_new: bool = False
+    async def load(self, ns: str, stream: str, cached: tuple[str, int] | None) -> RawStream: ...
+    async def create(self, ns: str, stream: str, inc: str, rec: bytes, version: int = 0) -> bool: ...
+    async def replace(
+        self, ns: str, stream: str, inc: str, rec: bytes, expected: str | None = None
     ) -> bool: ...
-    async def delete_stream(self, ns: str, stream: str, epoch: int) -> bool: ...
-    async def get_state(self, ns: str, stream: str, epoch: int, with_blob: bool) -> StoredState | None: ...
-    async def cas_state(
-        self, ns: str, stream: str, epoch: int, expected: int, blob: bytes, meta: dict[str, Any], score: float
-    ) -> int | None: ...
+    async def delete(self, ns: str, stream: str) -> bool: ...
+    async def cas(
+        self,
+        ns: str,
+        stream: str,
+        inc: str,
+        expected: int,
+        blob: bytes,
+        meta: bytes,
+        rec: bytes,
+        drift: float | None,
+    ) -> int: ...
+    async def set_drift(self, ns: str, stream: str, score: float | None) -> None: ...
     async def top_drift(self, ns: str, n: int) -> list[tuple[str, float]]: ...
     async def close(self) -> None: ...
 
 
+def _wants_blob(state: dict[str, bytes], cached: tuple[str, int] | None) -> bool:
+    if cached is None:
+        return True
+    try:
+        return (state.get("inc", b"").decode(), int(state.get("v", b"-1"))) != cached
+    except (UnicodeDecodeError, ValueError):
+        return True
+
+
 class InMemoryStateStore:
-    """Single-process store with the same semantics (CAS, TTL) as the Redis one."""
+    """Single-process store with the same records and semantics (incarnations, CAS, TTL) as Redis."""
 
     def __init__(self, ttl_seconds: int) -> None:
         self.ttl = ttl_seconds
@@ -88,77 +130,172 @@ class InMemoryStateStore:
     def _put(self, key: str, value: Any) -> None:
         self._data[key] = (time.monotonic() + self.ttl, value)
 
+    def _touch(self, *keys: str) -> None:
+        for key in keys:
+            value = self._get(key)
+            if value is not None:
+                self._put(key, value)
+
     async def ping(self) -> None:
         return None
 
-    async def get_policy(self, ns: str, stream: str) -> dict[str, Any] | None:
-        rec = self._get(stream_key(ns, stream))
-        return dict(rec) if rec is not None else None
+    async def load(self, ns: str, stream: str, cached: tuple[str, int] | None) -> RawStream:
+        pk, sk = policy_key(ns, stream), state_key(ns, stream)
+        policy, state = self._get(pk), self._get(sk)
+        self._touch(pk, sk)
+        if state is not None and not _wants_blob(state, cached):
+            state = {k: v for k, v in state.items() if k != "blob"}
+        return RawStream(dict(policy) if policy else None, dict(state) if state else None)
 
-    async def set_policy(
-        self, ns: str, stream: str, record: dict[str, Any], only_if_new: bool = False
-    ) -> bool:
+    async def create(self, ns: str, stream: str, inc: str, rec: bytes, version: int = 0) -> bool:
         async with self._lock:
-            if only_if_new and self._get(stream_key(ns, stream)) is not None:
+            if self._get(policy_key(ns, stream)) is not None:
                 return False
-            self._put(stream_key(ns, stream), dict(record))
+            self._put(policy_key(ns, stream), {"inc": inc.encode(), "v": str(version).encode(), "rec": rec})
             return True
 
-    async def delete_stream(self, ns: str, stream: str, epoch: int) -> bool:
+    async def replace(self, ns: str, stream: str, inc: str, rec: bytes, expected: str | None = None) -> bool:
         async with self._lock:
-            existed = self._data.pop(stream_key(ns, stream), None) is not None
-            for key in epoch_state_keys(ns, stream, epoch):
-                existed |= self._data.pop(key, None) is not None
-            board = self._get(drift_key(ns)) or {}
-            board.pop(stream, None)
+            if expected is not None:
+                current = self._get(policy_key(ns, stream))
+                if not isinstance(current, dict) or current.get("inc") != expected.encode():
+                    return False
+            self._data.pop(state_key(ns, stream), None)
+            self._put(policy_key(ns, stream), {"inc": inc.encode(), "v": b"0", "rec": rec})
+            self._drop_drift(ns, stream)
+            return True
+
+    async def delete(self, ns: str, stream: str) -> bool:
+        async with self._lock:
+            existed = self._data.pop(policy_key(ns, stream), None) is not None
+            existed |= self._data.pop(state_key(ns, stream), None) is not None
+            self._drop_drift(ns, stream)
             return existed
 
-    async def get_state(self, ns: str, stream: str, epoch: int, with_blob: bool) -> StoredState | None:
-        item = self._get(state_key(ns, stream, epoch))
-        if item is None:
-            return None
-        version, blob, meta = item
-        return StoredState(version, blob if with_blob else None, json.loads(meta))
-
-    async def cas_state(
-        self, ns: str, stream: str, epoch: int, expected: int, blob: bytes, meta: dict[str, Any], score: float
-    ) -> int | None:
+    async def cas(
+        self,
+        ns: str,
+        stream: str,
+        inc: str,
+        expected: int,
+        blob: bytes,
+        meta: bytes,
+        rec: bytes,
+        drift: float | None,
+    ) -> int:
         async with self._lock:
-            key = state_key(ns, stream, epoch)
-            current = self._get(key)
-            if (current[0] if current else 0) != expected:
-                return None
-            self._put(key, (expected + 1, blob, json.dumps(meta)))
-            board = self._get(drift_key(ns)) or {}
-            board[stream] = score
-            self._put(drift_key(ns), board)
+            pk, sk = policy_key(ns, stream), state_key(ns, stream)
+            policy = self._get(pk)
+            if policy is None or policy.get("inc") != inc.encode():
+                self._drop_drift(ns, stream)
+                return CasOutcome.GONE
+            state = self._get(sk)
+            current = int(state["v"]) if state and state.get("inc") == inc.encode() else 0
+            if current != expected:
+                await self._set_drift(ns, stream, drift)
+                return CasOutcome.CONFLICT
+            nv = str(expected + 1).encode()
+            self._put(sk, {"inc": inc.encode(), "v": nv, "blob": blob, "meta": meta, "policy": rec})
+            self._put(pk, {**policy, "v": nv})
+            await self._set_drift(ns, stream, drift)
             return expected + 1
 
+    def _drop_drift(self, ns: str, stream: str) -> None:
+        board = self._get(drift_key(ns, drift_shard(stream)))
+        if board is not None:
+            board.pop(stream, None)
+
+    async def set_drift(self, ns: str, stream: str, score: float | None) -> None:
+        await self._set_drift(ns, stream, score)
+
+    async def _set_drift(self, ns: str, stream: str, score: float | None) -> None:
+        key = drift_key(ns, drift_shard(stream))
+        board = self._get(key) or {}
+        if score is None:
+            board.pop(stream, None)
+        else:
+            board[stream] = score
+        self._put(key, board)
+
     async def top_drift(self, ns: str, n: int) -> list[tuple[str, float]]:
-        board = self._get(drift_key(ns)) or {}
-        return sorted(board.items(), key=lambda kv: -kv[1])[:n]
+        rows: list[tuple[str, float]] = []
+        for shard in range(DRIFT_SHARDS):
+            rows.extend((self._get(drift_key(ns, shard)) or {}).items())
+        return sorted(rows, key=lambda kv: -kv[1])[:n]
 
     async def close(self) -> None:
         return None
 
 
+# KEYS: policy, state. ARGV: cached incarnation ('' = none), cached version, TTL ms.
+# Returns {policy fields..., '|', state fields...} as flat lists, or {'wrongtype', key}.
+_LOAD = """
+for _, k in ipairs(KEYS) do
+  local t = redis.call('TYPE', k)['ok']
+  if t ~= 'hash' and t ~= 'none' then return {'wrongtype', k} end
+end
+local p = redis.call('HGETALL', KEYS[1])
+local s = redis.call('HMGET', KEYS[2], 'inc', 'v', 'meta', 'policy')
+local out = {'ok', #p}
+for _, x in ipairs(p) do out[#out + 1] = x end
+if s[2] then
+  out[#out + 1] = 'inc'; out[#out + 1] = s[1] or ''
+  out[#out + 1] = 'v'; out[#out + 1] = s[2]
+  if s[3] then out[#out + 1] = 'meta'; out[#out + 1] = s[3] end
+  if s[4] then out[#out + 1] = 'policy'; out[#out + 1] = s[4] end
+  if s[1] ~= ARGV[1] or s[2] ~= ARGV[2] then
+    local b = redis.call('HGET', KEYS[2], 'blob')
+    if b then out[#out + 1] = 'blob'; out[#out + 1] = b end
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return out
+"""
+
+# KEYS: policy, state. ARGV: incarnation, expected version, blob, meta, policy copy, TTL ms.
 _CAS = """
-local v = redis.call('HGET', KEYS[1], 'v')
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return -2 end
+if redis.call('HGET', KEYS[1], 'inc') ~= ARGV[1] then return -2 end
+local t = redis.call('TYPE', KEYS[2])['ok']
+if t ~= 'hash' and t ~= 'none' then return -3 end
 local cur = 0
-if v then cur = tonumber(v) end
-if cur ~= tonumber(ARGV[1]) then return -1 end
+if redis.call('HGET', KEYS[2], 'inc') == ARGV[1] then cur = tonumber(redis.call('HGET', KEYS[2], 'v')) or -1 end
+if cur ~= tonumber(ARGV[2]) then return -1 end
 local nv = cur + 1
-redis.call('HSET', KEYS[1], 'v', nv, 'blob', ARGV[2], 'meta', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
+redis.call('HSET', KEYS[2], 'inc', ARGV[1], 'v', nv, 'blob', ARGV[3], 'meta', ARGV[4], 'policy', ARGV[5])
+redis.call('HSET', KEYS[1], 'v', nv)
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
 return nv
+"""
+
+# KEYS: policy. ARGV: incarnation, version, rec, TTL ms. Creates only where no policy record exists.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'v', ARGV[2], 'rec', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# KEYS: policy, state. ARGV: incarnation, rec, TTL ms, expected incarnation ('' = replace whatever is there).
+# Drops the old state with the old policy: DEL works on a key of any type, so this also repairs.
+_REPLACE = """
+if ARGV[4] ~= '' then
+  local cur = false
+  if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then cur = redis.call('HGET', KEYS[1], 'inc') end
+  if cur ~= ARGV[4] then return 0 end
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'v', 0, 'rec', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
 """
 
 
 class RedisStateStore:
-    """redis-py (hiredis parser) over asyncio; every Redis failure surfaces as StoreUnavailableError (503)."""
+    """redis-py (hiredis parser) over asyncio. Redis unreachable -> StoreUnavailableError (503); Redis
+    out of memory -> StoreFullError (503, counted apart); a key of the wrong type -> StateCorruptError."""
 
     def __init__(self, url: str, ttl_seconds: int, timeout: float) -> None:
         self.ttl_ms = ttl_seconds * 1000
@@ -171,54 +308,122 @@ class RedisStateStore:
             # dead, and each would otherwise fail one request. Timeouts are not retried (fail fast).
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
+        self._load = self.client.register_script(_LOAD)
         self._cas = self.client.register_script(_CAS)
+        self._create = self.client.register_script(_CREATE)
+        self._replace = self.client.register_script(_REPLACE)
 
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
+        except ResponseError as exc:
+            text = str(exc)
+            if text.startswith("OOM") or "maxmemory" in text:
+                raise StoreFullError(f"state store is full: {text}") from exc
+            if "WRONGTYPE" in text:
+                raise StateCorruptError(
+                    "a stored record has the wrong type; DELETE the stream", detail={"store": text}
+                ) from exc
+            raise StoreUnavailableError(f"state store error: {text}") from exc
         except (TimeoutError, RedisError, OSError) as exc:
             raise StoreUnavailableError(f"state store unavailable: {type(exc).__name__}: {exc}") from exc
 
     async def ping(self) -> None:
         await self._call(self.client.ping())
 
-    async def get_policy(self, ns: str, stream: str) -> dict[str, Any] | None:
-        raw = await self._call(self.client.get(stream_key(ns, stream)))
-        return json.loads(raw) if raw else None
+    async def load(self, ns: str, stream: str, cached: tuple[str, int] | None) -> RawStream:
+        keys = [policy_key(ns, stream), state_key(ns, stream)]
+        inc, version = cached if cached else ("", -1)
+        out = await self._call(self._load(keys=keys, args=[inc, version, self.ttl_ms]))
+        if out[0] == b"wrongtype":
+            return RawStream(None, None, wrong_type=out[1].decode())
+        n = int(out[1])
+        policy = _pairs(out[2 : 2 + n])
+        state = _pairs(out[2 + n :])
+        return RawStream(policy or None, state or None)
 
-    async def set_policy(
-        self, ns: str, stream: str, record: dict[str, Any], only_if_new: bool = False
-    ) -> bool:
-        ok = await self._call(
-            self.client.set(stream_key(ns, stream), json.dumps(record), px=self.ttl_ms, nx=only_if_new)
-        )
-        return bool(ok)
+    async def create(self, ns: str, stream: str, inc: str, rec: bytes, version: int = 0) -> bool:
+        args = [inc, version, rec, self.ttl_ms]
+        return bool(await self._call(self._create(keys=[policy_key(ns, stream)], args=args)))
 
-    async def delete_stream(self, ns: str, stream: str, epoch: int) -> bool:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(stream_key(ns, stream), *epoch_state_keys(ns, stream, epoch))
-        pipe.zrem(drift_key(ns), stream)
-        deleted, _ = await self._call(pipe.execute())
+    async def replace(self, ns: str, stream: str, inc: str, rec: bytes, expected: str | None = None) -> bool:
+        keys = [policy_key(ns, stream), state_key(ns, stream)]
+        done = await self._call(self._replace(keys=keys, args=[inc, rec, self.ttl_ms, expected or ""]))
+        if done:
+            await self.set_drift(ns, stream, None)
+        return bool(done)
+
+    async def delete(self, ns: str, stream: str) -> bool:
+        deleted = await self._call(self.client.delete(policy_key(ns, stream), state_key(ns, stream)))
+        await self.set_drift(ns, stream, None)
         return bool(deleted)
 
-    async def get_state(self, ns: str, stream: str, epoch: int, with_blob: bool) -> StoredState | None:
-        fields = ("v", "meta", "blob") if with_blob else ("v", "meta")
-        values = await self._call(self.client.hmget(state_key(ns, stream, epoch), fields))
-        if values[0] is None:
-            return None
-        return StoredState(int(values[0]), values[2] if with_blob else None, json.loads(values[1]))
+    async def cas(
+        self,
+        ns: str,
+        stream: str,
+        inc: str,
+        expected: int,
+        blob: bytes,
+        meta: bytes,
+        rec: bytes,
+        drift: float | None,
+    ) -> int:
+        """The compare-and-set and the drift-board update in one round trip (the board lives in other hash
+        slots, so no script may touch both). The board is advisory: a conflicting step's score is still
+        this stream's; a replaced stream's entry is removed again (rare, one more round trip), and readers
+        skip streams that no longer exist."""
+        keys = [policy_key(ns, stream), state_key(ns, stream)]
+        pipe = self.client.pipeline(transaction=False)
+        await self._cas(keys=keys, args=[inc, expected, blob, meta, rec, self.ttl_ms], client=pipe)
+        board = drift_key(ns, drift_shard(stream))
+        if drift is None:
+            pipe.zrem(board, stream)
+        else:
+            pipe.zadd(board, {stream: drift})
+            pipe.pexpire(board, self.ttl_ms)
+        replies = await self._call(pipe.execute(raise_on_error=False))
+        for reply in replies[1:]:
+            if isinstance(reply, Exception):
+                log.warning("drift board of %s not updated: %s", ns, reply)
+        if isinstance(replies[0], Exception):
+            await self._call(_raise(replies[0]))
+        result = int(replies[0])
+        if result == CasOutcome.GONE:  # the board entry was this stream's old incarnation's
+            await self.set_drift(ns, stream, None)
+        if result == -3:
+            raise StateCorruptError("the stored state has the wrong type; DELETE the stream")
+        return result
 
-    async def cas_state(
-        self, ns: str, stream: str, epoch: int, expected: int, blob: bytes, meta: dict[str, Any], score: float
-    ) -> int | None:
-        keys = [state_key(ns, stream, epoch), drift_key(ns), stream_key(ns, stream)]
-        args = [expected, blob, json.dumps(meta), self.ttl_ms, score, stream]
-        result = await self._call(self._cas(keys=keys, args=args))
-        return None if int(result) < 0 else int(result)
+    async def set_drift(self, ns: str, stream: str, score: float | None) -> None:
+        key = drift_key(ns, drift_shard(stream))
+        if score is None:
+            await self._call(self.client.zrem(key, stream))
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(key, {stream: score})
+        pipe.pexpire(key, self.ttl_ms)
+        await self._call(pipe.execute())
 
     async def top_drift(self, ns: str, n: int) -> list[tuple[str, float]]:
-        rows = await self._call(self.client.zrevrange(drift_key(ns), 0, n - 1, withscores=True))
-        return [(m.decode() if isinstance(m, bytes) else m, float(s)) for m, s in rows]
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(DRIFT_SHARDS):
+            pipe.zrevrange(drift_key(ns, shard), 0, n - 1, withscores=True)
+        rows = [
+            (m.decode() if isinstance(m, bytes) else m, float(s))
+            for shard_rows in await self._call(pipe.execute())
+            for m, s in shard_rows
+        ]
+        return sorted(rows, key=lambda kv: -kv[1])[:n]
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, bytes]:
+    it = iter(flat)
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in zip(it, it, strict=True)}
+
+
+async def _raise(exc: Exception) -> Any:
+    raise exc

@@ -18,7 +18,7 @@ from adapters.serialization import state_from_bytes, state_to_bytes
 from tests.conftest import npy_bytes, require_redis
 from tests.reliability.conftest import NPY, REDIS_URL, batch
 from tta_server.bench.soak import check_store_integrity, free_port, start_replica, stop_process, wait_ready
-from tta_server.state_store import InMemoryStateStore, RedisStateStore, state_key
+from tta_server.state_store import CasOutcome, InMemoryStateStore, RedisStateStore, policy_key, state_key
 
 pytestmark = pytest.mark.redis
 STORE_TIMEOUT = 0.5
@@ -42,7 +42,11 @@ def metric_value(client, name: str, **labels: str) -> float:
 
 # ------------------------------------------------------------------ Redis unreachable / crashed
 def test_closed_port_answers_503_fast_and_readyz_503(make_client) -> None:
-    client = make_client(redis_url=f"redis://127.0.0.1:{free_port()}/0", store_timeout_seconds=STORE_TIMEOUT)
+    client = make_client(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        store_timeout_seconds=STORE_TIMEOUT,
+        store_grace_seconds=0,
+    )
     for _ in range(3):
         t0 = time.monotonic()
         r = predict(client, "cam")
@@ -56,14 +60,16 @@ def test_closed_port_answers_503_fast_and_readyz_503(make_client) -> None:
     assert r.status_code == 503
     t0 = time.monotonic()
     r = client.get("/readyz")
-    assert r.status_code == 503 and r.json()["store"] is False
+    assert r.status_code == 503 and r.json()["store"] == "down"
     assert time.monotonic() - t0 < FAST
     assert client.get("/healthz").status_code == 200  # liveness does not depend on the store
     assert metric_value(client, "tta_state_store_up") == 0
 
 
 def test_redis_crash_and_restart_recovers_without_app_restart(make_client, private_redis) -> None:
-    client = make_client(redis_url=private_redis.url, store_timeout_seconds=STORE_TIMEOUT)
+    client = make_client(
+        redis_url=private_redis.url, store_timeout_seconds=STORE_TIMEOUT, store_grace_seconds=0
+    )
     assert client.put("/v1/streams/cam", json={"strategy": "tent"}).status_code == 200
     for i in range(3):
         r = predict(client, "cam", seed=i)
@@ -118,8 +124,10 @@ def test_store_reconnects_every_pooled_connection_after_redis_restart(private_re
     async def burst(expected: int) -> list[str]:
         async def one(i: int) -> str | None:
             try:
-                await store.get_policy("ns", f"s{i}")
-                got = await store.cas_state("ns", f"s{i}", 0, expected, b"x", {"steps": expected + 1}, 0.0)
+                await store.load("ns", f"s{i}", None)
+                if expected == 0:
+                    await store.create("ns", f"s{i}", "inc", b"{}")
+                got = await store.cas("ns", f"s{i}", "inc", expected, b"x", b"{}", b"{}", 0.0)
                 return None if got == expected + 1 else f"s{i}: cas answered {got}"
             except StoreUnavailableError as exc:
                 return f"s{i}: {exc}"
@@ -137,8 +145,12 @@ def test_store_reconnects_every_pooled_connection_after_redis_restart(private_re
 
 
 # ------------------------------------------------------------------ corrupted / mismatched state
-def _state_field(stream: str, epoch: int = 0) -> str:
-    return state_key("default", stream, epoch)
+def _state_field(stream: str) -> str:
+    return state_key("default", stream)
+
+
+def _policy_field(stream: str) -> str:
+    return policy_key("default", stream)
 
 
 def test_corrupted_blob_is_409_state_corrupt_and_reset_fixes_it(make_client, redis_url) -> None:
@@ -245,27 +257,38 @@ def test_non_finite_update_is_discarded_and_not_reported_as_adapted(make_client,
         b"{not json",
         b'{"model": "cifar10_wrn40_2"}',
         b'"a string"',
+        b"[1, 2]",
         b'{"model": "m", "strategy": "s", "config": {}, "extra": 1}',
     ],
 )
-def test_corrupt_policy_record_is_409_and_put_or_delete_fixes_it(make_client, redis_url, record) -> None:
+def test_corrupt_policy_record_is_409_and_reset_put_or_delete_repair_it(
+    make_client, redis_url, record
+) -> None:
     client = make_client(redis_url=redis_url)
     client.put("/v1/streams/cam", json={"strategy": "tent"})
     assert predict(client, "cam").status_code == 200
     r = redis.Redis.from_url(redis_url)
-    r.set("tta:v1:stream:default:cam", record)
-    for method, path in (("get", "/v1/streams/cam"), ("post", "/v1/streams/cam/reset")):
-        resp = getattr(client, method)(path)
+    r.hset(_policy_field("cam"), "rec", record)
+    for method, path in (("get", "/v1/streams/cam"), ("post", "/v1/streams/cam/predict")):
+        resp = getattr(client, method)(
+            path, **({"content": npy_bytes(batch(8)), "headers": NPY} if "pre" in path else {})
+        )
         assert resp.status_code == 409 and resp.json()["error_type"] == "state_corrupt", resp.text
-    resp = predict(client, "cam", seed=1)
+    # Reset repairs it from the copy of the policy the state keeps: same policy, source state.
+    reset = client.post("/v1/streams/cam/reset")
+    assert reset.status_code == 200 and (reset.json()["strategy"], reset.json()["version"]) == ("tent", 0)
+    assert predict(client, "cam", seed=2).json()["version"] == 1
+    # Without a state to recover from, reset cannot know the policy: 409, and PUT repairs.
+    r.delete(_state_field("cam"))
+    r.hset(_policy_field("cam"), "rec", record)
+    resp = client.post("/v1/streams/cam/reset")
     assert resp.status_code == 409 and resp.json()["error_type"] == "state_corrupt"
-    # PUT replaces the record and starts from the source state, at an epoch no old state can occupy.
     fixed = client.put("/v1/streams/cam", json={"strategy": "tent"})
     assert fixed.status_code == 200 and fixed.json()["version"] == 0
     resp = predict(client, "cam", seed=2)
     assert resp.status_code == 200 and resp.json()["version"] == 1
     # DELETE drops a corrupt record too.
-    r.set("tta:v1:stream:default:cam", record)
+    r.hset(_policy_field("cam"), "rec", record)
     assert client.delete("/v1/streams/cam").status_code == 204
     assert client.get("/v1/streams/cam").status_code == 404
 
@@ -274,9 +297,9 @@ def test_stored_config_that_no_longer_validates_is_409_state_mismatch(make_clien
     client = make_client(redis_url=redis_url)
     client.put("/v1/streams/cam", json={"strategy": "tent"})
     r = redis.Redis.from_url(redis_url)
-    rec = json.loads(r.get("tta:v1:stream:default:cam"))
+    rec = json.loads(r.hget(_policy_field("cam"), "rec"))
     rec["config"]["lr"] = -5.0  # as if a release tightened the strategy's config schema
-    r.set("tta:v1:stream:default:cam", json.dumps(rec))
+    r.hset(_policy_field("cam"), "rec", json.dumps(rec))
     resp = predict(client, "cam")
     assert resp.status_code == 409 and resp.json()["error_type"] == "state_mismatch", resp.text
     assert client.put("/v1/streams/cam", json={"strategy": "tent"}).status_code == 200
@@ -284,16 +307,16 @@ def test_stored_config_that_no_longer_validates_is_409_state_mismatch(make_clien
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
-def test_deleted_stream_does_not_resurrect_an_old_epochs_state(make_client, store, request) -> None:
+def test_deleted_stream_does_not_resurrect_an_old_state(make_client, store, request) -> None:
     overrides = {"redis_url": request.getfixturevalue("redis_url")} if store == "redis" else {}
     client = make_client(**overrides)
     client.put("/v1/streams/cam", json={"strategy": "tent"})
     for i in range(2):
         assert predict(client, "cam", seed=i).json()["version"] == i + 1
-    client.post("/v1/streams/cam/reset")  # epoch 1; epoch 0's state is left to expire
+    client.post("/v1/streams/cam/reset")  # a new incarnation; the old state is dropped
     assert predict(client, "cam", seed=5).json()["version"] == 1
     assert client.delete("/v1/streams/cam").status_code == 204
-    client.put("/v1/streams/cam", json={"strategy": "tent"})  # epoch 0 again
+    client.put("/v1/streams/cam", json={"strategy": "tent"})  # yet another incarnation
     stream = client.get("/v1/streams/cam").json()
     assert (stream["version"], stream["steps"]) == (0, 0)
     assert predict(client, "cam", seed=6).json()["version"] == 1
@@ -308,20 +331,21 @@ def test_cas_with_stale_version_is_refused(kind: str) -> None:
     store = InMemoryStateStore(60) if kind == "memory" else RedisStateStore(REDIS_URL, 60, 1.0)
 
     async def scenario() -> None:
-        assert await store.cas_state("ns", "s", 0, 0, b"v1", {"steps": 1}, 0.0) == 1
-        assert await store.cas_state("ns", "s", 0, 0, b"stale", {"steps": 1}, 0.0) is None
-        assert await store.cas_state("ns", "s", 0, 5, b"future", {"steps": 6}, 0.0) is None
-        assert await store.cas_state("ns", "s", 0, 1, b"v2", {"steps": 2}, 0.0) == 2
-        got = await store.get_state("ns", "s", 0, with_blob=True)
-        assert got is not None and (got.version, got.blob, got.meta) == (2, b"v2", {"steps": 2})
-        # Another epoch is another key: an old epoch's writer cannot touch it.
-        assert await store.cas_state("ns", "s", 1, 2, b"old-epoch", {"steps": 3}, 0.0) is None
-        assert await store.get_state("ns", "s", 1, with_blob=False) is None
+        for name in ("s", "race"):
+            assert await store.create("ns", name, "inc", b"{}")
+        assert await store.cas("ns", "s", "inc", 0, b"v1", b"{}", b"{}", 0.0) == 1
+        assert await store.cas("ns", "s", "inc", 0, b"stale", b"{}", b"{}", 0.0) == CasOutcome.CONFLICT
+        assert await store.cas("ns", "s", "inc", 5, b"future", b"{}", b"{}", 0.0) == CasOutcome.CONFLICT
+        assert await store.cas("ns", "s", "inc", 1, b"v2", b"{}", b"{}", 0.0) == 2
+        got = await store.load("ns", "s", None)
+        assert got.state is not None and (got.state["v"], got.state["blob"]) == (b"2", b"v2")
+        # An old incarnation's writer cannot touch the state, whatever version it names.
+        assert await store.cas("ns", "s", "old", 2, b"old", b"{}", b"{}", 0.0) == CasOutcome.GONE
         # Racing writers with the same expected version: exactly one wins.
         results = await asyncio.gather(
-            *(store.cas_state("ns", "race", 0, 0, f"w{i}".encode(), {"steps": 1}, 0.0) for i in range(8))
+            *(store.cas("ns", "race", "inc", 0, f"w{i}".encode(), b"{}", b"{}", 0.0) for i in range(8))
         )
-        assert sorted(results, key=lambda x: x or 0) == [None] * 7 + [1]
+        assert sorted(results) == [CasOutcome.CONFLICT] * 7 + [1]
         await store.close()
 
     asyncio.run(scenario())

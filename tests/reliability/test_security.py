@@ -92,8 +92,8 @@ def test_namespaces_are_separate_redis_keys(client, redis_url) -> None:
 
     client.post("/v1/streams/cam/predict", content=npy_bytes(batch(4)), headers={**NPY, **auth(ALICE)})
     client.post("/v1/streams/cam/predict", content=npy_bytes(batch(4)), headers={**NPY, **auth(BOB)})
-    keys = {k.decode() for k in redis.Redis.from_url(redis_url).keys("tta:v1:state:*")}
-    assert keys == {"tta:v1:state:alice:cam:0", "tta:v1:state:bob:cam:0"}
+    keys = {k.decode() for k in redis.Redis.from_url(redis_url).keys("tta:v2:{*}:state")}
+    assert keys == {"tta:v2:{alice/cam}:state", "tta:v2:{bob/cam}:state"}
     # The secrets themselves are never part of a key.
     assert not any(ALICE in k or BOB in k for k in keys)
 
@@ -185,8 +185,8 @@ def test_no_pickle_anywhere_in_the_service() -> None:
 def test_state_codec_is_safetensors() -> None:
     src = (REPO / "adapters" / "serialization.py").read_text()
     assert "from safetensors.torch import load" in src and "pickle" not in src.split('"""', 2)[2]
-    engine = (REPO / "tta_server" / "engine.py").read_text()
-    assert "state_from_bytes" in engine and "torch.load" not in engine
+    repository = (REPO / "tta_server" / "engine" / "repository.py").read_text()
+    assert "state_from_bytes" in repository and "torch.load" not in repository
 
 
 def test_scanner_catches_what_it_is_meant_to_catch() -> None:

@@ -15,7 +15,6 @@ import torch
 import adapters
 from tests.conftest import MODELS_YAML
 from tta_server.engine import Engine, Policy, PredictOutcome
-from tta_server.errors import BatchTooSmallError
 from tta_server.metrics import Metrics
 from tta_server.model_pool import ModelPool
 from tta_server.settings import Settings
@@ -39,7 +38,7 @@ async def _queued(
     engine: Engine, policy: Policy, jobs: list[Callable[[], Awaitable[PredictOutcome]]]
 ) -> list[PredictOutcome | BaseException]:
     """Start `jobs` while the stream is busy, so they all queue, then let them run."""
-    async with engine.locks.hold(f"{NS}:{STREAM}:{policy.epoch}"):
+    async with engine.scheduler.locks.hold(f"{NS}/{STREAM}"):
         tasks = [asyncio.create_task(job()) for job in jobs]
         for _ in range(20):
             await asyncio.sleep(0)
@@ -50,7 +49,7 @@ async def _start_predicts(
     engine: Engine, policy: Policy, batches: list[torch.Tensor]
 ) -> list[asyncio.Task[PredictOutcome]]:
     """Start one adapting predict per batch, and let each reach (and queue on) the stream's lock."""
-    tasks = [asyncio.create_task(engine.predict(NS, STREAM, b, True, policy)) for b in batches]
+    tasks = [asyncio.create_task(engine.predict(NS, STREAM, b, True)) for b in batches]
     for _ in range(20):
         await asyncio.sleep(0)
     return tasks
@@ -65,8 +64,7 @@ def _run_queued(
         policy = await engine.put_policy(NS, STREAM, None, strategy, {}, 0)
         adapt = flags or [True] * len(batches)
         jobs = [
-            lambda b=b, a=a: engine.predict(NS, STREAM, b, a, policy)
-            for b, a in zip(batches, adapt, strict=True)
+            lambda b=b, a=a: engine.predict(NS, STREAM, b, a) for b, a in zip(batches, adapt, strict=True)
         ]
         return await _queued(engine, policy, jobs)
 
@@ -100,9 +98,9 @@ def test_queued_requests_share_one_step_on_their_concatenation(
     async def scenario() -> tuple[list[Any], dict[str, Any], float]:
         policy = await engine.put_policy(NS, STREAM, None, strategy, {}, 0)
         outs = await _queued(
-            engine, policy, [lambda b=b: engine.predict(NS, STREAM, b, True, policy) for b in batches]
+            engine, policy, [lambda b=b: engine.predict(NS, STREAM, b, True) for b in batches]
         )
-        _, meta, _ = await engine.describe(NS, STREAM)
+        meta = (await engine.describe(NS, STREAM)).meta
         samples = engine.metrics.samples.labels(policy.model, strategy)._value.get()
         merged = _histogram(engine, "tta_step_requests", strategy)
         return outs, meta, (samples, merged)
@@ -144,7 +142,7 @@ def test_adapting_and_frozen_requests_are_not_merged(pool: ModelPool, cifar_arra
 def test_a_too_small_request_fails_alone(pool: ModelPool, cifar_array: np.ndarray) -> None:
     """tent needs 2 images: a 1-image request errors even though merging would have made it big enough."""
     a, small, c = _run_queued(_engine(pool), "tent", _batches(cifar_array, [8, 1, 8]))
-    assert isinstance(small, BatchTooSmallError)
+    assert isinstance(small, adapters.BatchTooSmallError)  # the core's error; the API maps it
     assert (a.requests, c.requests, a.version, c.version) == (2, 2, 1, 1)
 
 
@@ -159,18 +157,18 @@ def test_a_failing_step_fails_every_merged_request_and_keeps_the_state(
 
     async def scenario() -> tuple[list[Any], list[Any], int]:
         policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
-        jobs = [lambda b=b: engine.predict(NS, STREAM, b, True, policy) for b in batches]
-        monkeypatch.setattr(engine, "_step", broken)
+        jobs = [lambda b=b: engine.predict(NS, STREAM, b, True) for b in batches]
+        monkeypatch.setattr(engine, "_compute", broken)
         failed = await _queued(engine, policy, jobs)
         monkeypatch.undo()
         after = await _queued(engine, policy, jobs)
-        _, _, version = await engine.describe(NS, STREAM)
+        version = (await engine.describe(NS, STREAM)).version
         return failed, after, version
 
     failed, after, version = asyncio.run(scenario())
     engine.close()
     assert all(isinstance(e, RuntimeError) and str(e) == "device lost" for e in failed)
-    assert not engine._queues  # nothing left behind for the next holder
+    assert not engine.scheduler.queues  # nothing left behind for the next holder
     assert [o.version for o in after] == [1, 1, 1] and version == 1
 
 
@@ -180,11 +178,11 @@ def test_a_cancelled_request_is_not_served(pool: ModelPool, cifar_array: np.ndar
 
     async def scenario() -> tuple[list[Any], dict[str, Any]]:
         policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
-        async with engine.locks.hold(f"{NS}:{STREAM}:{policy.epoch}"):
+        async with engine.scheduler.locks.hold(f"{NS}/{STREAM}"):
             tasks = await _start_predicts(engine, policy, batches)
             tasks[1].cancel()  # the client went away while waiting
         outs = await asyncio.gather(*tasks, return_exceptions=True)
-        _, meta, _ = await engine.describe(NS, STREAM)
+        meta = (await engine.describe(NS, STREAM)).meta
         return outs, meta
 
     (a, cancelled, c), meta = asyncio.run(scenario())
@@ -235,10 +233,12 @@ def _warm_streams(engine: Engine, strategy: str, streams: list[str], warmup: tor
         out = []
         for s in streams:
             policy = await engine.put_policy(NS, s, None, strategy, {}, 0)
-            await engine.predict(NS, s, warmup, True, policy)
-            handle, strat = engine.pool.get(policy.model), engine.strategy(strategy)
-            _, state = await engine._load(NS, s, policy, handle, strat, strat.parse_config(policy.config))
-            out.append((policy, state))
+            await engine.predict(NS, s, warmup, True)
+            handle, strat = engine.pool.get(policy.model), adapters.get_strategy(strategy)
+            cfg = strat.parse_config(policy.config)
+            loaded = await engine.repository.state_for(NS, s, policy, None, handle, strat, cfg)
+            assert loaded is not None and loaded[0] == 1  # the committed state, from the device cache
+            out.append((policy, loaded[1]))
         return out
 
     return asyncio.run(scenario())
@@ -255,10 +255,7 @@ def test_steps_of_different_streams_share_one_forward(
     calls = _record_step_many(monkeypatch)
     outs = _blocked_engine_run(
         engine,
-        [
-            lambda s=s, b=b, p=p: engine.predict(NS, s, b, True, p)
-            for s, b, (p, _) in zip(streams, batches, before, strict=True)
-        ],
+        [lambda s=s, b=b: engine.predict(NS, s, b, True) for s, b in zip(streams, batches, strict=True)],
     )
     assert calls == [[8, 3, 12]]  # one forward for the three streams
     # the warm-up steps ran alone (three forwards of one stream), then one forward of three streams
@@ -280,13 +277,8 @@ def test_gradient_steps_and_disabled_sharing_run_alone(
     # tent never shares; norm shares only when asked to or on a CUDA model (these run on the CPU).
     for strategy, share in (("tent", True), ("norm", False), ("norm", None)):
         engine = _engine(pool, compute_workers=1, share_forward=share)
-        before = _warm_streams(engine, strategy, ["s0", "s1"], warmup)
-        jobs = [
-            lambda i=i, engine=engine, before=before: engine.predict(
-                NS, f"s{i}", batches[i], True, before[i][0]
-            )
-            for i in range(2)
-        ]
+        _warm_streams(engine, strategy, ["s0", "s1"], warmup)
+        jobs = [lambda i=i, engine=engine: engine.predict(NS, f"s{i}", batches[i], True) for i in range(2)]
         outs = _blocked_engine_run(engine, jobs)
         assert all(isinstance(o, PredictOutcome) and o.adapted and o.version == 2 for o in outs)
     assert calls == []
@@ -297,7 +289,7 @@ def test_a_cancelled_lock_holder_still_serves_the_requests_merged_into_its_step(
 ) -> None:
     batches = _batches(cifar_array, [8, 8, 8])
     engine = _engine(pool)
-    real_step = engine._step
+    real_step = engine._compute
     started = asyncio.Event()
 
     async def slow_step(*args: Any) -> Any:
@@ -307,13 +299,13 @@ def test_a_cancelled_lock_holder_still_serves_the_requests_merged_into_its_step(
 
     async def scenario() -> tuple[list[Any], dict[str, Any]]:
         policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
-        monkeypatch.setattr(engine, "_step", slow_step)
-        async with engine.locks.hold(f"{NS}:{STREAM}:{policy.epoch}"):
+        monkeypatch.setattr(engine, "_compute", slow_step)
+        async with engine.scheduler.locks.hold(f"{NS}/{STREAM}"):
             tasks = await _start_predicts(engine, policy, batches)
         await started.wait()
         tasks[0].cancel()  # the holder's client goes away while the merged step runs
         outs = await asyncio.gather(*tasks, return_exceptions=True)
-        _, meta, _ = await engine.describe(NS, STREAM)
+        meta = (await engine.describe(NS, STREAM)).meta
         return outs, meta
 
     (holder, b, c), meta = asyncio.run(scenario())

@@ -7,9 +7,10 @@ import threading
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from tests.conftest import npy_bytes
-from tta_server.state_store import InMemoryStateStore, RedisStateStore
+from tta_server.state_store import CasOutcome, InMemoryStateStore, RedisStateStore
 
 pytestmark = pytest.mark.redis
 NPY = {"content-type": "application/x-npy"}
@@ -23,16 +24,18 @@ def test_each_stream_has_its_own_state_in_redis(make_client, redis_url, cifar_ar
         r = client.post(f"/v1/streams/{stream}/predict", content=npy_bytes(cifar_array[:32]), headers=NPY)
         assert r.status_code == 200 and r.json()["adapted"]
     r = redis.Redis.from_url(redis_url)
-    keys = {k.decode() for k in r.keys("tta:v1:*")}
-    assert {"tta:v1:stream:default:cam-a", "tta:v1:stream:default:cam-b"} <= keys
-    assert {"tta:v1:state:default:cam-a:0", "tta:v1:state:default:cam-b:0"} <= keys
+    keys = {k.decode() for k in r.keys("tta:v2:*")}
+    streams = ("{default/cam-a}", "{default/cam-b}")
+    assert {f"tta:v2:{s}:policy" for s in streams} | {f"tta:v2:{s}:state" for s in streams} <= keys
     from adapters.serialization import state_from_bytes
 
-    a = state_from_bytes(r.hget("tta:v1:state:default:cam-a:0", "blob"))
-    b = state_from_bytes(r.hget("tta:v1:state:default:cam-b:0", "blob"))
+    a = state_from_bytes(r.hget("tta:v2:{default/cam-a}:state", "blob"))
+    b = state_from_bytes(r.hget("tta:v2:{default/cam-b}:state", "blob"))
     assert a.meta["strategy"] == "alpha_bn" and not any(k.startswith("opt.") for k in a.tensors)
     assert b.meta["strategy"] == "tent" and any(k.startswith("opt.exp_avg.") for k in b.tensors)
-    assert r.ttl("tta:v1:state:default:cam-b:0") > 0
+    # Both keys of a stream carry the TTL, and they share one Redis Cluster hash slot.
+    assert r.ttl("tta:v2:{default/cam-b}:state") > 0 and r.ttl("tta:v2:{default/cam-b}:policy") > 0
+    assert len({key_slot(k.encode()) for k in keys if "cam-b" in k}) == 1
 
 
 def test_state_survives_a_server_restart(make_client, redis_url, cifar_array) -> None:
@@ -122,19 +125,35 @@ def test_store_compare_and_set_refuses_stale_versions(kind, redis_url) -> None:
     store = InMemoryStateStore(60) if kind == "memory" else RedisStateStore(redis_url, 60, 1.0)
 
     async def scenario() -> None:
-        assert await store.cas_state("ns", "s", 0, 0, b"one", {"steps": 1}, 0.1) == 1
-        assert await store.cas_state("ns", "s", 0, 0, b"stale", {"steps": 1}, 0.1) is None
-        assert await store.cas_state("ns", "s", 0, 1, b"two", {"steps": 2}, 0.2) == 2
-        got = await store.get_state("ns", "s", 0, with_blob=True)
-        assert got is not None and (got.version, got.blob, got.meta) == (2, b"two", {"steps": 2})
+        assert await store.create("ns", "s", "inc-a", b"{}")
+        assert not await store.create("ns", "s", "inc-b", b"{}")  # only where no policy exists
+        assert await store.cas("ns", "s", "inc-a", 0, b"one", b'{"steps": 1}', b"{}", 0.1) == 1
+        assert await store.cas("ns", "s", "inc-a", 0, b"stale", b"{}", b"{}", 0.1) == CasOutcome.CONFLICT
+        assert await store.cas("ns", "s", "inc-a", 1, b"two", b'{"steps": 2}', b"{}", 0.2) == 2
         assert await store.top_drift("ns", 5) == [("s", 0.2)]
+        # Another incarnation can never commit on this one's state, whatever version it names.
+        assert await store.cas("ns", "s", "inc-b", 2, b"x", b"{}", b"{}", 0.3) == CasOutcome.GONE
+        got = await store.load("ns", "s", None)
+        assert got.state is not None and (got.state["v"], got.state["blob"]) == (b"2", b"two")
+        assert got.policy is not None and got.policy["v"] == b"2"
+        # A cached copy of this incarnation and version: the blob is not sent again.
+        assert "blob" not in (await store.load("ns", "s", ("inc-a", 2))).state
+        # A conditional replace only replaces the incarnation it names, and drops the old state.
+        assert not await store.replace("ns", "s", "inc-c", b"{}", expected="inc-b")
+        assert await store.replace("ns", "s", "inc-c", b"{}", expected="inc-a")
+        after = await store.load("ns", "s", None)
+        assert after.state is None and after.policy is not None and after.policy["inc"] == b"inc-c"
+        assert await store.top_drift("ns", 5) == []
+        assert await store.delete("ns", "s") and not await store.delete("ns", "s")
         await store.close()
 
     asyncio.run(scenario())
 
 
 def test_unreachable_redis_fails_fast_with_503(make_client, cifar_array) -> None:
-    client = make_client(redis_url="redis://127.0.0.1:6399/0", store_timeout_seconds=0.5)
+    client = make_client(
+        redis_url="redis://127.0.0.1:6399/0", store_timeout_seconds=0.5, store_grace_seconds=0
+    )
     r = client.post("/v1/streams/x/predict", content=npy_bytes(cifar_array[:8]), headers=NPY)
     assert r.status_code == 503 and r.json()["error_type"] == "state_store_unavailable"
     assert client.get("/readyz").status_code == 503

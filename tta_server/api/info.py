@@ -7,7 +7,6 @@ from fastapi.responses import JSONResponse
 
 import adapters
 from tta_server.api.deps import EngineDep
-from tta_server.errors import TTAError
 from tta_server.schemas import ModelInfo, ModelList, StrategyInfo, StrategyList
 
 router = APIRouter(tags=["info"])
@@ -57,19 +56,16 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
+    """200 while this replica can serve; the body says how the state store is (`ok`, `full`: refusing
+    writes, `down`). 503 while starting, or once the store has been unreachable past the grace period."""
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         return JSONResponse({"status": "starting", "models": False, "store": False}, status_code=503)
-    try:
-        await engine.store.ping()
-        engine.metrics.store_up.set(1)
-        store_ok = True
-    except TTAError:
-        engine.metrics.store_up.set(0)
-        store_ok = False
+    health = await engine.health()
     body = {
-        "status": "ready" if store_ok else "store_unavailable",
+        "status": "ready" if health["ready"] else "store_unavailable",
         "models": list(engine.pool.handles),
-        "store": store_ok,
+        "store": health["store"],
+        "store_down_seconds": health["store_down_seconds"],
     }
-    return JSONResponse(body, status_code=200 if store_ok else 503)
+    return JSONResponse(body, status_code=200 if health["ready"] else 503)

@@ -11,7 +11,7 @@ from starlette.datastructures import UploadFile
 from adapters import ModelHandle
 from tta_server import codec
 from tta_server.api.deps import EngineDep, NamespaceDep, SettingsDep, StreamId
-from tta_server.engine import Engine, Policy, PredictOutcome
+from tta_server.engine import Engine, PredictOutcome, StreamView
 from tta_server.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaTypeError
 from tta_server.schemas import (
     Drift,
@@ -32,24 +32,31 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix="/v1", tags=["streams"], responses=ERRORS)
 
 
-def _public(stream: str, policy: Policy, meta: dict[str, Any], version: int) -> StreamPublic:
+def _public(stream: str, view: StreamView) -> StreamPublic:
+    policy, meta = view.policy, view.meta
     return StreamPublic(
         stream_id=stream,
         model=policy.model,
         strategy=policy.strategy,
         config=policy.config,
         seed=policy.seed,
+        incarnation=policy.incarnation,
+        origin=policy.origin,
         steps=int(meta.get("steps", 0)),
         updates=int(meta.get("updates", 0)),
         samples_seen=int(meta.get("samples_seen", 0)),
-        version=version,
-        drift=Drift(**(meta.get("drift") or {})),
+        version=view.version,
+        drift=_drift(meta),
     )
 
 
+def _drift(meta: dict[str, Any]) -> Drift:
+    raw = meta.get("drift")
+    return Drift(**raw) if isinstance(raw, dict) else Drift()
+
+
 async def _describe(engine: Engine, ns: str, stream: str) -> StreamPublic:
-    policy, meta, version = await engine.describe(ns, stream)
-    return _public(stream, policy, meta, version)
+    return _public(stream, await engine.describe(ns, stream))
 
 
 @router.put("/streams/{stream_id}", response_model=StreamPublic)
@@ -84,14 +91,10 @@ async def drift_top(
     engine: EngineDep, ns: NamespaceDep, n: Annotated[int, Query(ge=1, le=1000)] = 10
 ) -> DriftTop:
     """Streams of this namespace with the largest BN-statistics distance from the source."""
-    rows = []
-    for stream, _score in await engine.store.top_drift(ns, n):
-        policy = await engine.get_policy(ns, stream)
-        if policy is None:
-            continue
-        stored = await engine.store.get_state(ns, stream, policy.epoch, with_blob=False)
-        drift = Drift(**((stored.meta.get("drift") if stored else None) or {}))
-        rows.append(StreamDrift(stream_id=stream, model=policy.model, strategy=policy.strategy, drift=drift))
+    rows = [
+        StreamDrift(stream_id=stream, model=v.policy.model, strategy=v.policy.strategy, drift=_drift(v.meta))
+        for stream, v in await engine.top_drift(ns, n)
+    ]
     return DriftTop(streams=rows)
 
 
@@ -134,10 +137,10 @@ async def predict(
     top_k: Annotated[int, Query(ge=1, le=1000)] = 3,
 ) -> PredictResponse:
     """Predict a batch of images for a stream, adapting its state unless adapt=false."""
-    stored = await engine.get_policy(ns, stream_id)
-    handle = engine.pool.get((stored or engine.default_policy).model)
+    resolved = await engine.resolve(ns, stream_id)
+    handle = engine.pool.get(resolved.policy.model)
     batch = await _read_batch(request, handle, settings, engine)
-    outcome = await engine.predict(ns, stream_id, batch, adapt, stored)
+    outcome = await engine.predict(ns, stream_id, batch, adapt, resolved)
     return _response(stream_id, outcome, handle.classes, top_k)
 
 
@@ -159,7 +162,11 @@ def _response(stream: str, out: PredictOutcome, classes: tuple[str, ...], top_k:
         stream_id=stream,
         model=out.policy.model,
         strategy=out.policy.strategy,
+        incarnation=out.policy.incarnation,
+        created=out.created,
+        lost=out.lost,  # type: ignore[arg-type]
         adapted=out.adapted,
+        not_adapted=out.not_adapted,
         conflict=out.conflict,
         version=out.version,
         predictions=preds,

@@ -159,7 +159,7 @@ def check_store_integrity(redis_url: str) -> tuple[int, list[str]]:
     problems: list[str] = []
     count = 0
     try:
-        for key in client.scan_iter(match="tta:v1:state:*", count=500):
+        for key in client.scan_iter(match="tta:v2:{*}:state", count=500):
             version, blob, meta = client.hmget(key, ["v", "blob", "meta"])
             name = key.decode()
             count += 1

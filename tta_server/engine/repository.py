@@ -1,0 +1,158 @@
+"""Stream states: load (through a device-side cache), prepare for storage, and compare-and-set commit.
+
+A cached state is used only under the incarnation and version the store confirms (or newer, when this
+replica committed it after the store was read): a re-created, reset or evicted stream can never be
+answered from an old incarnation's cache, whatever its version number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult, StrategyConfig
+from adapters.serialization import state_from_bytes, state_to_bytes, to_host
+from tta_server import drift
+from tta_server.errors import StateMismatchError, StoreFullError
+from tta_server.metrics import Metrics
+from tta_server.records import Policy, StateRecord, encode_meta
+from tta_server.state_store import CasOutcome, StateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A step's new state, ready to store: made on the compute thread in the same hop as the step."""
+
+    state: AdaptationState  # device tensors, with the drift figures and policy hash in its meta
+    blob: bytes | None  # None: the update held inf/nan and must not be stored
+    meta: bytes
+    drift: dict[str, Any]
+
+
+def prepare(result: StepResult, policy: Policy, num_classes: int, momentum: float) -> Prepared:
+    """Compute thread: fold the step into the drift figures, copy the state to the host once (one copy
+    per dtype), check it is finite and encode it."""
+    new_drift = drift.update(result.state.meta.get("drift"), result, num_classes, momentum)
+    state = result.state.with_updates(drift=new_drift, policy=policy.config_hash())
+    host = _finite_on_host(state.tensors)
+    blob = None if host is None else state_to_bytes(AdaptationState(host, state.meta))
+    return Prepared(state, blob, encode_meta(dict(state.meta)), new_drift)
+
+
+def _finite_on_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Host copies of `tensors`, or None when any of them holds inf or nan."""
+    host = to_host(tensors)
+    sums = [t.float().sum() for t in host.values() if t.is_floating_point()]
+    return host if not sums or bool(torch.isfinite(torch.stack(sums)).all()) else None
+
+
+@dataclass
+class _Cached:
+    incarnation: str
+    version: int
+    state: AdaptationState
+
+
+class StateRepository:
+    def __init__(
+        self, store: StateStore, executor: ThreadPoolExecutor, metrics: Metrics, cache_size: int
+    ) -> None:
+        self.store = store
+        self.executor = executor
+        self.metrics = metrics
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
+        self.writable = True  # False after the store refused a write for lack of memory
+
+    def cached_version(self, ns: str, stream: str) -> tuple[str, int] | None:
+        """(incarnation, version) of the cached state: the store skips sending a blob that matches it."""
+        hit = self._cache.get((ns, stream))
+        return (hit.incarnation, hit.version) if hit else None
+
+    def forget(self, ns: str, stream: str) -> None:
+        self._cache.pop((ns, stream), None)
+
+    async def state_for(
+        self,
+        ns: str,
+        stream: str,
+        policy: Policy,
+        record: StateRecord | None,
+        handle: ModelHandle,
+        strat: ComposedStrategy,
+        cfg: StrategyConfig,
+    ) -> tuple[int, AdaptationState] | None:
+        """The state a step of `policy`'s incarnation starts from, given the store's `record` of it.
+
+        None: the record's blob was skipped against a cache entry that is gone; load again without it.
+        """
+        hit = self._cache.get((ns, stream))
+        if hit is not None and hit.incarnation == policy.incarnation:
+            stored = record.version if record is not None else 0
+            if hit.version >= stored:
+                self._cache.move_to_end((ns, stream))
+                return hit.version, hit.state
+        if record is None:
+            return 0, await self._run(strat.init_state, handle, cfg, policy.seed)
+        if record.blob is None:
+            return None
+        if record.meta.get("policy") != policy.config_hash():
+            raise StateMismatchError(
+                "stored state was written under another policy; reset the stream", detail={"stream": stream}
+            )
+        state = await self._run(state_from_bytes, record.blob, handle.device)
+        strat.check_state(handle, state)  # adapters.StateMismatchError -> 409 state_mismatch
+        return record.version, state
+
+    async def commit(self, ns: str, stream: str, policy: Policy, version: int, prepared: Prepared) -> int:
+        """Store `prepared` as version+1 of the stream's incarnation: the new version, or a CasOutcome."""
+        assert prepared.blob is not None
+        t0 = time.perf_counter()
+        try:
+            result = await self.store.cas(
+                ns,
+                stream,
+                policy.incarnation,
+                version,
+                prepared.blob,
+                prepared.meta,
+                policy.encode(),
+                prepared.drift.get("bn_distance"),
+            )
+        except StoreFullError:
+            self.writable = False
+            self.metrics.store_writable.set(0)
+            raise
+        self.metrics.store_duration.labels("save").observe(time.perf_counter() - t0)
+        self.metrics.store_up.set(1)
+        self.metrics.store_writable.set(1)
+        self.writable = True
+        if result > 0:
+            self._remember(ns, stream, _Cached(policy.incarnation, result, prepared.state))
+        else:
+            self.forget(ns, stream)
+        return result
+
+    def _remember(self, ns: str, stream: str, entry: _Cached) -> None:
+        if self.cache_size <= 0:
+            return
+        self._cache[(ns, stream)] = entry
+        self._cache.move_to_end((ns, stream))
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+__all__ = ["CasOutcome", "Prepared", "StateRepository", "prepare"]
