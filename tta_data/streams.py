@@ -1,4 +1,4 @@
-"""Test-stream orders and corrupted CIFAR test streams (test-stream protocols, shared/docs/algorithms.md §7).
+"""Test-stream orders and corrupted CIFAR test streams (test-stream protocols, docs/ALGORITHMS.md §7).
 
 Every order is deterministic for a seed and returned as positions into the given label array. A stream is a
 class-balanced subset of the dataset, ordered once, then replayed under each corruption in turn and yielded
@@ -82,7 +82,7 @@ def dirichlet_order(
 ) -> IntArray:
     """Label-correlated order by Dirichlet(``delta``) chunking; ``delta=0`` sorts by label.
 
-    Implements shared/docs/algorithms.md §7.3. The samples are shuffled, then split into ``num_chunks`` time
+    Implements docs/ALGORITHMS.md §7.3. The samples are shuffled, then split into ``num_chunks`` time
     slots (default: number of classes, ``max(labels) + 1``): for each class in turn its (shuffled) samples
     are divided among the slots by proportions ``q ~ Dir(delta * 1)``, with the proportion of every slot
     already holding ``>= N / num_chunks`` samples set to zero and the rest renormalised. This is repeated

@@ -2,7 +2,7 @@
 
 All strategies run in-process (no server) on the identical stream: the same seeded, class-balanced subset
 of the test split, in the same order, under each corruption. Every corruption's batches are decoded and
-corrupted once, kept in memory and replayed for each strategy. Protocols (docs/algorithms.md §7):
+corrupted once, kept in memory and replayed for each strategy. Protocols (docs/ALGORITHMS.md §7.1):
 ``--reset per-corruption`` initialises the strategy's state before every corruption ("reset_each_shift"),
 ``--reset never`` runs the corruptions back to back on one state (continual).
 
