@@ -46,6 +46,10 @@ class EATAUpdater:
         self.name = name
         self.config_cls = config_cls
 
+    def needs_source_data(self, cfg: EATAConfig) -> bool:
+        """The Fisher penalty is computed on the model's source images (ETA has none)."""
+        return cfg.fisher_alpha > 0
+
     def init_state(self, handle: ModelHandle, cfg: EATAConfig, forward: Forward, seed: int):  # type: ignore[no-untyped-def]
         names = handle.affine_names()
         tensors = init_affine_state(handle, cfg, names)

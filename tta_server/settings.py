@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     )
 
     redis_url: str | None = Field(None, description="redis://host:port/db; unset = in-process store")
-    state_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="idle streams expire after this")
+    state_ttl_seconds: int = Field(
+        7 * 24 * 3600, ge=1, description="streams unused (no predict, no read) this long expire"
+    )
     store_timeout_seconds: float = Field(1.0, gt=0, le=30)
     conflict_retries: int = Field(
         2, ge=0, le=10, description="re-runs of a step when another replica won the race"

@@ -228,28 +228,33 @@ class InMemoryStateStore:
 
 
 # KEYS: policy, state. ARGV: cached incarnation ('' = none), cached version, TTL ms.
-# Returns {policy fields..., '|', state fields...} as flat lists, or {'wrongtype', key}.
+# Returns {wrong-typed key or '', #policy fields, policy fields..., state fields...}: a key holding anything
+# but a hash is named and not read, so the other record still is.
 _LOAD = """
-for _, k in ipairs(KEYS) do
-  local t = redis.call('TYPE', k)['ok']
-  if t ~= 'hash' and t ~= 'none' then return {'wrongtype', k} end
-end
-local p = redis.call('HGETALL', KEYS[1])
-local s = redis.call('HMGET', KEYS[2], 'inc', 'v', 'meta', 'policy')
-local out = {'ok', #p}
-for _, x in ipairs(p) do out[#out + 1] = x end
-if s[2] then
-  out[#out + 1] = 'inc'; out[#out + 1] = s[1] or ''
-  out[#out + 1] = 'v'; out[#out + 1] = s[2]
-  if s[3] then out[#out + 1] = 'meta'; out[#out + 1] = s[3] end
-  if s[4] then out[#out + 1] = 'policy'; out[#out + 1] = s[4] end
-  if s[1] ~= ARGV[1] or s[2] ~= ARGV[2] then
-    local b = redis.call('HGET', KEYS[2], 'blob')
-    if b then out[#out + 1] = 'blob'; out[#out + 1] = b end
+local bad = ''
+local p = {}
+local s = {}
+local tp = redis.call('TYPE', KEYS[1])['ok']
+if tp == 'hash' then p = redis.call('HGETALL', KEYS[1]) elseif tp ~= 'none' then bad = KEYS[1] end
+local ts = redis.call('TYPE', KEYS[2])['ok']
+if ts == 'hash' then
+  local f = redis.call('HMGET', KEYS[2], 'inc', 'v', 'meta', 'policy')
+  local names = {'inc', 'v', 'meta', 'policy'}
+  for i = 1, 4 do
+    if f[i] then s[#s + 1] = names[i]; s[#s + 1] = f[i] end
   end
+  if f[1] ~= ARGV[1] or f[2] ~= ARGV[2] then
+    local b = redis.call('HGET', KEYS[2], 'blob')
+    if b then s[#s + 1] = 'blob'; s[#s + 1] = b end
+  end
+elseif ts ~= 'none' then
+  bad = KEYS[2]
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
+local out = {bad, #p}
+for _, x in ipairs(p) do out[#out + 1] = x end
+for _, x in ipairs(s) do out[#out + 1] = x end
 return out
 """
 
@@ -335,12 +340,9 @@ class RedisStateStore:
         keys = [policy_key(ns, stream), state_key(ns, stream)]
         inc, version = cached if cached else ("", -1)
         out = await self._call(self._load(keys=keys, args=[inc, version, self.ttl_ms]))
-        if out[0] == b"wrongtype":
-            return RawStream(None, None, wrong_type=out[1].decode())
         n = int(out[1])
-        policy = _pairs(out[2 : 2 + n])
-        state = _pairs(out[2 + n :])
-        return RawStream(policy or None, state or None)
+        policy, state = _pairs(out[2 : 2 + n]), _pairs(out[2 + n :])
+        return RawStream(policy or None, state or None, wrong_type=out[0].decode() or None)
 
     async def create(self, ns: str, stream: str, inc: str, rec: bytes, version: int = 0) -> bool:
         args = [inc, version, rec, self.ttl_ms]

@@ -55,3 +55,21 @@ def private_redis() -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.close()
+
+
+def predict(client: Any, stream: str, n: int = 8, seed: int = 0, **params: Any) -> Any:
+    """An npy predict of n random images on `stream` through a TestClient (or httpx client)."""
+    from tests.conftest import npy_bytes
+
+    return client.post(
+        f"/v1/streams/{stream}/predict", params=params, content=npy_bytes(batch(n, seed)), headers=NPY
+    )
+
+
+def metric_value(client: Any, name: str, **labels: str) -> float:
+    """Sum of a metric's samples (matching `labels`) on the client's /metrics page."""
+    total = 0.0
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

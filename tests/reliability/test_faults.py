@@ -16,7 +16,7 @@ import torch
 
 from adapters.serialization import state_from_bytes, state_to_bytes
 from tests.conftest import npy_bytes, require_redis
-from tests.reliability.conftest import NPY, REDIS_URL, batch
+from tests.reliability.conftest import NPY, REDIS_URL, batch, metric_value, predict
 from tta_server.bench.soak import check_store_integrity, free_port, start_replica, stop_process, wait_ready
 from tta_server.state_store import CasOutcome, InMemoryStateStore, RedisStateStore, policy_key, state_key
 
@@ -24,20 +24,6 @@ pytestmark = pytest.mark.redis
 STORE_TIMEOUT = 0.5
 # Generous for a loaded 2-core machine; a fail-fast answer takes milliseconds, a hang would take seconds.
 FAST = STORE_TIMEOUT + 1.5
-
-
-def predict(client, stream: str, n: int = 8, seed: int = 0, **params):
-    return client.post(
-        f"/v1/streams/{stream}/predict", params=params, content=npy_bytes(batch(n, seed)), headers=NPY
-    )
-
-
-def metric_value(client, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 # ------------------------------------------------------------------ Redis unreachable / crashed

@@ -189,14 +189,14 @@ class StreamService:
         """The policy to keep, and the incarnation the replace is conditional on (None: unconditional)."""
         if raw.policy is None and raw.state is None and raw.wrong_type is None:
             raise UnknownStreamError(f"stream {stream!r} does not exist")
-        if raw.wrong_type is None and raw.policy is not None:
+        if raw.policy is not None:
             try:
                 prec = decode_policy_record(raw.policy)
                 return prec.policy, prec.policy.incarnation
             except CorruptRecordError:
                 pass
         try:
-            copy = decode_state_record(raw.state).policy if raw.state and raw.wrong_type is None else None
+            copy = decode_state_record(raw.state).policy if raw.state is not None else None
         except CorruptRecordError:
             copy = None
         if copy is None:
