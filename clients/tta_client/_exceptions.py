@@ -2,21 +2,31 @@
 
     TTAError
     ├── TransportError                 the server could not be reached (connect, read, timeout)
-    └── APIError(status, error_type, message, detail)
+    └── APIError(status, error_type, message, detail, retry_after)
+        ├── BadRequestError            400 bad_request
+        ├── InvalidImageError          400 invalid_image
+        ├── UnauthorizedError          401 unauthorized
+        ├── NotFoundError              404 not_found (no such route)
+        ├── StreamNotFoundError        404 unknown_stream
+        ├── MethodNotAllowedError      405 method_not_allowed
+        ├── StateMismatchError         409 state_mismatch
+        ├── StateCorruptError          409 state_corrupt
+        ├── PayloadTooLargeError       413 payload_too_large
+        ├── UnsupportedMediaTypeError  415 unsupported_media_type
         ├── ValidationError            422 validation
         ├── UnknownStrategyError       422 unknown_strategy
         ├── UnknownModelError          422 unknown_model
+        ├── IncompatibleModelError     422 incompatible_model
         ├── BatchTooSmallError         422 batch_too_small
-        ├── StreamNotFoundError        404 unknown_stream
-        ├── InvalidImageError          400 invalid_image
-        ├── UnsupportedMediaTypeError  415 unsupported_media_type
-        ├── PayloadTooLargeError       413 payload_too_large
-        ├── StateMismatchError         409 state_mismatch
-        ├── StateCorruptError          409 state_corrupt
-        ├── UnauthorizedError          401 unauthorized
-        ├── RateLimitedError           429 rate_limited (retry_after from the Retry-After header)
-        ├── StoreUnavailableError      503 state_store_unavailable
-        └── ServerError                500 internal (and any other 5xx)
+        ├── RateLimitedError           429 rate_limited
+        ├── ServerError                500 internal (and any other 5xx)
+        └── UnavailableError           503 (any 503: retry later)
+            ├── StoreUnavailableError  503 state_store_unavailable
+            ├── StoreFullError         503 state_store_full
+            ├── OverloadedError        503 overloaded
+            └── DeadlineExceededError  503 deadline_exceeded
+
+``retry_after`` is the server's ``Retry-After`` header in seconds (``None`` when absent).
 
 ``raise_for_error`` picks the class by the body's ``error_type`` first; when the type is missing or
 unknown (a newer server, a proxy in between) it falls back on the HTTP status.
@@ -32,18 +42,26 @@ import httpx
 
 __all__ = [
     "APIError",
+    "BadRequestError",
     "BatchTooSmallError",
+    "DeadlineExceededError",
+    "IncompatibleModelError",
     "InvalidImageError",
+    "MethodNotAllowedError",
+    "NotFoundError",
+    "OverloadedError",
     "PayloadTooLargeError",
     "RateLimitedError",
     "ServerError",
     "StateCorruptError",
     "StateMismatchError",
+    "StoreFullError",
     "StoreUnavailableError",
     "StreamNotFoundError",
     "TTAError",
     "TransportError",
     "UnauthorizedError",
+    "UnavailableError",
     "UnknownModelError",
     "UnknownStrategyError",
     "UnsupportedMediaTypeError",
@@ -68,12 +86,20 @@ class APIError(TTAError):
     #: The HTTP status the contract assigns to ``ERROR_TYPE``.
     STATUS: ClassVar[int | None] = None
 
-    def __init__(self, status: int, error_type: str | None, message: str, detail: Any = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        error_type: str | None,
+        message: str,
+        detail: Any = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error_type = error_type
         self.message = message
         self.detail = detail
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return f"{self.message} ({self.error_type or 'error'}, HTTP {self.status})"
@@ -153,22 +179,59 @@ class RateLimitedError(APIError):
 
     ERROR_TYPE, STATUS = "rate_limited", 429
 
-    def __init__(
-        self,
-        status: int,
-        error_type: str | None,
-        message: str,
-        detail: Any = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(status, error_type, message, detail)
-        self.retry_after = retry_after
+
+class IncompatibleModelError(APIError):
+    """The strategy cannot run on the model (e.g. it needs source data the model lacks)."""
+
+    ERROR_TYPE, STATUS = "incompatible_model", 422
 
 
-class StoreUnavailableError(APIError):
+class BadRequestError(APIError):
+    """The request is malformed at the HTTP level."""
+
+    ERROR_TYPE, STATUS = "bad_request", 400
+
+
+class NotFoundError(APIError):
+    """No such route (a stream that does not exist is ``StreamNotFoundError``)."""
+
+    ERROR_TYPE, STATUS = "not_found", 404
+
+
+class MethodNotAllowedError(APIError):
+    """The route does not take this HTTP method."""
+
+    ERROR_TYPE, STATUS = "method_not_allowed", 405
+
+
+class UnavailableError(APIError):
+    """The server cannot serve the request now; nothing was written. Retry after ``retry_after``."""
+
+    ERROR_TYPE, STATUS = None, 503
+
+
+class StoreUnavailableError(UnavailableError):
     """The server's state store is unreachable; nothing was written."""
 
     ERROR_TYPE, STATUS = "state_store_unavailable", 503
+
+
+class StoreFullError(UnavailableError):
+    """The server's state store refuses writes (out of memory)."""
+
+    ERROR_TYPE, STATUS = "state_store_full", 503
+
+
+class OverloadedError(UnavailableError):
+    """The replica's or the stream's queue is full; retry after ``retry_after`` seconds."""
+
+    ERROR_TYPE, STATUS = "overloaded", 503
+
+
+class DeadlineExceededError(UnavailableError):
+    """The request's deadline passed before the server could serve it; nothing was committed."""
+
+    ERROR_TYPE, STATUS = "deadline_exceeded", 503
 
 
 class ServerError(APIError):
@@ -194,6 +257,13 @@ _BY_TYPE: dict[str, type[APIError]] = {
         RateLimitedError,
         StoreUnavailableError,
         ServerError,
+        IncompatibleModelError,
+        BadRequestError,
+        NotFoundError,
+        MethodNotAllowedError,
+        StoreFullError,
+        OverloadedError,
+        DeadlineExceededError,
     )
     if cls.ERROR_TYPE is not None
 }
@@ -209,7 +279,8 @@ _BY_STATUS: dict[int, type[APIError]] = {
     422: ValidationError,
     429: RateLimitedError,
     500: ServerError,
-    503: StoreUnavailableError,
+    405: MethodNotAllowedError,
+    503: UnavailableError,
 }
 
 
@@ -263,7 +334,5 @@ def raise_for_error(response: httpx.Response) -> None:
         return
     error_type, message, detail = _error_body(response)
     cls = error_class(error_type, response.status_code)
-    if issubclass(cls, RateLimitedError):
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        raise cls(response.status_code, error_type, message, detail, retry_after=retry_after)
-    raise cls(response.status_code, error_type, message, detail)
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    raise cls(response.status_code, error_type, message, detail, retry_after=retry_after)

@@ -52,6 +52,9 @@ class StreamPublic(_Wire):
     strategy: str
     config: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
+    incarnation: str = ""
+    #: How the policy came to be: ``put``, ``implicit`` (a first predict) or ``restored``.
+    origin: str = "put"
     steps: int = 0
     updates: int = 0
     samples_seen: int = 0
@@ -110,7 +113,17 @@ class PredictResponse(_Wire):
     stream_id: str
     model: str
     strategy: str
+    #: Id of this incarnation of the stream (new at create, a PUT that changes the policy, reset).
+    incarnation: str = ""
+    #: This request created the stream under the server's default policy.
+    created: bool = False
+    #: ``"state"``: the stream's committed state had vanished (it restarted from the source state);
+    #: ``"policy"``: its policy record had vanished and was restored from its state.
+    lost: str | None = None
     adapted: bool
+    #: Why an adapting request's update was not stored: ``conflict``, ``stream_replaced``,
+    #: ``non_finite`` or ``store_unwritable``.
+    not_adapted: str | None = None
     conflict: bool = False
     version: int
     predictions: list[Prediction]

@@ -29,7 +29,21 @@ CONTRACT = [
     ("rate_limited", 429, tta_client.RateLimitedError),
     ("state_store_unavailable", 503, tta_client.StoreUnavailableError),
     ("internal", 500, tta_client.ServerError),
+    ("incompatible_model", 422, tta_client.IncompatibleModelError),
+    ("bad_request", 400, tta_client.BadRequestError),
+    ("not_found", 404, tta_client.NotFoundError),
+    ("method_not_allowed", 405, tta_client.MethodNotAllowedError),
+    ("state_store_full", 503, tta_client.StoreFullError),
+    ("overloaded", 503, tta_client.OverloadedError),
+    ("deadline_exceeded", 503, tta_client.DeadlineExceededError),
 ]
+
+
+def test_the_client_knows_every_error_type_the_server_sends() -> None:
+    """The server's one error table and the client's exception tree list the same types and statuses."""
+    from tta_server.errors import ERROR_TYPES
+
+    assert {t: status for t, (status, _) in ERROR_TYPES.items()} == {t: s for t, s, _ in CONTRACT}
 
 
 @pytest.mark.parametrize(("error_type", "status", "cls"), CONTRACT)
@@ -54,7 +68,7 @@ def test_every_api_error_subclass_is_in_the_contract_table() -> None:
     subclasses = {
         c for c in exported if isinstance(c, type) and issubclass(c, APIError) and c is not APIError
     }
-    assert subclasses == {cls for _, _, cls in CONTRACT}
+    assert subclasses == {cls for _, _, cls in CONTRACT} | {tta_client.UnavailableError}
 
 
 @pytest.mark.parametrize(
@@ -70,7 +84,7 @@ def test_every_api_error_subclass_is_in_the_contract_table() -> None:
         (429, tta_client.RateLimitedError),
         (500, tta_client.ServerError),
         (502, tta_client.ServerError),
-        (503, tta_client.StoreUnavailableError),
+        (503, tta_client.UnavailableError),
         (418, APIError),
     ],
 )
