@@ -315,6 +315,10 @@ def test_compose_services_have_healthchecks() -> None:
         assert check and check.get("test") and not check.get("disable"), f"{name} has no healthcheck"
     assert services["redis"]["image"] == "redis:7-alpine"
     assert "redis-cli ping" in " ".join(services["redis"]["healthcheck"]["test"])
+    # Stream states survive a Redis restart (AOF) and a full Redis refuses writes rather than evicting.
+    command = services["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
     assert "/-/healthy" in " ".join(services["prometheus"]["healthcheck"]["test"])
     assert "/api/health" in " ".join(services["grafana"]["healthcheck"]["test"])
 
@@ -409,6 +413,7 @@ ALL_ON = {
     "serviceMonitor": {"enabled": True},
     "prometheusRule": {"enabled": True},
     "apiKeys": {"existingSecret": "tta-api-keys"},
+    "redis": {"bundled": {"enabled": True}},
 }
 
 
@@ -492,6 +497,12 @@ def test_helm_render_with_everything_enabled(render: Any, tmp_path: Path) -> Non
     (container,) = _kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container["env"]}
     assert env["TTA_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "tta-api-keys"
+    # The bundled Redis persists (AOF) and never evicts a stream; the servers point at it.
+    redis_set = _kind(docs, "StatefulSet")
+    args = redis_set["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert env["TTA_REDIS_URL"]["value"] == "redis://tta-tta-server-redis:6379/0"
 
 
 def test_chart_copies_stay_in_sync() -> None:
