@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from tta_server.errors import StateCorruptError, StoreFullError, StoreUnavailableError
 
@@ -376,8 +376,11 @@ class RedisStateStore:
         this stream's; a replaced stream's entry is removed again (rare, one more round trip), and readers
         skip streams that no longer exist."""
         keys = [policy_key(ns, stream), state_key(ns, stream)]
+        args = [inc, expected, blob, meta, rec, self.ttl_ms]
         pipe = self.client.pipeline(transaction=False)
-        await self._cas(keys=keys, args=[inc, expected, blob, meta, rec, self.ttl_ms], client=pipe)
+        # EVALSHA, not the Script object: a pipeline holding Script objects first asks SCRIPT EXISTS,
+        # one more round trip on every commit. A server that lost its scripts answers NOSCRIPT: load, retry.
+        pipe.evalsha(self._cas.sha, len(keys), *keys, *args)
         board = drift_key(ns, drift_shard(stream))
         if drift is None:
             pipe.zrem(board, stream)
@@ -388,9 +391,12 @@ class RedisStateStore:
         for reply in replies[1:]:
             if isinstance(reply, Exception):
                 log.warning("drift board of %s not updated: %s", ns, reply)
-        if isinstance(replies[0], Exception):
-            await self._call(_raise(replies[0]))
-        result = int(replies[0])
+        first = replies[0]
+        if isinstance(first, NoScriptError):
+            first = await self._call(self._cas(keys=keys, args=args))
+        elif isinstance(first, Exception):
+            await self._call(_raise(first))
+        result = int(first)
         if result == CasOutcome.GONE:  # the board entry was this stream's old incarnation's
             await self.set_drift(ns, stream, None)
         if result == -3:
