@@ -147,3 +147,14 @@ def test_rate_limited_without_usable_retry_after_is_none(header: dict[str, str])
 def test_str_names_type_and_status() -> None:
     exc = tta_client.StateMismatchError(409, "state_mismatch", "reset the stream")
     assert str(exc) == "reset the stream (state_mismatch, HTTP 409)"
+
+
+def test_the_api_doc_lists_every_error_type() -> None:
+    import re
+    from pathlib import Path
+
+    from tta_server.errors import ERROR_TYPES
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "API.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (\d{3}) \|", doc, flags=re.M))
+    assert {t: int(s) for t, s in rows.items()} == {t: s for t, (s, _) in ERROR_TYPES.items()}
