@@ -1,4 +1,4 @@
-"""`alpha_bn`: mix source and test-batch statistics, algorithms.md §2.
+"""`alpha_bn`: mix source and test-batch statistics, docs/ALGORITHMS.md §2.
 
 mu = (1 - w) * mu_s + w * mu_B and var = (1 - w) * var_s + w * var_B(unbiased), where w = `test_weight`
 (the references' BN.ALPHA, default 0.1 = 90 % source). Stateless across batches.

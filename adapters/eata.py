@@ -1,4 +1,4 @@
-"""`eata` / `eta`: entropy- and redundancy-filtered, reweighted entropy minimisation (algorithms.md §5).
+"""`eata` / `eta`: entropy- and redundancy-filtered, reweighted entropy minimisation (docs/ALGORITHMS.md §5).
 
 Per batch: keep samples with entropy < E0 = e_margin * ln C (reliable), then those whose softmax
 vector has |cos| < d_margin to the moving average of past predictions (non-redundant); weight each by

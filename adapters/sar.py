@@ -1,4 +1,4 @@
-"""`sar`: sharpness-aware, reliable entropy minimisation with model recovery (algorithms.md §6).
+"""`sar`: sharpness-aware, reliable entropy minimisation with model recovery (docs/ALGORITHMS.md §6).
 
 Per batch: entropy filter S1 (E < E0); SAM ascent e = rho g/||g|| on the filtered mean entropy; second
 forward at theta + e, filter S2 within S1; SGD step at theta with the gradient at theta + e. An EMA of
@@ -35,7 +35,7 @@ class SARConfig(TentConfig):
 class SARUpdater:
     name = "sar"
     config_cls = SARConfig
-    # The reference keeps SAR out of mixed precision (algorithms.md §6): its forwards stay float32.
+    # The reference keeps SAR out of mixed precision (docs/ALGORITHMS.md §6): its forwards stay float32.
     autocast_ok = False
 
     def init_state(self, handle: ModelHandle, cfg: SARConfig, forward: Forward, seed: int):  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""`source` (no adaptation) and `norm` (test-batch statistics, TBN): algorithms.md §1."""
+"""`source` (no adaptation) and `norm` (test-batch statistics, TBN): docs/ALGORITHMS.md §1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`tent`: entropy minimisation on BN affine parameters over test-batch statistics (algorithms.md §4).
+"""`tent`: entropy minimisation on BN affine parameters over test-batch statistics (docs/ALGORITHMS.md §4).
 
 Loss = mean softmax entropy of the batch; one optimiser step per batch; the returned prediction is
 that of the forward pass used for the loss (pre-update parameters). Defaults: CIFAR-10-C setting

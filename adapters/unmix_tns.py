@@ -1,4 +1,4 @@
-"""`unmix_tns`: K statistics components per BN layer, mixed per instance (algorithms.md §3).
+"""`unmix_tns`: K statistics components per BN layer, mixed per instance (docs/ALGORITHMS.md §3).
 
 Each sample is normalised with the moments of an equal-weight mixture of K components, in which the
 component nearest to the sample (by cosine similarity of channel means, temperature tau) is pulled

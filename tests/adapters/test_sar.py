@@ -1,4 +1,4 @@
-"""`sar` against a two-pass SAM + torch.optim.SGD reference (algorithms.md §6)."""
+"""`sar` against a two-pass SAM + torch.optim.SGD reference (docs/ALGORITHMS.md §6)."""
 
 from __future__ import annotations
 

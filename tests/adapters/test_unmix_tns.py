@@ -1,4 +1,4 @@
-"""`unmix_tns` against a direct (B, K, C) implementation of algorithms.md §3."""
+"""`unmix_tns` against a direct (B, K, C) implementation of docs/ALGORITHMS.md §3."""
 
 from __future__ import annotations
 
