@@ -18,15 +18,16 @@ from pydantic import Field
 from torch import Tensor
 
 from adapters import losses
+from adapters._grad import apply_gradients, init_affine_state, leaf_params
+from adapters._optim import OptimConfig
 from adapters._strategy import Forward, UpdateOutcome
 from adapters.base import AdaptationState, IncompatibleModelError, ModelHandle
-from adapters.tent import TentConfig, apply_gradients, init_affine_state, leaf_params
 
 PROBS_KEY = "eata.probs_ema"
 FISHER_PREFIX = "eata.fisher."
 
 
-class EATAConfig(TentConfig):
+class EATAConfig(OptimConfig):
     e_margin: float = Field(0.4, gt=0, le=1, description="E0 = e_margin * ln(num_classes)")
     d_margin: float = Field(0.4, ge=0, le=1, description="redundancy threshold on |cos(m, p)|")
     fisher_alpha: float = Field(1.0, ge=0, description="weight beta of the Fisher anti-forgetting penalty")

@@ -16,12 +16,13 @@ from pydantic import Field
 from torch import Tensor
 
 from adapters import losses
+from adapters._grad import apply_gradients, init_affine_state, leaf_params, trainable_names
+from adapters._optim import OptimConfig
 from adapters._strategy import Forward, UpdateOutcome
 from adapters.base import AdaptationState, ModelHandle
-from adapters.tent import TentConfig, apply_gradients, init_affine_state, leaf_params, trainable_names
 
 
-class SARConfig(TentConfig):
+class SARConfig(OptimConfig):
     optimizer: Literal["adam", "sgd"] = "sgd"
     e_margin: float = Field(0.4, gt=0, le=1, description="E0 = e_margin * ln(num_classes)")
     rho: float = Field(0.05, gt=0, description="SAM neighbourhood radius")
