@@ -12,7 +12,6 @@ from adapters.base import (
     StateMismatchError,
     StepResult,
     StepStats,
-    Strategy,
     StrategyConfig,
     UnknownStrategyError,
 )
@@ -31,7 +30,6 @@ __all__ = [
     "StateMismatchError",
     "StepResult",
     "StepStats",
-    "Strategy",
     "StrategyConfig",
     "UnknownStrategyError",
     "get_strategy",

@@ -105,7 +105,7 @@ def merge_configs(name: str, *classes: type[StrategyConfig]) -> type[StrategyCon
 
 
 class ComposedStrategy:
-    """The concrete `Strategy`: runs a normaliser, then (if any) an updater, and reports stats."""
+    """A strategy: runs a normaliser, then (if any) an updater, and reports stats."""
 
     def __init__(
         self, name: str, summary: str, normalizer: Normalizer, updater: Updater | None, state_version: int = 1

@@ -40,7 +40,6 @@ class _StatelessPlan:
     """Adapts a BasePlan to the StatPlan protocol: it changes no stored tensors."""
 
     def __init__(self, inner: SourcePlan | BatchStatsPlan) -> None:
-        self.inner = inner
         self.batch_stats = inner.batch_stats
         self.normalize = inner.normalize
 
