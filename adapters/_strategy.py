@@ -108,7 +108,12 @@ class ComposedStrategy:
     """A strategy: runs a normaliser, then (if any) an updater, and reports stats."""
 
     def __init__(
-        self, name: str, summary: str, normalizer: Normalizer, updater: Updater | None, state_version: int = 1
+        self,
+        name: str,
+        summary: str,
+        normalizer: Normalizer,
+        updater: Updater | None = None,
+        state_version: int = 1,
     ) -> None:
         self.name = name
         self.summary = summary

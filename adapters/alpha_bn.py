@@ -17,7 +17,9 @@ from adapters._bn import (
     check_batch_stats_possible,
     normalize_with,
 )
+from adapters._strategy import ComposedStrategy
 from adapters.base import ModelHandle, StrategyConfig
+from adapters.registry import register_strategy
 
 
 class AlphaBNConfig(StrategyConfig):
@@ -56,3 +58,8 @@ class AlphaPlan(BasePlan):
 
     def updated_tensors(self) -> dict[str, Tensor]:
         return {}
+
+
+@register_strategy
+def alpha_bn() -> ComposedStrategy:
+    return ComposedStrategy("alpha_bn", "mix of source and test-batch BN statistics", AlphaStats())

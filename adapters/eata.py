@@ -20,8 +20,11 @@ from torch import Tensor
 from adapters import losses
 from adapters._grad import apply_gradients, init_affine_state, leaf_params
 from adapters._optim import OptimConfig
-from adapters._strategy import Forward, UpdateOutcome
+from adapters._strategy import ComposedStrategy, Forward, UpdateOutcome
 from adapters.base import AdaptationState, IncompatibleModelError, ModelHandle
+from adapters.registry import register_strategy
+from adapters.source import BatchStats
+from adapters.unmix_tns import UnMixStats
 
 PROBS_KEY = "eata.probs_ema"
 FISHER_PREFIX = "eata.fisher."
@@ -182,3 +185,36 @@ def fisher_diagonal(
 # Steps run on several executor threads; two may compute the same Fisher once each, never corrupt the cache.
 _FISHER_CACHE: dict[tuple[str, str, str, str, int], dict[str, Tensor]] = {}
 _FISHER_LOCK = threading.Lock()
+
+
+EATA_SUMMARY = "filtered, reweighted entropy minimisation with Fisher penalty"
+ETA_SUMMARY = "EATA without the Fisher penalty (no source data needed)"
+
+
+@register_strategy
+def eata() -> ComposedStrategy:
+    updater = EATAUpdater("eata", EATAConfig)
+    return ComposedStrategy("eata", f"{EATA_SUMMARY} (test-batch statistics)", BatchStats(), updater)
+
+
+@register_strategy
+def eta() -> ComposedStrategy:
+    return ComposedStrategy(
+        "eta", f"{ETA_SUMMARY} (test-batch statistics)", BatchStats(), EATAUpdater("eta", ETAConfig)
+    )
+
+
+@register_strategy
+def unmix_tns_eata() -> ComposedStrategy:
+    updater = EATAUpdater("eata", EATAConfig)
+    return ComposedStrategy(
+        "unmix_tns+eata", f"{EATA_SUMMARY} over UnMix-TNS statistics", UnMixStats(), updater
+    )
+
+
+@register_strategy
+def unmix_tns_eta() -> ComposedStrategy:
+    updater = EATAUpdater("eta", ETAConfig)
+    return ComposedStrategy(
+        "unmix_tns+eta", f"{ETA_SUMMARY} over UnMix-TNS statistics", UnMixStats(), updater
+    )

@@ -18,8 +18,13 @@ from torch import Tensor
 from adapters import losses
 from adapters._grad import apply_gradients, init_affine_state, leaf_params, trainable_names
 from adapters._optim import OptimConfig
-from adapters._strategy import Forward, UpdateOutcome
+from adapters._strategy import ComposedStrategy, Forward, UpdateOutcome
 from adapters.base import AdaptationState, ModelHandle
+from adapters.registry import register_strategy
+from adapters.source import BatchStats
+from adapters.unmix_tns import UnMixStats
+
+SUMMARY = "sharpness-aware reliable entropy minimisation with model recovery"
 
 
 class SARConfig(OptimConfig):
@@ -96,3 +101,15 @@ class SARUpdater:
                 logits, plan, tensors, meta, used=n2, filtered=n - n2, updated=True, loss=loss, reset=True
             )
         return UpdateOutcome(logits, plan, tensors, meta, used=n2, filtered=n - n2, updated=True, loss=loss)
+
+
+@register_strategy
+def sar() -> ComposedStrategy:
+    return ComposedStrategy("sar", f"{SUMMARY} (test-batch statistics)", BatchStats(), SARUpdater())
+
+
+@register_strategy
+def unmix_tns_sar() -> ComposedStrategy:
+    return ComposedStrategy(
+        "unmix_tns+sar", f"{SUMMARY} over UnMix-TNS statistics", UnMixStats(), SARUpdater()
+    )

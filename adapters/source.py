@@ -5,7 +5,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from adapters._bn import BatchStatsPlan, SourcePlan
+from adapters._strategy import ComposedStrategy
 from adapters.base import ModelHandle, StrategyConfig
+from adapters.registry import register_strategy
 
 
 class _Stateless:
@@ -45,3 +47,13 @@ class _StatelessPlan:
 
     def updated_tensors(self) -> dict[str, Tensor]:
         return {}
+
+
+@register_strategy
+def source() -> ComposedStrategy:
+    return ComposedStrategy("source", "no adaptation (source statistics)", SourceStats())
+
+
+@register_strategy
+def norm() -> ComposedStrategy:
+    return ComposedStrategy("norm", "test-batch BN statistics", BatchStats())

@@ -13,8 +13,13 @@ from torch import Tensor
 from adapters import losses
 from adapters._grad import apply_gradients, init_affine_state, leaf_params
 from adapters._optim import OptimConfig
-from adapters._strategy import Forward, UpdateOutcome
+from adapters._strategy import ComposedStrategy, Forward, UpdateOutcome
 from adapters.base import AdaptationState, ModelHandle
+from adapters.registry import register_strategy
+from adapters.source import BatchStats
+from adapters.unmix_tns import UnMixStats
+
+SUMMARY = "entropy minimisation of BN affine parameters"
 
 
 class TentConfig(OptimConfig):
@@ -41,3 +46,15 @@ class TentUpdater:
         tensors, meta = apply_gradients(state, params, grads, cfg)
         n = x.shape[0]
         return UpdateOutcome(logits, plan, tensors, meta, used=n, updated=True, loss=loss.detach())
+
+
+@register_strategy
+def tent() -> ComposedStrategy:
+    return ComposedStrategy("tent", f"{SUMMARY} (test-batch statistics)", BatchStats(), TentUpdater())
+
+
+@register_strategy
+def unmix_tns_tent() -> ComposedStrategy:
+    return ComposedStrategy(
+        "unmix_tns+tent", f"{SUMMARY} over UnMix-TNS statistics", UnMixStats(), TentUpdater()
+    )

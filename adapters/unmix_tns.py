@@ -29,7 +29,9 @@ from pydantic import Field
 from torch import Tensor
 
 from adapters._bn import AdaptiveBatchNorm2d, BasePlan, fast_stats_ok, normalize_with
+from adapters._strategy import ComposedStrategy
 from adapters.base import BatchTooSmallError, ModelHandle, StrategyConfig
+from adapters.registry import register_strategy
 
 PREFIX = "unmix."
 
@@ -297,4 +299,9 @@ def _single(comp_mu: Tensor, comp_var: Tensor, tau: float) -> LayerTable:
     return ComponentTables.build(["layer"], [comp_mu], [comp_var], tau)["layer"]
 
 
-__all__ = ["UnMixStats", "UnMixTNSConfig", "assignment", "mixture_moments"]
+@register_strategy
+def unmix_tns() -> ComposedStrategy:
+    return ComposedStrategy("unmix_tns", "per-instance mixture of K BN statistics components", UnMixStats())
+
+
+__all__ = ["UnMixStats", "UnMixTNSConfig", "assignment", "mixture_moments", "unmix_tns"]
