@@ -6,6 +6,8 @@ mu = (1 - w) * mu_s + w * mu_B and var = (1 - w) * var_s + w * var_B(unbiased), 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -36,12 +38,21 @@ class AlphaStats:
     def init_tensors(self, handle: ModelHandle, cfg: AlphaBNConfig, seed: int) -> dict[str, Tensor]:
         return {}
 
-    def plan(self, handle, cfg, tensors, affine, update, record):  # type: ignore[no-untyped-def]
+    def plan(
+        self,
+        handle: ModelHandle,
+        cfg: AlphaBNConfig,
+        tensors: Mapping[str, Tensor],
+        affine: Mapping[str, Tensor] | None,
+        *,
+        update: bool,
+        record: bool,
+    ) -> AlphaPlan:
         return AlphaPlan(cfg.test_weight, affine, record)
 
 
 class AlphaPlan(BasePlan):
-    def __init__(self, test_weight: float, affine, record: bool) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, test_weight: float, affine: Mapping[str, Tensor] | None, record: bool) -> None:
         super().__init__(affine, record)
         self.w = test_weight
 

@@ -50,12 +50,15 @@ class EATAUpdater:
         self.name = name
         self.config_cls = config_cls
 
-    def init_state(self, handle: ModelHandle, cfg: EATAConfig, forward: Forward, seed: int):  # type: ignore[no-untyped-def]
+    def init_state(
+        self, handle: ModelHandle, cfg: EATAConfig, forward: Forward, seed: int
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         names = handle.affine_names()
         tensors = init_affine_state(handle, cfg, names)
         tensors[PROBS_KEY] = torch.zeros(handle.num_classes, device=handle.device)
         if cfg.fisher_alpha > 0:
-            cache_key = (type(cfg).__name__, cfg.model_dump_json(), seed)
+            # The Fisher also depends on the statistics the forward normalises with.
+            cache_key = (forward.identity, type(cfg).__name__, cfg.model_dump_json(), seed)
             fisher = fisher_diagonal(handle, forward, cfg.fisher_size, cfg.fisher_batch_size, seed, cache_key)
             tensors.update({FISHER_PREFIX + n: f for n, f in fisher.items()})
         return tensors, {"opt_steps": 0, "has_probs": False}
@@ -67,7 +70,7 @@ class EATAUpdater:
         params = leaf_params(state, names)
         e0 = losses.entropy_margin(cfg.e_margin, handle.num_classes)
         with torch.enable_grad():
-            logits, plan = forward(x, params, True, True)
+            logits, plan = forward(x, params, update_stats=True, record=True)
             ent = losses.softmax_entropy(logits)
             probs = logits.detach().float().softmax(1)
             reliable = ent.detach() < e0
@@ -142,7 +145,12 @@ def _fisher_penalty(handle: ModelHandle, state: AdaptationState, params: dict[st
 
 
 def fisher_diagonal(
-    handle: ModelHandle, forward: Forward, n: int, batch_size: int, seed: int, cache_key: tuple[str, str, int]
+    handle: ModelHandle,
+    forward: Forward,
+    n: int,
+    batch_size: int,
+    seed: int,
+    cache_key: tuple[str, str, str, int],
 ) -> dict[str, Tensor]:
     """F = mean over mini-batches of the squared gradient of CE(pseudo-label) at the source parameters."""
     if handle.source_images is None:
@@ -166,7 +174,7 @@ def fisher_diagonal(
             break
         params = {k: source[k].detach().clone().requires_grad_(True) for k in names}
         with torch.enable_grad():
-            logits, _ = forward(batch, params, False, False)
+            logits, _ = forward(batch, params, update_stats=False, record=False)
             loss = F.cross_entropy(logits.float(), logits.detach().argmax(1))
             grads = torch.autograd.grad(loss, list(params.values()))
         for k, g in zip(names, grads, strict=True):
@@ -183,7 +191,7 @@ def fisher_diagonal(
 # The Fisher is a deterministic function of the (immutable) model and these arguments, so it is
 # memoised per process: every stream reset would otherwise cost fisher_size forward+backward passes.
 # Steps run on several executor threads; two may compute the same Fisher once each, never corrupt the cache.
-_FISHER_CACHE: dict[tuple[str, str, str, str, int], dict[str, Tensor]] = {}
+_FISHER_CACHE: dict[tuple[str, str, str, str, str, int], dict[str, Tensor]] = {}
 _FISHER_LOCK = threading.Lock()
 
 

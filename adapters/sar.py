@@ -18,7 +18,7 @@ from torch import Tensor
 from adapters import losses
 from adapters._grad import apply_gradients, init_affine_state, leaf_params, trainable_names
 from adapters._optim import OptimConfig
-from adapters._strategy import ComposedStrategy, Forward, UpdateOutcome
+from adapters._strategy import ComposedStrategy, Forward, StatPlan, UpdateOutcome
 from adapters.base import AdaptationState, ModelHandle
 from adapters.registry import register_strategy
 from adapters.source import BatchStats
@@ -44,7 +44,9 @@ class SARUpdater:
     # The reference keeps SAR out of mixed precision (docs/ALGORITHMS.md §6): its forwards stay float32.
     autocast_ok = False
 
-    def init_state(self, handle: ModelHandle, cfg: SARConfig, forward: Forward, seed: int):  # type: ignore[no-untyped-def]
+    def init_state(
+        self, handle: ModelHandle, cfg: SARConfig, forward: Forward, seed: int
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return init_affine_state(handle, cfg, trainable_names(handle, cfg.frozen_layers)), {
             "opt_steps": 0,
             "loss_ema": None,
@@ -58,7 +60,7 @@ class SARUpdater:
         params = leaf_params(state, names)
         e0 = losses.entropy_margin(cfg.e_margin, handle.num_classes)
         with torch.enable_grad():
-            logits, plan = forward(x, {**affine, **params}, True, True)
+            logits, plan = forward(x, {**affine, **params}, update_stats=True, record=True)
             ent = losses.softmax_entropy(logits)
             s1 = ent.detach() < e0
             # Two host synchronisations before the result, one per filter: an empty filter skips the step.
@@ -74,7 +76,7 @@ class SARUpdater:
             )
             perturbed = {n: e.requires_grad_(True) for n, e in zip(params, ascent, strict=True)}
             # Like the reference, the second pass sees the whole batch (same BN statistics), then filters.
-            logits2, _ = forward(x, {**affine, **perturbed}, False, False)
+            logits2, _ = forward(x, {**affine, **perturbed}, update_stats=False, record=False)
             ent2 = losses.softmax_entropy(logits2)
             s2 = s1 & (ent2.detach() < e0)
             loss2_sum = torch.where(s2, ent2, 0).sum()
@@ -87,8 +89,18 @@ class SARUpdater:
         tensors, meta = apply_gradients(state, params, grads2, cfg)
         return self._recover(handle, state, cfg, logits, plan, tensors, meta, loss2 / n2, n2, x.shape[0])
 
-    def _recover(  # type: ignore[no-untyped-def]
-        self, handle, state, cfg: SARConfig, logits, plan, tensors, meta: dict[str, Any], loss: float, n2, n
+    def _recover(
+        self,
+        handle: ModelHandle,
+        state: AdaptationState,
+        cfg: SARConfig,
+        logits: Tensor,
+        plan: StatPlan,
+        tensors: dict[str, Tensor],
+        meta: dict[str, Any],
+        loss: float,
+        n2: int,
+        n: int,
     ) -> UpdateOutcome:
         prev = state.meta.get("loss_ema")
         ema = loss if prev is None else cfg.ema_momentum * prev + (1 - cfg.ema_momentum) * loss

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor
 
 from adapters._bn import BatchStatsPlan, SourcePlan
@@ -23,7 +25,16 @@ class SourceStats(_Stateless):
     name = "source"
     min_batch_size = 1
 
-    def plan(self, handle, cfg, tensors, affine, update, record):  # type: ignore[no-untyped-def]
+    def plan(
+        self,
+        handle: ModelHandle,
+        cfg: StrategyConfig,
+        tensors: Mapping[str, Tensor],
+        affine: Mapping[str, Tensor] | None,
+        *,
+        update: bool,
+        record: bool,
+    ) -> _StatelessPlan:
         return _StatelessPlan(SourcePlan(affine, record))
 
 
@@ -34,7 +45,16 @@ class BatchStats(_Stateless):
     # A single 2-D sample still has H*W values per channel (instance normalisation, poor but defined).
     min_batch_size = 1
 
-    def plan(self, handle, cfg, tensors, affine, update, record):  # type: ignore[no-untyped-def]
+    def plan(
+        self,
+        handle: ModelHandle,
+        cfg: StrategyConfig,
+        tensors: Mapping[str, Tensor],
+        affine: Mapping[str, Tensor] | None,
+        *,
+        update: bool,
+        record: bool,
+    ) -> _StatelessPlan:
         return _StatelessPlan(BatchStatsPlan(affine, record))
 
 

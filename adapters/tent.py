@@ -7,6 +7,8 @@ that of the forward pass used for the loss (pre-update parameters). Defaults: CI
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -31,7 +33,9 @@ class TentUpdater:
     config_cls = TentConfig
     autocast_ok = True
 
-    def init_state(self, handle: ModelHandle, cfg: TentConfig, forward: Forward, seed: int):  # type: ignore[no-untyped-def]
+    def init_state(
+        self, handle: ModelHandle, cfg: TentConfig, forward: Forward, seed: int
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return init_affine_state(handle, cfg, handle.affine_names()), {"opt_steps": 0}
 
     def step(
@@ -40,7 +44,7 @@ class TentUpdater:
         affine = {k: state.tensors[k] for k in handle.affine_names()}
         params = leaf_params(state, handle.affine_names())
         with torch.enable_grad():
-            logits, plan = forward(x, {**affine, **params}, True, True)
+            logits, plan = forward(x, {**affine, **params}, update_stats=True, record=True)
             loss = losses.softmax_entropy(logits).mean()
             grads = torch.autograd.grad(loss, list(params.values()))
         tensors, meta = apply_gradients(state, params, grads, cfg)

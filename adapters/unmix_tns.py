@@ -80,7 +80,16 @@ class UnMixStats:
             out[k_mean], out[k_var] = means.to(handle.device), variances.to(handle.device)
         return out
 
-    def plan(self, handle, cfg, tensors, affine, update, record):  # type: ignore[no-untyped-def]
+    def plan(
+        self,
+        handle: ModelHandle,
+        cfg: UnMixTNSConfig,
+        tensors: Mapping[str, Tensor],
+        affine: Mapping[str, Tensor] | None,
+        *,
+        update: bool,
+        record: bool,
+    ) -> UnMixPlan:
         return UnMixPlan(cfg, tensors, affine, update, record)
 
 

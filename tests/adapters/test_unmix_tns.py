@@ -265,7 +265,7 @@ def test_drift_statistics_are_each_layers_batch_moments(tiny_handle: ModelHandle
         model(x)
     forward = STRATEGY._forward_fn(tiny_handle, cfg, state.tensors, adapt=True)
     with torch.no_grad():
-        _, plan = forward(x, None, True, True)
+        _, plan = forward(x, update_stats=True, record=True)
     assert sorted(plan.batch_stats) == list(range(len(tiny_handle.bn_layers)))
     for layer in tiny_handle.bn_layers:
         mean, var = plan.batch_stats[layer.index]
