@@ -13,6 +13,8 @@ import adapters
 from adapters import registry
 from adapters.source import BatchStats
 
+from . import _plugin_strategy, test_contract
+
 REPO = Path(__file__).resolve().parents[2]
 BUILT_IN = [
     "source",
@@ -41,6 +43,15 @@ def test_importing_adapters_registers_exactly_the_built_ins() -> None:
     code = "import adapters; print(','.join(adapters.list_strategies()))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip().split(",") == BUILT_IN
+
+
+def test_a_strategy_defined_in_one_file_is_registered_and_under_contract() -> None:
+    """`_plugin_strategy` is the whole of two new strategies; the contract suite runs on them."""
+    for name in ("ema_tbn", "ema_tbn+tent"):
+        strategy = adapters.get_strategy(name)
+        assert isinstance(strategy.normalizer, _plugin_strategy.EMAStats)
+        assert name in test_contract.NAMES
+    assert adapters.get_strategy("ema_tbn+tent").needs_grad
 
 
 @pytest.mark.usefixtures("scratch_registry")
