@@ -1,7 +1,15 @@
-"""Test-time adaptation strategies as pure steps over a shared, frozen BN model."""
+"""Test-time adaptation strategies as pure steps over a shared, frozen BN model.
 
-from adapters._builtin import register_builtins
-from adapters._strategy import ComposedStrategy
+Each strategy registers itself in the module that defines it (`adapters.registry.register_strategy`);
+importing this package imports the built-in strategies' modules and so registers them.
+"""
+
+# isort: off
+# The built-in strategies: importing a module registers its strategies, so this order is the registry's.
+from adapters import source, alpha_bn, unmix_tns, tent, eata, sar
+
+# isort: on
+from adapters._strategy import ComposedStrategy, Forward, Normalizer, StatPlan, UpdateOutcome, Updater
 from adapters.base import (
     AdaptationState,
     AdaptError,
@@ -12,13 +20,10 @@ from adapters.base import (
     StateMismatchError,
     StepResult,
     StepStats,
-    Strategy,
     StrategyConfig,
     UnknownStrategyError,
 )
 from adapters.registry import get_strategy, list_strategies, register_strategy
-
-register_builtins()
 
 __all__ = [
     "AdaptError",
@@ -26,15 +31,25 @@ __all__ = [
     "BNLayer",
     "BatchTooSmallError",
     "ComposedStrategy",
+    "Forward",
     "IncompatibleModelError",
     "ModelHandle",
+    "Normalizer",
+    "StatPlan",
     "StateMismatchError",
     "StepResult",
     "StepStats",
-    "Strategy",
     "StrategyConfig",
     "UnknownStrategyError",
+    "UpdateOutcome",
+    "Updater",
+    "alpha_bn",
+    "eata",
     "get_strategy",
     "list_strategies",
     "register_strategy",
+    "sar",
+    "source",
+    "tent",
+    "unmix_tns",
 ]

@@ -7,7 +7,7 @@ requests of different streams (threads or tasks) each see their own statistics a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Protocol
@@ -33,6 +33,9 @@ class AdaptiveBatchNorm2d(nn.BatchNorm2d):
 
     layer_index: int = -1
     layer_name: str = ""
+    # Always set: `convert_batchnorm` only converts layers that track running statistics.
+    running_mean: Tensor
+    running_var: Tensor
 
     def forward(self, x: Tensor) -> Tensor:
         plan = _ACTIVE_PLAN.get()
@@ -60,7 +63,7 @@ def convert_batchnorm(model: nn.Module) -> tuple[BNLayer, ...]:
         raise IncompatibleModelError("model has no BatchNorm2d layers; test-time BN adaptation needs them")
     layers: list[BNLayer] = []
     for index, (name, bn) in enumerate(targets):
-        if not (bn.affine and bn.track_running_stats):
+        if not (bn.affine and bn.track_running_stats) or bn.running_mean is None or bn.running_var is None:
             raise IncompatibleModelError(f"BN layer {name!r} must be affine and track running statistics")
         new = AdaptiveBatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum)
         new.weight, new.bias = bn.weight, bn.bias
@@ -140,7 +143,7 @@ class GroupedPlan:
     gives every stream exactly what its own forward would: statistics, updates and drift are per plan.
     """
 
-    def __init__(self, plans: list[NormPlan], sizes: list[int]) -> None:
+    def __init__(self, plans: Sequence[NormPlan], sizes: list[int]) -> None:
         self.plans = plans
         self.sizes = sizes
 

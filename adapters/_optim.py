@@ -17,6 +17,8 @@ from torch import Tensor
 from adapters.base import StrategyConfig
 
 OPT_PREFIX = "opt."
+# What torch's `_foreach_*` kernels take and give (they return lists, typed as tuples).
+TensorList = list[Tensor] | tuple[Tensor, ...]
 
 
 class OptimConfig(StrategyConfig):
@@ -42,7 +44,7 @@ class OptimConfig(StrategyConfig):
 
 def init_optim_state(params: Mapping[str, Tensor], cfg: OptimConfig) -> dict[str, Tensor]:
     """Zero moments for every parameter, keyed `opt.<moment>.<param>`."""
-    moments = ("exp_avg", "exp_avg_sq") if cfg.optimizer == "adam" else ("momentum_buffer",)
+    moments: tuple[str, ...] = ("exp_avg", "exp_avg_sq") if cfg.optimizer == "adam" else ("momentum_buffer",)
     if cfg.optimizer == "sgd" and cfg.momentum == 0:
         moments = ()
     return {
@@ -70,13 +72,19 @@ def optim_step(
 # They return new tensors; the state's tensors are never modified in place.
 
 
-def _with_weight_decay(g: list[Tensor], p: list[Tensor], weight_decay: float) -> list[Tensor]:
+def _with_weight_decay(g: TensorList, p: list[Tensor], weight_decay: float) -> list[Tensor]:
     # Not `alpha=weight_decay`: an alpha that overflows float32 raises, where the product just becomes inf
     # (and the engine then discards the non-finite state, as for any other diverged update).
     return list(torch._foreach_add(g, torch._foreach_mul(p, weight_decay)))
 
 
-def _adam(params, grads, state, t: int, cfg: OptimConfig):  # type: ignore[no-untyped-def]
+def _adam(
+    params: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor],
+    state: Mapping[str, Tensor],
+    t: int,
+    cfg: OptimConfig,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     names = list(params)
     p = [params[n].detach() for n in names]
     g = [grads[n] for n in names]
@@ -93,15 +101,22 @@ def _adam(params, grads, state, t: int, cfg: OptimConfig):  # type: ignore[no-un
     return dict(zip(names, new_p, strict=True)), new_state
 
 
-def _sgd(params, grads, state, step: int, cfg: OptimConfig):  # type: ignore[no-untyped-def]
+def _sgd(
+    params: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor],
+    state: Mapping[str, Tensor],
+    step: int,
+    cfg: OptimConfig,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     names = list(params)
     p = [params[n].detach() for n in names]
-    g = [grads[n] for n in names]
+    g: TensorList = [grads[n] for n in names]
     if cfg.weight_decay:
         g = _with_weight_decay(g, p, cfg.weight_decay)
     new_state: dict[str, Tensor] = {}
     if cfg.momentum:
         keys = [f"{OPT_PREFIX}momentum_buffer.{n}" for n in names]
+        buf: TensorList
         if step == 0:
             buf = [x.clone() for x in g]  # torch.optim.SGD starts the buffer at the first gradient
         else:

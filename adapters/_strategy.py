@@ -3,20 +3,25 @@
 `source`, `norm`, `alpha_bn` and `unmix_tns` are normalisers alone; `tent`, `eata`, `eta` and `sar`
 are updaters over test-batch statistics; `unmix_tns+tent` etc. pair UnMix-TNS statistics with an
 updater. Every step is a pure function of (handle, batch, state, config).
+
+A strategy's config is its configured part's own config class when only one part has
+hyper-parameters (`tent`: `TentConfig`), and one field per part, named after the part, when both have
+them (`unmix_tns+tent`: `{"unmix_tns": {...}, "tent": {...}}`), so the parts' field names never meet.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
+from pydantic import create_model
 from torch import Tensor
 
 from adapters import losses
-from adapters._bn import GroupedPlan, active_plan
+from adapters._bn import GroupedPlan, NormPlan, active_plan
 from adapters.base import (
     AdaptationState,
     BatchTooSmallError,
@@ -28,32 +33,62 @@ from adapters.base import (
     StrategyConfig,
 )
 
-
-class StatPlan(Protocol):
-    batch_stats: dict[int, tuple[Tensor, Tensor]]
-
-    def normalize(self, layer: Any, x: Tensor) -> Tensor: ...
-
-    def updated_tensors(self) -> dict[str, Tensor]: ...
+ConfigT = TypeVar("ConfigT", bound=StrategyConfig)
+NormConfigT = TypeVar("NormConfigT", bound=StrategyConfig)
+UpdateConfigT = TypeVar("UpdateConfigT", bound=StrategyConfig)
 
 
-# forward(batch, affine overrides or None, update_stats, record) -> (logits, plan)
-Forward = Callable[[Tensor, Mapping[str, Tensor] | None, bool, bool], tuple[Tensor, StatPlan]]
+class StatPlan(NormPlan, Protocol):
+    """A `NormPlan` of one forward pass that also reports what it saw and what it changed."""
+
+    @property
+    def batch_stats(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """BN layer index -> the batch mean and biased variance the layer saw, when the plan records them."""
+        ...
+
+    def updated_tensors(self) -> dict[str, Tensor]:
+        """The normaliser's state tensors this forward pass changed."""
+        ...
 
 
-class Normalizer(Protocol):
-    name: str
-    config_cls: type[StrategyConfig]
-    min_batch_size: int
+class Forward(Protocol):
+    """One forward pass of the base model under the strategy's normaliser: `(logits, plan)`.
 
-    def init_tensors(self, handle: ModelHandle, cfg: Any, seed: int) -> dict[str, Tensor]: ...
+    `affine` replaces BN affine parameters (None: the source ones). `update_stats`: whether the
+    normaliser updates its statistics (never in a step with adapt=False); `record`: whether the plan
+    keeps the batch statistics it saw. `identity` names what the pass computes besides its arguments
+    (the normaliser and its config): a cache of results of the forward must include it in its key.
+    """
+
+    @property
+    def identity(self) -> str: ...
+
+    def __call__(
+        self, x: Tensor, affine: Mapping[str, Tensor] | None = None, *, update_stats: bool, record: bool
+    ) -> tuple[Tensor, StatPlan]: ...
+
+
+class Normalizer(Protocol[ConfigT]):
+    """How the BN layers normalise, and the statistics state that takes."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config_cls(self) -> type[ConfigT]: ...
+
+    @property
+    def min_batch_size(self) -> int: ...
+
+    def init_tensors(self, handle: ModelHandle, cfg: ConfigT, seed: int) -> dict[str, Tensor]: ...
 
     def plan(
         self,
         handle: ModelHandle,
-        cfg: Any,
+        cfg: ConfigT,
         tensors: Mapping[str, Tensor],
         affine: Mapping[str, Tensor] | None,
+        *,
         update: bool,
         record: bool,
     ) -> StatPlan: ...
@@ -73,55 +108,84 @@ class UpdateOutcome:
     reset: bool = False
 
 
-class Updater(Protocol):
-    name: str
-    config_cls: type[StrategyConfig]
-    # False: the update is not validated under reduced precision, so its forwards stay float32.
-    autocast_ok: bool
+class Updater(Protocol[ConfigT]):
+    """A gradient update of the BN affine parameters, run after (and through) the normaliser."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config_cls(self) -> type[ConfigT]: ...
+
+    @property
+    def autocast_ok(self) -> bool:
+        """False: the update is not validated under reduced precision, so its forwards stay float32."""
+        ...
 
     def init_state(
-        self, handle: ModelHandle, cfg: Any, forward: Forward, seed: int
+        self, handle: ModelHandle, cfg: ConfigT, forward: Forward, seed: int
     ) -> tuple[dict[str, Tensor], dict[str, Any]]: ...
 
     def step(
-        self, handle: ModelHandle, x: Tensor, state: AdaptationState, cfg: Any, forward: Forward
+        self, handle: ModelHandle, x: Tensor, state: AdaptationState, cfg: ConfigT, forward: Forward
     ) -> UpdateOutcome: ...
 
 
-def merge_configs(name: str, *classes: type[StrategyConfig]) -> type[StrategyConfig]:
-    """One frozen config class with the fields of all parts (field names must not clash)."""
-    unique = [c for i, c in enumerate(classes) if c is not StrategyConfig and c not in classes[:i]]
-    if not unique:
+def compose_config(name: str, parts: Mapping[str, type[StrategyConfig]]) -> type[StrategyConfig]:
+    """The config class of a strategy made of `parts` (part name -> that part's config class).
+
+    Parts without hyper-parameters are left out. One part left: its own class (a flat config). More:
+    a frozen class with one field per part, named after it, that holds the part's config (validated
+    by the part's class; its defaults when omitted), so two parts may use the same field names.
+    """
+    configured = {part: cls for part, cls in parts.items() if cls.model_fields}
+    if not configured:
         return StrategyConfig
-    if len(unique) == 1:
-        return unique[0]
-    seen: set[str] = set()
-    for c in unique:
-        clash = seen & set(c.model_fields)
-        if clash:
-            raise ValueError(f"config fields clash in {name}: {sorted(clash)}")
-        seen |= set(c.model_fields)
-    return type(name, tuple(unique), {"__doc__": " + ".join(c.__name__ for c in unique)})
+    if len(configured) == 1:
+        return next(iter(configured.values()))
+    for part in configured:
+        if not part.isidentifier() or part.startswith(("_", "model_")):
+            raise ValueError(f"part name {part!r} of {name} cannot name a config field")
+    fields: dict[str, Any] = {part: (cls, cls()) for part, cls in configured.items()}
+    doc = ", ".join(f"`{part}`: {cls.__name__}" for part, cls in configured.items())
+    return create_model(name, __base__=StrategyConfig, __doc__=f"One config per part: {doc}.", **fields)
 
 
 class ComposedStrategy:
-    """The concrete `Strategy`: runs a normaliser, then (if any) an updater, and reports stats."""
+    """A strategy: runs a normaliser, then (if any) an updater, and reports stats.
+
+    The parts are typed by their protocols with their own config classes, so mypy checks at each
+    construction that a part implements its protocol and that its methods take its `config_cls`.
+    """
 
     def __init__(
-        self, name: str, summary: str, normalizer: Normalizer, updater: Updater | None, state_version: int = 1
+        self,
+        name: str,
+        summary: str,
+        normalizer: Normalizer[NormConfigT],
+        updater: Updater[UpdateConfigT] | None = None,
+        state_version: int = 1,
     ) -> None:
         self.name = name
         self.summary = summary
-        self.normalizer = normalizer
-        self.updater = updater
+        self.normalizer: Normalizer[Any] = normalizer
+        self.updater: Updater[Any] | None = updater
         self.needs_grad = updater is not None
         self.autocast_ok = updater is None or updater.autocast_ok
         self.state_version = state_version
-        parts: list[type[StrategyConfig]] = [normalizer.config_cls]
+        parts: dict[str, type[StrategyConfig]] = {normalizer.name: normalizer.config_cls}
         if updater is not None:
-            parts.append(updater.config_cls)
-        cfg_name = "".join(p.name.title().replace("_", "") for p in (normalizer, updater) if p) + "Config"
-        self.config_cls = merge_configs(cfg_name, *parts)
+            if updater.name == normalizer.name:
+                raise ValueError(f"{name}: normaliser and updater are both named {updater.name!r}")
+            parts[updater.name] = updater.config_cls
+        cfg_name = "".join(p.title().replace("_", "") for p in parts) + "Config"
+        self.config_cls = compose_config(cfg_name, parts)
+        configured = {part: cls for part, cls in parts.items() if cls.model_fields}
+        # The fields of a nested config and their classes, one per part with hyper-parameters; empty for
+        # a flat config.
+        self.config_parts: dict[str, type[StrategyConfig]] = configured if len(configured) > 1 else {}
+        # The config of each part without hyper-parameters (the only instance of its class).
+        self._fixed_configs = {part: cls() for part, cls in parts.items() if not cls.model_fields}
 
     @property
     def min_batch_size(self) -> int:
@@ -138,18 +202,18 @@ class ComposedStrategy:
             raw = raw.model_dump()
         return self.config_cls.model_validate(dict(raw or {}))
 
-    def _forward_fn(
-        self, handle: ModelHandle, cfg: Any, tensors: Mapping[str, Tensor], adapt: bool
-    ) -> Forward:
-        def forward(
-            x: Tensor, affine: Mapping[str, Tensor] | None, update_stats: bool, record: bool
-        ) -> tuple[Tensor, StatPlan]:
-            plan = self.normalizer.plan(handle, cfg, tensors, affine, update_stats and adapt, record)
-            with active_plan(plan), self._autocast(handle):
-                logits = handle.model(x)
-            return logits.float(), plan
+    def part_config(self, part: Normalizer[Any] | Updater[Any], cfg: StrategyConfig) -> StrategyConfig:
+        """One part's (the normaliser's or the updater's) own config within the strategy's `cfg`."""
+        fixed = self._fixed_configs.get(part.name)
+        if fixed is not None:
+            return fixed
+        part_cfg: StrategyConfig = getattr(cfg, part.name) if self.config_parts else cfg
+        return part_cfg
 
-        return forward
+    def _forward_fn(
+        self, handle: ModelHandle, norm_cfg: StrategyConfig, tensors: Mapping[str, Tensor], adapt: bool
+    ) -> Forward:
+        return _PlanForward(self, handle, norm_cfg, tensors, adapt)
 
     def check_batch(self, batch: Tensor, adapt: bool) -> None:
         """Raise BatchTooSmallError for a batch this strategy cannot step on."""
@@ -167,7 +231,8 @@ class ComposedStrategy:
     def init_state(self, handle: ModelHandle, config: StrategyConfig, seed: int = 0) -> AdaptationState:
         self.check_model(handle)
         cfg = self.parse_config(config)
-        tensors = self.normalizer.init_tensors(handle, cfg, seed)
+        norm_cfg = self.part_config(self.normalizer, cfg)
+        tensors = self.normalizer.init_tensors(handle, norm_cfg, seed)
         meta: dict[str, Any] = {
             "strategy": self.name,
             "schema_version": self.state_version,
@@ -178,8 +243,9 @@ class ComposedStrategy:
             "samples_seen": 0,
         }
         if self.updater is not None:
-            forward = self._forward_fn(handle, cfg, tensors, adapt=False)
-            upd_tensors, upd_meta = self.updater.init_state(handle, cfg, forward, seed)
+            forward = self._forward_fn(handle, norm_cfg, tensors, adapt=False)
+            upd_cfg = self.part_config(self.updater, cfg)
+            upd_tensors, upd_meta = self.updater.init_state(handle, upd_cfg, forward, seed)
             tensors.update(upd_tensors)
             meta.update(upd_meta)
         return AdaptationState({k: v.detach() for k, v in tensors.items()}, meta)
@@ -206,18 +272,19 @@ class ComposedStrategy:
         adapt: bool = True,
     ) -> StepResult:
         cfg = self.parse_config(config)
+        norm_cfg = self.part_config(self.normalizer, cfg)
         self.check_state(handle, state)
         self.check_batch(batch, adapt)
         x = _to_input(handle, batch)
-        forward = self._forward_fn(handle, cfg, state.tensors, adapt)
+        forward = self._forward_fn(handle, norm_cfg, state.tensors, adapt)
         if self.updater is None or not adapt:
             outcome = self._predict_only(handle, x, state, forward)
         else:
-            outcome = self.updater.step(handle, x, state, cfg, forward)
+            outcome = self.updater.step(handle, x, state, self.part_config(self.updater, cfg), forward)
             if outcome.reset:
                 # A recovery reset restores the whole adaptive model: normalisation statistics too.
                 seed = int(state.meta.get("seed", 0))
-                outcome.tensors = {**self.normalizer.init_tensors(handle, cfg, seed), **outcome.tensors}
+                outcome.tensors = {**self.normalizer.init_tensors(handle, norm_cfg, seed), **outcome.tensors}
         return self._finish_many(handle, [(state, outcome)], adapt)[0]
 
     def can_step_many(self, adapt: bool) -> bool:
@@ -240,12 +307,14 @@ class ComposedStrategy:
         """
         if not self.can_step_many(adapt):
             raise ValueError(f"{self.name} adapts by gradient steps; use step() for each stream")
-        cfg = self.parse_config(config)
+        norm_cfg = self.part_config(self.normalizer, self.parse_config(config))
         for batch, state in zip(batches, states, strict=True):
             self.check_state(handle, state)
             self.check_batch(batch, adapt)
         plans = [
-            self.normalizer.plan(handle, cfg, state.tensors, self._frozen_affine(handle, state), adapt, True)
+            self.normalizer.plan(
+                handle, norm_cfg, state.tensors, self._frozen_affine(handle, state), update=adapt, record=True
+            )
             for state in states
         ]
         sizes = [b.shape[0] for b in batches]
@@ -259,7 +328,7 @@ class ComposedStrategy:
         self, handle: ModelHandle, x: Tensor, state: AdaptationState, forward: Forward
     ) -> UpdateOutcome:
         with torch.inference_mode():
-            logits, plan = forward(x, self._frozen_affine(handle, state), True, True)
+            logits, plan = forward(x, self._frozen_affine(handle, state), update_stats=True, record=True)
             return _prediction(logits, plan)
 
     def _frozen_affine(self, handle: ModelHandle, state: AdaptationState) -> dict[str, Tensor] | None:
@@ -309,6 +378,39 @@ class ComposedStrategy:
             reset=out.reset,
         )
         return StepResult(logits=logits, state=new_state, stats=stats)
+
+
+class _PlanForward:
+    """The `Forward` of a strategy's steps: the base model under a plan of the strategy's normaliser."""
+
+    def __init__(
+        self,
+        strategy: ComposedStrategy,
+        handle: ModelHandle,
+        norm_cfg: StrategyConfig,
+        tensors: Mapping[str, Tensor],
+        adapt: bool,
+    ) -> None:
+        self.strategy = strategy
+        self.handle = handle
+        self.norm_cfg = norm_cfg
+        self.tensors = tensors
+        self.adapt = adapt
+
+    @property
+    def identity(self) -> str:
+        return f"{self.strategy.normalizer.name} {self.norm_cfg.model_dump_json()}"
+
+    def __call__(
+        self, x: Tensor, affine: Mapping[str, Tensor] | None = None, *, update_stats: bool, record: bool
+    ) -> tuple[Tensor, StatPlan]:
+        strategy, handle = self.strategy, self.handle
+        plan = strategy.normalizer.plan(
+            handle, self.norm_cfg, self.tensors, affine, update=update_stats and self.adapt, record=record
+        )
+        with active_plan(plan), strategy._autocast(handle):
+            logits = handle.model(x)
+        return logits.float(), plan
 
 
 def _figures(handle: ModelHandle, logits: Tensor, out: UpdateOutcome) -> dict[str, Tensor]:

@@ -1,10 +1,12 @@
-"""`alpha_bn`: mix source and test-batch statistics, algorithms.md §2.
+"""`alpha_bn`: mix source and test-batch statistics, docs/ALGORITHMS.md §2.
 
 mu = (1 - w) * mu_s + w * mu_B and var = (1 - w) * var_s + w * var_B(unbiased), where w = `test_weight`
 (the references' BN.ALPHA, default 0.1 = 90 % source). Stateless across batches.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from pydantic import Field
@@ -17,7 +19,9 @@ from adapters._bn import (
     check_batch_stats_possible,
     normalize_with,
 )
+from adapters._strategy import ComposedStrategy
 from adapters.base import ModelHandle, StrategyConfig
+from adapters.registry import register_strategy
 
 
 class AlphaBNConfig(StrategyConfig):
@@ -34,12 +38,21 @@ class AlphaStats:
     def init_tensors(self, handle: ModelHandle, cfg: AlphaBNConfig, seed: int) -> dict[str, Tensor]:
         return {}
 
-    def plan(self, handle, cfg, tensors, affine, update, record):  # type: ignore[no-untyped-def]
+    def plan(
+        self,
+        handle: ModelHandle,
+        cfg: AlphaBNConfig,
+        tensors: Mapping[str, Tensor],
+        affine: Mapping[str, Tensor] | None,
+        *,
+        update: bool,
+        record: bool,
+    ) -> AlphaPlan:
         return AlphaPlan(cfg.test_weight, affine, record)
 
 
 class AlphaPlan(BasePlan):
-    def __init__(self, test_weight: float, affine, record: bool) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, test_weight: float, affine: Mapping[str, Tensor] | None, record: bool) -> None:
         super().__init__(affine, record)
         self.w = test_weight
 
@@ -56,3 +69,8 @@ class AlphaPlan(BasePlan):
 
     def updated_tensors(self) -> dict[str, Tensor]:
         return {}
+
+
+@register_strategy
+def alpha_bn() -> ComposedStrategy:
+    return ComposedStrategy("alpha_bn", "mix of source and test-batch BN statistics", AlphaStats())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -138,9 +138,6 @@ class AdaptationState:
         new_meta.update(meta)
         return AdaptationState(new_tensors, new_meta)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
 
 @dataclass(frozen=True)
 class StepStats:
@@ -165,26 +162,3 @@ class StepResult:
     logits: Tensor
     state: AdaptationState
     stats: StepStats
-
-
-class Strategy(Protocol):
-    """What the engine needs from a strategy. Implementations do no I/O."""
-
-    name: str
-    summary: str
-    config_cls: type[StrategyConfig]
-    needs_grad: bool
-    state_version: int
-
-    def check_model(self, handle: ModelHandle) -> None: ...
-
-    def init_state(self, handle: ModelHandle, config: StrategyConfig, seed: int = 0) -> AdaptationState: ...
-
-    def step(
-        self,
-        handle: ModelHandle,
-        batch: Tensor,
-        state: AdaptationState,
-        config: StrategyConfig,
-        adapt: bool = True,
-    ) -> StepResult: ...

@@ -1,4 +1,4 @@
-"""`eata` / `eta`: entropy- and redundancy-filtered, reweighted entropy minimisation (algorithms.md §5).
+"""`eata` / `eta`: entropy- and redundancy-filtered, reweighted entropy minimisation (docs/ALGORITHMS.md §5).
 
 Per batch: keep samples with entropy < E0 = e_margin * ln C (reliable), then those whose softmax
 vector has |cos| < d_margin to the moving average of past predictions (non-redundant); weight each by
@@ -18,15 +18,19 @@ from pydantic import Field
 from torch import Tensor
 
 from adapters import losses
-from adapters._strategy import Forward, UpdateOutcome
+from adapters._grad import apply_gradients, init_affine_state, leaf_params
+from adapters._optim import OptimConfig
+from adapters._strategy import ComposedStrategy, Forward, UpdateOutcome
 from adapters.base import AdaptationState, IncompatibleModelError, ModelHandle
-from adapters.tent import TentConfig, apply_gradients, init_affine_state, leaf_params
+from adapters.registry import register_strategy
+from adapters.source import BatchStats
+from adapters.unmix_tns import UnMixStats
 
 PROBS_KEY = "eata.probs_ema"
 FISHER_PREFIX = "eata.fisher."
 
 
-class EATAConfig(TentConfig):
+class EATAConfig(OptimConfig):
     e_margin: float = Field(0.4, gt=0, le=1, description="E0 = e_margin * ln(num_classes)")
     d_margin: float = Field(0.4, ge=0, le=1, description="redundancy threshold on |cos(m, p)|")
     fisher_alpha: float = Field(1.0, ge=0, description="weight beta of the Fisher anti-forgetting penalty")
@@ -50,12 +54,15 @@ class EATAUpdater:
         """The Fisher penalty is computed on the model's source images (ETA has none)."""
         return cfg.fisher_alpha > 0
 
-    def init_state(self, handle: ModelHandle, cfg: EATAConfig, forward: Forward, seed: int):  # type: ignore[no-untyped-def]
+    def init_state(
+        self, handle: ModelHandle, cfg: EATAConfig, forward: Forward, seed: int
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         names = handle.affine_names()
         tensors = init_affine_state(handle, cfg, names)
         tensors[PROBS_KEY] = torch.zeros(handle.num_classes, device=handle.device)
         if cfg.fisher_alpha > 0:
-            cache_key = (type(cfg).__name__, cfg.model_dump_json(), seed)
+            # The Fisher also depends on the statistics the forward normalises with.
+            cache_key = (forward.identity, type(cfg).__name__, cfg.model_dump_json(), seed)
             fisher = fisher_diagonal(handle, forward, cfg.fisher_size, cfg.fisher_batch_size, seed, cache_key)
             tensors.update({FISHER_PREFIX + n: f for n, f in fisher.items()})
         return tensors, {"opt_steps": 0, "has_probs": False}
@@ -67,7 +74,7 @@ class EATAUpdater:
         params = leaf_params(state, names)
         e0 = losses.entropy_margin(cfg.e_margin, handle.num_classes)
         with torch.enable_grad():
-            logits, plan = forward(x, params, True, True)
+            logits, plan = forward(x, params, update_stats=True, record=True)
             ent = losses.softmax_entropy(logits)
             probs = logits.detach().float().softmax(1)
             reliable = ent.detach() < e0
@@ -142,7 +149,12 @@ def _fisher_penalty(handle: ModelHandle, state: AdaptationState, params: dict[st
 
 
 def fisher_diagonal(
-    handle: ModelHandle, forward: Forward, n: int, batch_size: int, seed: int, cache_key: tuple[str, str, int]
+    handle: ModelHandle,
+    forward: Forward,
+    n: int,
+    batch_size: int,
+    seed: int,
+    cache_key: tuple[str, str, str, int],
 ) -> dict[str, Tensor]:
     """F = mean over mini-batches of the squared gradient of CE(pseudo-label) at the source parameters."""
     if handle.source_images is None:
@@ -166,7 +178,7 @@ def fisher_diagonal(
             break
         params = {k: source[k].detach().clone().requires_grad_(True) for k in names}
         with torch.enable_grad():
-            logits, _ = forward(batch, params, False, False)
+            logits, _ = forward(batch, params, update_stats=False, record=False)
             loss = F.cross_entropy(logits.float(), logits.detach().argmax(1))
             grads = torch.autograd.grad(loss, list(params.values()))
         for k, g in zip(names, grads, strict=True):
@@ -183,5 +195,38 @@ def fisher_diagonal(
 # The Fisher is a deterministic function of the (immutable) model and these arguments, so it is
 # memoised per process: every stream reset would otherwise cost fisher_size forward+backward passes.
 # Steps run on several executor threads; two may compute the same Fisher once each, never corrupt the cache.
-_FISHER_CACHE: dict[tuple[str, str, str, str, int], dict[str, Tensor]] = {}
+_FISHER_CACHE: dict[tuple[str, str, str, str, str, int], dict[str, Tensor]] = {}
 _FISHER_LOCK = threading.Lock()
+
+
+EATA_SUMMARY = "filtered, reweighted entropy minimisation with Fisher penalty"
+ETA_SUMMARY = "EATA without the Fisher penalty (no source data needed)"
+
+
+@register_strategy
+def eata() -> ComposedStrategy:
+    updater = EATAUpdater("eata", EATAConfig)
+    return ComposedStrategy("eata", f"{EATA_SUMMARY} (test-batch statistics)", BatchStats(), updater)
+
+
+@register_strategy
+def eta() -> ComposedStrategy:
+    return ComposedStrategy(
+        "eta", f"{ETA_SUMMARY} (test-batch statistics)", BatchStats(), EATAUpdater("eta", ETAConfig)
+    )
+
+
+@register_strategy
+def unmix_tns_eata() -> ComposedStrategy:
+    updater = EATAUpdater("eata", EATAConfig)
+    return ComposedStrategy(
+        "unmix_tns+eata", f"{EATA_SUMMARY} over UnMix-TNS statistics", UnMixStats(), updater
+    )
+
+
+@register_strategy
+def unmix_tns_eta() -> ComposedStrategy:
+    updater = EATAUpdater("eta", ETAConfig)
+    return ComposedStrategy(
+        "unmix_tns+eta", f"{ETA_SUMMARY} over UnMix-TNS statistics", UnMixStats(), updater
+    )

@@ -1,4 +1,4 @@
-"""`sar`: sharpness-aware, reliable entropy minimisation with model recovery (algorithms.md §6).
+"""`sar`: sharpness-aware, reliable entropy minimisation with model recovery (docs/ALGORITHMS.md §6).
 
 Per batch: entropy filter S1 (E < E0); SAM ascent e = rho g/||g|| on the filtered mean entropy; second
 forward at theta + e, filter S2 within S1; SGD step at theta with the gradient at theta + e. An EMA of
@@ -16,12 +16,18 @@ from pydantic import Field
 from torch import Tensor
 
 from adapters import losses
-from adapters._strategy import Forward, UpdateOutcome
+from adapters._grad import apply_gradients, init_affine_state, leaf_params, trainable_names
+from adapters._optim import OptimConfig
+from adapters._strategy import ComposedStrategy, Forward, StatPlan, UpdateOutcome
 from adapters.base import AdaptationState, ModelHandle
-from adapters.tent import TentConfig, apply_gradients, init_affine_state, leaf_params, trainable_names
+from adapters.registry import register_strategy
+from adapters.source import BatchStats
+from adapters.unmix_tns import UnMixStats
+
+SUMMARY = "sharpness-aware reliable entropy minimisation with model recovery"
 
 
-class SARConfig(TentConfig):
+class SARConfig(OptimConfig):
     optimizer: Literal["adam", "sgd"] = "sgd"
     e_margin: float = Field(0.4, gt=0, le=1, description="E0 = e_margin * ln(num_classes)")
     rho: float = Field(0.05, gt=0, description="SAM neighbourhood radius")
@@ -35,10 +41,12 @@ class SARConfig(TentConfig):
 class SARUpdater:
     name = "sar"
     config_cls = SARConfig
-    # The reference keeps SAR out of mixed precision (algorithms.md §6): its forwards stay float32.
+    # The reference keeps SAR out of mixed precision (docs/ALGORITHMS.md §6): its forwards stay float32.
     autocast_ok = False
 
-    def init_state(self, handle: ModelHandle, cfg: SARConfig, forward: Forward, seed: int):  # type: ignore[no-untyped-def]
+    def init_state(
+        self, handle: ModelHandle, cfg: SARConfig, forward: Forward, seed: int
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return init_affine_state(handle, cfg, trainable_names(handle, cfg.frozen_layers)), {
             "opt_steps": 0,
             "loss_ema": None,
@@ -52,7 +60,7 @@ class SARUpdater:
         params = leaf_params(state, names)
         e0 = losses.entropy_margin(cfg.e_margin, handle.num_classes)
         with torch.enable_grad():
-            logits, plan = forward(x, {**affine, **params}, True, True)
+            logits, plan = forward(x, {**affine, **params}, update_stats=True, record=True)
             ent = losses.softmax_entropy(logits)
             s1 = ent.detach() < e0
             # Two host synchronisations before the result, one per filter: an empty filter skips the step.
@@ -68,7 +76,7 @@ class SARUpdater:
             )
             perturbed = {n: e.requires_grad_(True) for n, e in zip(params, ascent, strict=True)}
             # Like the reference, the second pass sees the whole batch (same BN statistics), then filters.
-            logits2, _ = forward(x, {**affine, **perturbed}, False, False)
+            logits2, _ = forward(x, {**affine, **perturbed}, update_stats=False, record=False)
             ent2 = losses.softmax_entropy(logits2)
             s2 = s1 & (ent2.detach() < e0)
             loss2_sum = torch.where(s2, ent2, 0).sum()
@@ -81,8 +89,18 @@ class SARUpdater:
         tensors, meta = apply_gradients(state, params, grads2, cfg)
         return self._recover(handle, state, cfg, logits, plan, tensors, meta, loss2 / n2, n2, x.shape[0])
 
-    def _recover(  # type: ignore[no-untyped-def]
-        self, handle, state, cfg: SARConfig, logits, plan, tensors, meta: dict[str, Any], loss: float, n2, n
+    def _recover(
+        self,
+        handle: ModelHandle,
+        state: AdaptationState,
+        cfg: SARConfig,
+        logits: Tensor,
+        plan: StatPlan,
+        tensors: dict[str, Tensor],
+        meta: dict[str, Any],
+        loss: float,
+        n2: int,
+        n: int,
     ) -> UpdateOutcome:
         prev = state.meta.get("loss_ema")
         ema = loss if prev is None else cfg.ema_momentum * prev + (1 - cfg.ema_momentum) * loss
@@ -95,3 +113,15 @@ class SARUpdater:
                 logits, plan, tensors, meta, used=n2, filtered=n - n2, updated=True, loss=loss, reset=True
             )
         return UpdateOutcome(logits, plan, tensors, meta, used=n2, filtered=n - n2, updated=True, loss=loss)
+
+
+@register_strategy
+def sar() -> ComposedStrategy:
+    return ComposedStrategy("sar", f"{SUMMARY} (test-batch statistics)", BatchStats(), SARUpdater())
+
+
+@register_strategy
+def unmix_tns_sar() -> ComposedStrategy:
+    return ComposedStrategy(
+        "unmix_tns+sar", f"{SUMMARY} over UnMix-TNS statistics", UnMixStats(), SARUpdater()
+    )

@@ -1,11 +1,15 @@
-"""`source` (no adaptation) and `norm` (test-batch statistics, TBN): algorithms.md §1."""
+"""`source` (no adaptation) and `norm` (test-batch statistics, TBN): docs/ALGORITHMS.md §1."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from torch import Tensor
 
 from adapters._bn import BatchStatsPlan, SourcePlan
+from adapters._strategy import ComposedStrategy
 from adapters.base import ModelHandle, StrategyConfig
+from adapters.registry import register_strategy
 
 
 class _Stateless:
@@ -21,7 +25,16 @@ class SourceStats(_Stateless):
     name = "source"
     min_batch_size = 1
 
-    def plan(self, handle, cfg, tensors, affine, update, record):  # type: ignore[no-untyped-def]
+    def plan(
+        self,
+        handle: ModelHandle,
+        cfg: StrategyConfig,
+        tensors: Mapping[str, Tensor],
+        affine: Mapping[str, Tensor] | None,
+        *,
+        update: bool,
+        record: bool,
+    ) -> _StatelessPlan:
         return _StatelessPlan(SourcePlan(affine, record))
 
 
@@ -32,7 +45,16 @@ class BatchStats(_Stateless):
     # A single 2-D sample still has H*W values per channel (instance normalisation, poor but defined).
     min_batch_size = 1
 
-    def plan(self, handle, cfg, tensors, affine, update, record):  # type: ignore[no-untyped-def]
+    def plan(
+        self,
+        handle: ModelHandle,
+        cfg: StrategyConfig,
+        tensors: Mapping[str, Tensor],
+        affine: Mapping[str, Tensor] | None,
+        *,
+        update: bool,
+        record: bool,
+    ) -> _StatelessPlan:
         return _StatelessPlan(BatchStatsPlan(affine, record))
 
 
@@ -40,9 +62,18 @@ class _StatelessPlan:
     """Adapts a BasePlan to the StatPlan protocol: it changes no stored tensors."""
 
     def __init__(self, inner: SourcePlan | BatchStatsPlan) -> None:
-        self.inner = inner
         self.batch_stats = inner.batch_stats
         self.normalize = inner.normalize
 
     def updated_tensors(self) -> dict[str, Tensor]:
         return {}
+
+
+@register_strategy
+def source() -> ComposedStrategy:
+    return ComposedStrategy("source", "no adaptation (source statistics)", SourceStats())
+
+
+@register_strategy
+def norm() -> ComposedStrategy:
+    return ComposedStrategy("norm", "test-batch BN statistics", BatchStats())

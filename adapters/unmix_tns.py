@@ -1,4 +1,4 @@
-"""`unmix_tns`: K statistics components per BN layer, mixed per instance (algorithms.md §3).
+"""`unmix_tns`: K statistics components per BN layer, mixed per instance (docs/ALGORITHMS.md §3).
 
 Each sample is normalised with the moments of an equal-weight mixture of K components, in which the
 component nearest to the sample (by cosine similarity of channel means, temperature tau) is pulled
@@ -29,7 +29,9 @@ from pydantic import Field
 from torch import Tensor
 
 from adapters._bn import AdaptiveBatchNorm2d, BasePlan, fast_stats_ok, normalize_with
+from adapters._strategy import ComposedStrategy
 from adapters.base import BatchTooSmallError, ModelHandle, StrategyConfig
+from adapters.registry import register_strategy
 
 PREFIX = "unmix."
 
@@ -78,7 +80,16 @@ class UnMixStats:
             out[k_mean], out[k_var] = means.to(handle.device), variances.to(handle.device)
         return out
 
-    def plan(self, handle, cfg, tensors, affine, update, record):  # type: ignore[no-untyped-def]
+    def plan(
+        self,
+        handle: ModelHandle,
+        cfg: UnMixTNSConfig,
+        tensors: Mapping[str, Tensor],
+        affine: Mapping[str, Tensor] | None,
+        *,
+        update: bool,
+        record: bool,
+    ) -> UnMixPlan:
         return UnMixPlan(cfg, tensors, affine, update, record)
 
 
@@ -297,4 +308,9 @@ def _single(comp_mu: Tensor, comp_var: Tensor, tau: float) -> LayerTable:
     return ComponentTables.build(["layer"], [comp_mu], [comp_var], tau)["layer"]
 
 
-__all__ = ["UnMixStats", "UnMixTNSConfig", "assignment", "mixture_moments"]
+@register_strategy
+def unmix_tns() -> ComposedStrategy:
+    return ComposedStrategy("unmix_tns", "per-instance mixture of K BN statistics components", UnMixStats())
+
+
+__all__ = ["UnMixStats", "UnMixTNSConfig", "assignment", "mixture_moments", "unmix_tns"]

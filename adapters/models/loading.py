@@ -69,6 +69,9 @@ class ModelSpec(BaseModel):
 class _Classifier(nn.Module):
     """Input normalisation (if any) in front of the network; inputs are floats in [0, 1]."""
 
+    mean: Tensor  # buffers, registered when the spec normalises its inputs
+    std: Tensor
+
     def __init__(self, net: nn.Module, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
         super().__init__()
         self.net = net
@@ -160,7 +163,8 @@ def build_handle(
     if not layers:  # pragma: no cover - convert_batchnorm raises already
         raise IncompatibleModelError(f"model {spec.id} has no BN layers")
     use_cl = device.type == "cuda" if channels_last is None else channels_last
-    model.to(device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+    # Module.to takes a device and a memory format together; torch's overloads do not say so.
+    model.to(device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)  # type: ignore[call-overload]
     layers = tuple(_relocate(layer, device) for layer in layers)
     return ModelHandle(
         model_id=spec.id,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapters._bn import AdaptiveBatchNorm2d
+from adapters._strategy import ComposedStrategy
 from adapters.base import AdaptationState, ModelHandle, StrategyConfig
 
 BNFactory = Callable[[str, nn.BatchNorm2d], nn.Module]
@@ -138,10 +139,19 @@ def assert_states_equal(a: AdaptationState, b: AdaptationState) -> None:
     assert dict(a.meta) == dict(b.meta)
 
 
-def small_config(strategy: Any, **overrides: Any) -> StrategyConfig:
-    """A strategy's default config, shrunk where a field exists so tests stay fast."""
-    fields = strategy.config_cls.model_fields
-    small = {"fisher_size": 16, "fisher_batch_size": 8, "k": 4}
-    values = {k: v for k, v in small.items() if k in fields}
-    values.update(overrides)
-    return strategy.config_cls(**values)
+SMALL = {"fisher_size": 16, "fisher_batch_size": 8, "k": 4}
+
+
+def small_config(strategy: ComposedStrategy, **overrides: Any) -> StrategyConfig:
+    """A strategy's default config, shrunk where a field exists so tests stay fast.
+
+    `overrides` are fields of a flat config, or for a nested one, each part's fields by part name."""
+    cls = strategy.config_cls
+    if not strategy.config_parts:
+        return cls(**{k: v for k, v in SMALL.items() if k in cls.model_fields}, **overrides)
+    values: dict[str, dict[str, Any]] = {}
+    for part, part_cls in strategy.config_parts.items():
+        values[part] = {k: v for k, v in SMALL.items() if k in part_cls.model_fields}
+        values[part].update(overrides.pop(part, {}))
+    assert not overrides, f"{strategy.name} has no config parts {sorted(overrides)}"
+    return strategy.parse_config(values)

@@ -1,4 +1,8 @@
-"""Tiny models run fastest (and without oversubscription on shared CI cores) on one intra-op thread."""
+"""Tiny models run fastest (and without oversubscription on shared CI cores) on one intra-op thread.
+
+The suites here that are parametrised over the registry also cover a strategy that is not built in:
+importing `_plugin_strategy` registers it (`ema_tbn`, `ema_tbn+tent`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
+from . import _plugin_strategy  # noqa: F401  (registers the plug-in strategies)
 
 
 @pytest.fixture(autouse=True)

@@ -72,7 +72,7 @@ def test_registry_entry_describes_itself(strategy: adapters.ComposedStrategy) ->
 
 
 def test_gradient_strategies_refuse_single_images(strategy: adapters.ComposedStrategy) -> None:
-    """One image gives one-sample entropy gradients over instance statistics: refused (algorithms.md §10)."""
+    """One image gives one-sample entropy gradients over instance statistics: refused (docs/ALGORITHMS.md §10)."""
     if strategy.needs_grad:
         assert strategy.min_batch_size >= 2
     else:

@@ -1,4 +1,4 @@
-"""`eata` / `eta` against a direct torch implementation of algorithms.md §5 (filters, weights, Fisher)."""
+"""`eata` / `eta` against a direct torch implementation of docs/ALGORITHMS.md §5 (filters, weights, Fisher)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`source`, `norm` and `alpha_bn` against plain torch models and the alpha-BN closed form (algorithms.md §1-2)."""
+"""`source`, `norm` and `alpha_bn` against plain torch models and the alpha-BN closed form (docs/ALGORITHMS.md §1-2)."""
 
 from __future__ import annotations
 

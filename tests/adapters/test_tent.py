@@ -1,4 +1,4 @@
-"""`tent` against a deep-copied torch model trained by torch.optim on the mean entropy (algorithms.md §4)."""
+"""`tent` against a deep-copied torch model trained by torch.optim on the mean entropy (docs/ALGORITHMS.md §4)."""
 
 from __future__ import annotations
 

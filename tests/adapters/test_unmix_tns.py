@@ -1,4 +1,4 @@
-"""`unmix_tns` against a direct (B, K, C) implementation of algorithms.md §3."""
+"""`unmix_tns` against a direct (B, K, C) implementation of docs/ALGORITHMS.md §3."""
 
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ def test_drift_statistics_are_each_layers_batch_moments(tiny_handle: ModelHandle
         model(x)
     forward = STRATEGY._forward_fn(tiny_handle, cfg, state.tensors, adapt=True)
     with torch.no_grad():
-        _, plan = forward(x, None, True, True)
+        _, plan = forward(x, update_stats=True, record=True)
     assert sorted(plan.batch_stats) == list(range(len(tiny_handle.bn_layers)))
     for layer in tiny_handle.bn_layers:
         mean, var = plan.batch_stats[layer.index]

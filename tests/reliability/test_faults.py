@@ -292,6 +292,21 @@ def test_stored_config_that_no_longer_validates_is_409_state_mismatch(make_clien
     assert predict(client, "cam").status_code == 200
 
 
+def test_stored_flat_config_of_a_composite_is_409_state_mismatch(make_client, redis_url) -> None:
+    """A composite's config nests per part; a policy stored in the older flat form is refused clearly."""
+    client = make_client(redis_url=redis_url)
+    client.put("/v1/streams/cam", json={"strategy": "unmix_tns+tent"})
+    r = redis.Redis.from_url(redis_url)
+    rec = json.loads(r.hget(_policy_field("cam"), "rec"))
+    rec["config"] = {**rec["config"]["unmix_tns"], **rec["config"]["tent"]}  # the flat form
+    r.hset(_policy_field("cam"), "rec", json.dumps(rec))
+    resp = predict(client, "cam")
+    assert resp.status_code == 409 and resp.json()["error_type"] == "state_mismatch", resp.text
+    assert "PUT a new policy" in resp.json()["error"]
+    assert client.put("/v1/streams/cam", json={"strategy": "unmix_tns+tent"}).status_code == 200
+    assert predict(client, "cam").status_code == 200
+
+
 @pytest.mark.parametrize("store", ["memory", "redis"])
 def test_deleted_stream_does_not_resurrect_an_old_state(make_client, store, request) -> None:
     overrides = {"redis_url": request.getfixturevalue("redis_url")} if store == "redis" else {}

@@ -362,7 +362,8 @@ def test_drift_board_drops_a_reset_stream(make_client, redis_url) -> None:
 
 
 # ------------------------------------------------------------------ policies that could never run
-def test_a_policy_that_needs_source_data_is_refused_at_put(tiny_spec) -> None:
+@pytest.mark.parametrize("strategy", ["eata", "unmix_tns+eata"])
+def test_a_policy_that_needs_source_data_is_refused_at_put(tiny_spec, strategy) -> None:
     from adapters.models import build_handle
     from tta_server.model_pool import ModelPool
 
@@ -370,11 +371,12 @@ def test_a_policy_that_needs_source_data_is_refused_at_put(tiny_spec) -> None:
     pool = ModelPool({"tiny": build_handle(spec)}, {"tiny": spec}, "tiny")
     with app_clients(pool, MODELS_YAML) as factory:
         client = factory()
-        r = client.put("/v1/streams/cam", json={"strategy": "eata"})
+        r = client.put("/v1/streams/cam", json={"strategy": strategy})
         assert r.status_code == 422 and r.json()["error_type"] == "incompatible_model"
         assert "source_data" in r.json()["error"] and "eta" in r.json()["error"]
-        assert client.put("/v1/streams/cam", json={"strategy": "eta"}).status_code == 200
-        assert client.get("/v1/streams/cam").json()["strategy"] == "eta"
+        ok = strategy.replace("eata", "eta")
+        assert client.put("/v1/streams/cam", json={"strategy": ok}).status_code == 200
+        assert client.get("/v1/streams/cam").json()["strategy"] == ok
 
 
 # ------------------------------------------------------------------ deadlines and per-stream queues

@@ -67,6 +67,17 @@ def test_policy_lifecycle_and_stats(make_client, cifar_array) -> None:
     assert client.get("/v1/streams/p1").status_code == 404
 
 
+def test_a_composite_policy_has_one_config_per_part(make_client, cifar_array) -> None:
+    client = make_client()
+    policy = {"strategy": "unmix_tns+tent", "config": {"unmix_tns": {"k": 4}, "tent": {"lr": 1e-4}}}
+    config = client.put("/v1/streams/u", json=policy).json()["config"]
+    assert set(config) == {"unmix_tns", "tent"}
+    assert (config["unmix_tns"]["k"], config["unmix_tns"]["tau"], config["tent"]["lr"]) == (4, 0.07, 1e-4)
+    r = client.post("/v1/streams/u/predict", content=npy_bytes(cifar_array[:8]), headers=NPY)
+    assert r.status_code == 200 and r.json()["adapted"] is True
+    assert client.get("/v1/streams/u").json()["config"] == config
+
+
 def test_unknown_strategy_lists_valid_names(make_client) -> None:
     r = make_client().put("/v1/streams/x", json={"strategy": "nope"})
     assert r.status_code == 422
@@ -81,6 +92,8 @@ def test_unknown_strategy_lists_valid_names(make_client) -> None:
     [
         ({"strategy": "tent", "config": {"lr": -1}}, "lr"),
         ({"strategy": "unmix_tns", "config": {"kk": 3}}, "kk"),
+        ({"strategy": "unmix_tns+tent", "config": {"k": 4}}, "k"),  # a composite nests per part
+        ({"strategy": "unmix_tns+tent", "config": {"unmix_tns": {"k": 0}}}, "k"),
     ],
 )
 def test_bad_config_is_422_listing_the_field(make_client, policy, field) -> None:
@@ -158,6 +171,8 @@ def test_discovery_endpoints(make_client) -> None:
     assert {"source", "norm", "alpha_bn", "unmix_tns", "tent", "eata", "sar", "unmix_tns+tent"} <= names
     tent = next(s for s in strategies if s["name"] == "tent")
     assert tent["needs_grad"] and "lr" in tent["config_schema"]["properties"]
+    composite = next(s for s in strategies if s["name"] == "unmix_tns+tent")
+    assert set(composite["config_schema"]["properties"]) == {"unmix_tns", "tent"}
     models = client.get("/v1/models").json()["models"]
     assert (
         models[0]["id"] == "cifar10_wrn40_2"
