@@ -31,6 +31,7 @@ from tta_server.engine.scheduler import Deadline, Pending, Scheduler
 from tta_server.engine.streams import Resolved, StreamService, parse_config, strategy
 from tta_server.errors import (
     DeadlineExceededError,
+    StateCorruptError,
     StateMismatchError,
     StoreFullError,
     StoreUnavailableError,
@@ -195,14 +196,11 @@ class Engine:
         for stream, _score in await self.store.top_drift(ns, n):
             try:
                 view = await self.describe(ns, stream)
-            except (UnknownStreamError, CorruptRecordError, StateMismatchError) as exc:
+            except (UnknownStreamError, StateCorruptError, CorruptRecordError, StateMismatchError) as exc:
                 log.info("drift board: skipping %s/%s (%s)", ns, stream, type(exc).__name__)
                 continue
-            except Exception as exc:  # StateCorruptError and kin: a record we cannot read
-                if getattr(exc, "error_type", None) != "state_corrupt":
-                    raise
-                continue
-            if view.meta.get("drift", {}).get("bn_distance") is not None:
+            drift = view.meta.get("drift")
+            if isinstance(drift, dict) and drift.get("bn_distance") is not None:
                 rows.append((stream, view))
         return rows
 
