@@ -263,7 +263,13 @@ class Engine:
 
     # ------------------------------------------------------------------ predict
     async def predict(
-        self, ns: str, stream: str, batch_u8: torch.Tensor, adapt: bool, policy: Policy | None = None
+        self,
+        ns: str,
+        stream: str,
+        batch_u8: torch.Tensor,
+        adapt: bool,
+        policy: Policy | None = None,
+        deadline: Any = None,  # tta_server.admission.Deadline: not honoured yet
     ) -> PredictOutcome:
         """`policy`: the stream's stored policy when the caller already read it (saves a store round trip)."""
         policy = policy or await self.get_policy(ns, stream)

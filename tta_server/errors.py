@@ -43,6 +43,9 @@ RateLimitedError = _kind("RateLimitedError", "rate_limited", 429)
 StoreUnavailableError = _kind("StoreUnavailableError", "state_store_unavailable", 503)
 IncompatibleModelError = _kind("IncompatibleModelError", "incompatible_model", 422)
 NotReadyError = _kind("NotReadyError", "not_ready", 503)
+OverloadedError = _kind("OverloadedError", "overloaded", 503)
+DeadlineExceededError = _kind("DeadlineExceededError", "deadline_exceeded", 503)
+RequestTimeoutError = _kind("RequestTimeoutError", "request_timeout", 408)
 
 _FROM_CORE: dict[str, type[TTAError]] = {
     "unknown_strategy": UnknownStrategyError,
