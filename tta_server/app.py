@@ -260,11 +260,14 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        predict = scope["method"] == "POST" and PREDICT_PATH.fullmatch(scope["path"]) is not None
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]  # the routes' view of it
+        predict = scope["method"] == "POST" and PREDICT_PATH.fullmatch(path) is not None
         has_body = "transfer-encoding" in headers or headers.get("content-length", "0") not in ("", "0")
         ticket: Ticket | None = None
         try:
-            ns = self._authenticate(scope["path"], headers)
+            ns = self._authenticate(path, headers)
             deadline = Deadline.after(request_timeout(headers.get(TIMEOUT_HEADER), self.request_timeout))
             if predict:
                 ticket = self.admission.admit(deadline)

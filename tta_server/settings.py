@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     )
     backlog: int = Field(2048, ge=1, description="connections the kernel queues before they are accepted")
     max_pending_requests: int = Field(
-        64,
+        32,
         ge=1,
         description="predict requests admitted at once per replica, body reading included: past it, 503",
     )

@@ -137,6 +137,16 @@ def never_decode(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return called
 
 
+def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Whether `condition` holds within `timeout` (a request leaves the queue just after its answer)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def version(url: str, stream: str, headers: dict[str, str] | None = None) -> int:
     r = httpx.get(f"{url}/v1/streams/{stream}", headers=headers or {}, timeout=10)
     return int(r.json()["version"]) if r.status_code == 200 else 0
@@ -186,15 +196,14 @@ def test_replica_budget_and_queue_bound_answer_503_with_retry_after(live, monkey
         assert r.headers["retry-after"] == "1" and "decoded pixels" in r.json()["error"]
         assert blocked.calls == 1
         # Queue bound: two admitted (the first, and one whose body never comes), the third is refused.
+        # (A request leaves the queue just after its answer is sent.)
+        assert eventually(lambda: app.state.admission.pending == 1)
         stalled = connect(url)
         stalled.sendall(
             b"POST /v1/streams/c/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
             b"Content-Length: 9999\r\n\r\n"
         )
-        deadline = time.monotonic() + 5
-        while app.state.admission.pending < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert app.state.admission.pending == 2
+        assert eventually(lambda: app.state.admission.pending == 2)
         r = httpx.post(f"{url}/v1/streams/d/predict", content=body, headers=NPY, timeout=10)
         assert r.status_code == 503 and r.json()["error_type"] == "overloaded"
         assert "predict requests in progress" in r.json()["error"] and r.headers["retry-after"] == "1"
@@ -204,7 +213,7 @@ def test_replica_budget_and_queue_bound_answer_503_with_retry_after(live, monkey
         assert first.result().status_code == 200
     r = httpx.post(f"{url}/v1/streams/b/predict", content=body, headers=NPY, timeout=30)
     assert r.status_code == 200
-    assert app.state.admission.pixels == 0 and app.state.admission.pending == 0
+    assert eventually(lambda: app.state.admission.pixels == 0 and app.state.admission.pending == 0)
 
 
 def test_png_attack_does_not_grow_the_server(tmp_path) -> None:
@@ -393,7 +402,7 @@ def test_stalled_body_is_cut_with_408_and_the_connection_closed(live) -> None:
     assert b"request_timeout" in answer and b"connection: close" in answer.lower()
     assert 0.8 < took < 5
     sock.close()
-    assert app.state.admission.pending == 0 and app.state.admission.pixels == 0
+    assert eventually(lambda: app.state.admission.pending == 0 and app.state.admission.pixels == 0)
     assert version(url, "s", AUTH) == 0
 
 
@@ -457,7 +466,7 @@ def test_disconnect_mid_body_is_info_without_traceback(live, edge_logs) -> None:
     went = [r for r in edge_logs.records if "went away" in r.getMessage()]
     assert len(went) == 2 and all(r.levelno == logging.INFO for r in went)
     _no_errors(edge_logs)
-    assert app.state.admission.pending == 0
+    assert eventually(lambda: app.state.admission.pending == 0)
 
 
 def test_client_gone_while_decoding_cancels_the_request(live, monkeypatch, edge_logs) -> None:
@@ -476,15 +485,10 @@ def test_client_gone_while_decoding_cancels_the_request(live, monkeypatch, edge_
     assert blocked.entered.wait(10)
     assert app.state.admission.pixels == 4 * 32 * 32
     sock.close()
-    deadline = time.monotonic() + 5
-    while app.state.admission.pending and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert app.state.admission.pending == 0  # the request is over ...
+    assert eventually(lambda: app.state.admission.pending == 0)  # the request is over ...
     assert app.state.admission.pixels == 4 * 32 * 32  # ... but its decode still runs
     blocked.release()
-    while app.state.admission.pixels and time.monotonic() < deadline + 5:
-        time.sleep(0.02)
-    assert app.state.admission.pixels == 0
+    assert eventually(lambda: app.state.admission.pixels == 0)
     assert version(url, "cam") == 0
     assert any("request cancelled" in r.getMessage() for r in edge_logs.records)
     _no_errors(edge_logs)
