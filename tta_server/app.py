@@ -1,10 +1,12 @@
 """`create_app(settings)`: builds the model pool, state store, engine and metrics in the lifespan,
-installs the error handlers and body limit, and mounts the routers and /metrics."""
+installs the error handlers, the body limit and the edge middleware (authentication before any body
+is read, deadlines, admission, body read timeout), and mounts the routers and /metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,16 +18,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import adapters
 from tta_server import __version__
+from tta_server.admission import TIMEOUT_HEADER, Admission, Deadline, Ticket, request_timeout
 from tta_server.api import info, streams
-from tta_server.api.deps import RateLimiter
+from tta_server.api.deps import RateLimiter, authenticate, match_secret, presented_key, presents_credentials
 from tta_server.engine import Engine
-from tta_server.errors import PayloadTooLargeError, StoreUnavailableError, TTAError, to_http
+from tta_server.errors import (
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    StoreUnavailableError,
+    TTAError,
+    UnauthorizedError,
+    to_http,
+)
 from tta_server.metrics import Metrics
 from tta_server.model_pool import ModelPool, resolve_device
 from tta_server.records import CorruptRecordError
@@ -82,7 +94,11 @@ def create_app(settings: Settings | None = None, pool: ModelPool | None = None) 
     app.include_router(streams.router)
     app.include_router(info.router)
     _install_error_handlers(app, metrics)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        read_timeout=settings.body_read_timeout_seconds,
+    )
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Any) -> Response:
@@ -97,6 +113,9 @@ def create_app(settings: Settings | None = None, pool: ModelPool | None = None) 
             if error_type:
                 metrics.request_errors.labels(path, error_type).inc()
         return response
+
+    app.state.admission = Admission.from_settings(settings)
+    app.add_middleware(EdgeMiddleware, settings=settings, admission=app.state.admission, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -146,12 +165,33 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return _error_response(500, body)
 
 
-class BodyLimitMiddleware:
-    """Refuses request bodies over `max_bytes` (413): by Content-Length, or while reading a chunked one."""
+class BodyError(TTAError, StarletteHTTPException):
+    """A body that broke a limit while a route was reading it, raised from `receive`.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    An HTTPException, so FastAPI's JSON body parsing passes it on instead of answering 400; a TTAError,
+    so the TTAError handler renders it (its MRO comes first).
+    """
+
+    def __init__(self, kind: type[TTAError], message: str) -> None:
+        TTAError.__init__(self, message)
+        self.status_code = kind.status_code
+        self.error_type = kind.error_type
+
+
+class BodyLimitMiddleware:
+    """Bounds on reading a request body, in size and in time.
+
+    Over `max_bytes`: 413, by Content-Length before a byte is read, or counted while the route reads a
+    chunked body. Not in full `read_timeout` seconds after the headers (a slow or stalled upload): 408
+    `request_timeout`, raised from the route's read. Nothing is buffered here: the route reads the body
+    after the edge middleware has authenticated and admitted the request. (Inside the `observe`
+    middleware, so the errors are raised in the route's task and reach the error handlers.)
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -159,35 +199,199 @@ class BodyLimitMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        too_large = PayloadTooLargeError(f"request body exceeds {self.max_bytes} bytes")
+        message = f"request body exceeds {self.max_bytes} bytes"
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _error_response(413, too_large.body())(scope, receive, send)
+            await _error_response(413, PayloadTooLargeError(message).body())(scope, receive, send)
             return
-        if declared is not None:
-            await self.app(scope, receive, send)  # the server stops reading at Content-Length
-            return
-        # No Content-Length (chunked): read the body here, so an oversized one is a 413 whatever the
-        # route (a body error raised inside a route's JSON parsing would surface as a 400).
-        chunks: list[bytes] = []
+        read_by = None if self.read_timeout is None else time.monotonic() + self.read_timeout
         seen = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # client gone
-                return
-            chunks.append(message.get("body", b""))
-            seen += len(chunks[-1])
-            if seen > self.max_bytes:
-                await _error_response(413, too_large.body())(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
+        complete = False
 
-        async def buffered_receive() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
+        async def limited_receive() -> Message:
+            nonlocal seen, complete
+            if complete or read_by is None:
+                msg = await receive()
+            else:
+                try:
+                    async with asyncio.timeout(max(0.0, read_by - time.monotonic())):
+                        msg = await receive()
+                except TimeoutError:
+                    log.info("request body from %s not in after %g s: cut", _client(scope), self.read_timeout)
+                    raise BodyError(
+                        RequestTimeoutError, f"request body not received within {self.read_timeout:g} s"
+                    ) from None
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                complete = not msg.get("more_body", False)
+                if seen > self.max_bytes:
+                    raise BodyError(PayloadTooLargeError, message)
+            return msg
 
-        await self.app(scope, buffered_receive, send)
+        await self.app(scope, limited_receive, send)
+
+
+PREDICT_PATH = re.compile(r"/v1/streams/[^/]+/predict")
+PREDICT_ROUTE = "/v1/streams/{stream_id}/predict"
+ALWAYS_PUBLIC = frozenset({"/healthz", "/readyz"})
+DISCOVERY = frozenset(
+    {"/v1/models", "/v1/strategies", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+
+
+class EdgeMiddleware:
+    """The outermost layer: what is decided from the request headers, and bounds on reading the body.
+
+    1. Authentication before any body byte is read: a protected path without a valid key is answered
+       401. A credential that is presented must be valid on every path, public ones included (401).
+       Public without a key: /healthz, /readyz; /metrics unless `metrics_token` is set (then it needs
+       that token); the discovery paths (models, strategies, API docs) with `public_discovery`.
+    2. The request's `Deadline` (`request.state.deadline`), from `X-Request-Timeout` (422 if invalid).
+    3. Predict requests are admitted (at most `max_pending_requests`, else 503 `overloaded` with
+       Retry-After) and get a `Ticket` (`request.state.ticket`) that is closed when the request is over,
+       whatever happened to it.
+    4. A client that goes away is logged at INFO without a traceback; a predict request whose client
+       has gone is cancelled (an adaptation step it already joined runs on for the others in it).
+    Answers sent before the body was read to its end say `Connection: close`.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings, admission: Admission, metrics: Metrics) -> None:
+        self.app = app
+        self.keys = settings.key_namespaces()
+        self.metrics_token = (
+            {settings.metrics_token.get_secret_value(): "metrics"} if settings.metrics_token else {}
+        )
+        self.public = ALWAYS_PUBLIC | (DISCOVERY if settings.public_discovery else frozenset())
+        self.request_timeout = settings.request_timeout_seconds
+        self.admission = admission
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]  # the routes' view of it
+        predict = scope["method"] == "POST" and PREDICT_PATH.fullmatch(path) is not None
+        has_body = "transfer-encoding" in headers or headers.get("content-length", "0") not in ("", "0")
+        ticket: Ticket | None = None
+        try:
+            ns = self._authenticate(path, headers)
+            deadline = Deadline.after(request_timeout(headers.get(TIMEOUT_HEADER), self.request_timeout))
+            if predict:
+                ticket = self.admission.admit(deadline)
+        except TTAError as exc:
+            self._count(PREDICT_ROUTE if predict else "unmatched", exc)
+            extra = {"connection": "close"} if has_body else {}
+            await _error_response(exc.status_code, exc.body(), {**(exc.headers or {}), **extra})(
+                scope, receive, send
+            )
+            return
+        state = scope.setdefault("state", {})
+        state["deadline"] = deadline
+        if ns is not None:
+            state["namespace"] = ns
+        if ticket is not None:
+            state["ticket"] = ticket
+        body = _BodyReader(receive, complete=not has_body, watch=predict)
+        try:
+            await body.run(self.app, scope, send)
+        except ClientDisconnect:
+            log.info("client %s went away while sending its request to %s", _client(scope), scope["path"])
+        finally:
+            if ticket is not None:
+                ticket.close()
+                self.admission.leave()
+
+    def _authenticate(self, path: str, headers: Headers) -> str | None:
+        """The caller's namespace (None: no keys configured, or a public path without credentials)."""
+        if path == "/metrics" and self.metrics_token:
+            if match_secret(self.metrics_token, presented_key(headers)) is None:
+                raise UnauthorizedError("/metrics needs the metrics token (Authorization: Bearer <token>)")
+            return None
+        if not self.keys:
+            return None
+        public = path in self.public or (path == "/metrics" and not self.metrics_token)
+        if public and not presents_credentials(headers):
+            return None
+        try:
+            return authenticate(self.keys, headers)
+        except UnauthorizedError as exc:
+            exc.headers = {"WWW-Authenticate": "Bearer"}
+            raise
+
+    def _count(self, path: str, exc: TTAError) -> None:
+        self.metrics.requests.labels(path, str(exc.status_code)).inc()
+        self.metrics.request_errors.labels(path, exc.error_type).inc()
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
+
+
+class _BodyReader:
+    """The `receive` the app sees: tracks whether the body has been read to its end, then (predict
+    requests) watches for the client going away, which cancels the request."""
+
+    def __init__(self, receive: Receive, *, complete: bool, watch: bool) -> None:
+        self.receive = receive
+        self.complete = complete  # every body byte has been handed to the app
+        self.watch = watch
+        self.gone = asyncio.Event()
+        self.started = False  # the response has started
+        self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._cancelled = False
+
+    async def __call__(self) -> Message:
+        if self.complete:
+            if self._watcher is None:
+                return await self.receive()
+            await self.gone.wait()
+            return {"type": "http.disconnect"}
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            self.gone.set()
+        elif not message.get("more_body", False):
+            self.complete = True
+            if self.watch and self._task is not None:
+                self._watcher = asyncio.ensure_future(self._watch())
+        return message
+
+    async def _watch(self) -> None:
+        """After the body: wait for the client to go; cancel the request if it has not been answered."""
+        while (await self.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.05)  # a server that answers with empty body messages: do not spin
+        self.gone.set()
+        if not self.started and self._task is not None:
+            log.info("client went away before its answer: request cancelled")
+            self._cancelled = True
+            self._task.cancel()
+
+    async def send(self, message: Message, send: Send) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            if not self.complete:  # the rest of the body is not read: the connection cannot be reused
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+        await send(message)
+
+    async def run(self, app: ASGIApp, scope: Scope, send: Send) -> None:
+        async def send_(message: Message) -> None:
+            await self.send(message, send)
+
+        if not self.watch:
+            await app(scope, self, send_)
+            return
+        # In a task of its own, so that the watch can cancel it without cancelling the server's task.
+        self._task = asyncio.ensure_future(app(scope, self, send_))
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not self._cancelled or (current is not None and current.cancelling()):
+                raise  # the server cancelled us (shutdown): not the client's doing
+        finally:
+            if self._watcher is not None:
+                self._watcher.cancel()

@@ -1,7 +1,9 @@
 """Request payloads -> uint8 NCHW batches, with dtype, shape and size limits.
 
 Images are sniffed and their dimensions checked from the header before any pixel is decoded, so a
-decompression bomb is refused without allocating it.
+decompression bomb is refused without allocating it; `scan_files` and `npy_shape` read those headers
+alone, so the caller can charge the decoded pixels to a budget before anything is decoded. Every parse
+failure of an upload is an `InvalidImageError` (400), never a 500.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import io
 import math
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2.functional import InterpolationMode, resize
 
-from tta_server.errors import InvalidImageError, PayloadTooLargeError
+from tta_server.errors import InvalidImageError, PayloadTooLargeError, TTAError
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, which needs FFmpeg libraries on
 # the host. The pinned torchvision still ships them (libjpeg-turbo, nvJPEG); revisit on an upgrade.
@@ -32,11 +35,25 @@ ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP"}
 NPY_MAGIC = b"\x93NUMPY"
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image file's header says: format and size (the pixels it will decode to)."""
+
+    format: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
 @contextlib.contextmanager
 def _open_image(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
     """Pillow's view of one image file, after checking format and size from its header alone.
 
-    Pillow errors, in the header or while decoding the pixels inside the block, become 400/413 errors.
+    Whatever Pillow raises on a malformed file, in the header or while decoding the pixels inside the
+    block, becomes a 400 (a 413 for a decompression bomb); our own errors pass through.
     """
     if not data:
         raise InvalidImageError("empty image file")
@@ -49,17 +66,156 @@ def _open_image(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
                 raise PayloadTooLargeError(
                     f"image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels"
                 )
+            if fmt == "JPEG":
+                check_jpeg_scans(data)
             yield img
+    except (TTAError, MemoryError):
+        raise
     except Image.DecompressionBombError as exc:
         raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError, struct.error, ... from plugins
         raise InvalidImageError(f"not a decodable image (JPEG, PNG or WebP expected): {exc}") from exc
+
+
+def image_info(data: bytes, max_pixels: int) -> ImageInfo:
+    """Format and size of one image file, from its header alone; refuses what we won't decode."""
+    with _open_image(data, max_pixels) as img:
+        return ImageInfo(str(img.format), img.size[0], img.size[1])
+
+
+def scan_files(files: Sequence[bytes], max_pixels: int) -> list[ImageInfo]:
+    """`image_info` of every file, in order: no pixel is decoded."""
+    return [image_info(data, max_pixels) for data in files]
 
 
 def check_image_header(data: bytes, max_pixels: int) -> str:
     """Format ("JPEG", "PNG" or "WEBP") of one image file, from its header alone; refuses what we won't decode."""
-    with _open_image(data, max_pixels) as img:
-        return str(img.format)
+    return image_info(data, max_pixels).format
+
+
+# Start-of-frame markers libjpeg decodes with Huffman coding: baseline, extended sequential, progressive.
+_SOF_HUFFMAN = {0xC0: False, 0xC1: False, 0xC2: True}
+# Lossless, hierarchical and arithmetic-coded frames.
+_SOF_OTHER = {0xC3, *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)}
+
+
+def check_jpeg_scans(data: bytes) -> None:
+    """Refuse a JPEG whose scans cannot hold the image its frame header declares.
+
+    libjpeg does not fail on entropy-coded data that ends early: it warns, fills the missing blocks
+    with zeros and hands back an image of the declared size (a 4000x4000 header over the data of
+    16x16 pixels decodes to 16 M fabricated pixels). Every 8x8 block of a Huffman-coded scan costs at
+    least one bit per Huffman symbol: two (DC and AC) in a sequential scan, one in a progressive DC
+    scan. So each scan's data must be at least as long as the blocks it covers need, every component
+    must be covered, and the file must reach its end-of-image marker. Arithmetic-coded, lossless and
+    hierarchical JPEGs (rare, and where no such bound holds) are refused. A header that lies by less than
+    that bound still decodes with filled blocks: this catches the amplification, not every truncation.
+    """
+    if data[:2] != b"\xff\xd8":
+        raise InvalidImageError("JPEG without a start-of-image marker")
+    frame: _Frame | None = None
+    covered: set[int] = set()
+    for marker, seg, scan_bytes in _jpeg_segments(data):
+        if marker in _SOF_OTHER:
+            raise InvalidImageError("arithmetic-coded, lossless and hierarchical JPEGs are not accepted")
+        if marker in _SOF_HUFFMAN:
+            if frame is not None:
+                raise InvalidImageError("JPEG with more than one frame header")
+            frame = _parse_frame(seg, _SOF_HUFFMAN[marker])
+        elif marker == 0xDA:
+            if frame is None:
+                raise InvalidImageError("JPEG scan before its frame header")
+            ids, need_bits = _scan_cost(seg, frame)
+            if scan_bytes * 8 < need_bits:
+                raise InvalidImageError(
+                    f"JPEG scan data of {scan_bytes} bytes is too short for the declared "
+                    f"{frame[1]}x{frame[2]} image: truncated, or a forged header"
+                )
+            if need_bits:
+                covered |= ids
+    if frame is None:
+        raise InvalidImageError("JPEG without a frame header")
+    if not set(frame[3]) <= covered:
+        raise InvalidImageError("incomplete JPEG: a component has no scan with its DC coefficients")
+
+
+# (progressive, width, height, {component id: (blocks wide, blocks high)})
+_Frame = tuple[bool, int, int, dict[int, tuple[int, int]]]
+
+
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes, int]]:
+    """(marker, payload, bytes of entropy-coded data after it) of each segment up to end-of-image."""
+    n, pos = len(data), 2
+    while True:
+        if pos + 2 > n:
+            raise InvalidImageError("truncated JPEG: no end-of-image marker")
+        if data[pos] != 0xFF:
+            raise InvalidImageError(f"corrupt JPEG: marker expected at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xD9:  # end of image
+            return
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # fill byte, standalone markers
+            pos += 1 if marker == 0xFF else 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        seg = data[pos + 4 : pos + 2 + length]
+        if length < 2 or len(seg) != length - 2:
+            raise InvalidImageError("truncated JPEG segment")
+        pos += 2 + length
+        scan_bytes = 0
+        if marker == 0xDA:  # start of scan: its entropy-coded data runs to the next marker
+            end = _scan_end(data, pos)
+            scan_bytes, pos = end - pos, end
+        yield marker, seg, scan_bytes
+
+
+def _parse_frame(seg: bytes, progressive: bool) -> _Frame:
+    """SOF segment -> (progressive, width, height, {component id: (blocks wide, blocks high)})."""
+    if len(seg) < 6:
+        raise InvalidImageError("truncated JPEG frame header")
+    height, width, ncomp = int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5]
+    if width == 0 or height == 0 or ncomp == 0 or len(seg) < 6 + 3 * ncomp:
+        raise InvalidImageError("corrupt JPEG frame header")
+    sampling = {seg[6 + 3 * i]: (seg[7 + 3 * i] >> 4, seg[7 + 3 * i] & 15) for i in range(ncomp)}
+    hmax = max(h for h, _ in sampling.values())
+    vmax = max(v for _, v in sampling.values())
+    if min(min(h, v) for h, v in sampling.values()) < 1:
+        raise InvalidImageError("corrupt JPEG sampling factors")
+    blocks = {
+        cid: (math.ceil(math.ceil(width * h / hmax) / 8), math.ceil(math.ceil(height * v / vmax) / 8))
+        for cid, (h, v) in sampling.items()
+    }
+    return progressive, width, height, blocks
+
+
+def _scan_cost(seg: bytes, frame: _Frame) -> tuple[set[int], int]:
+    """SOS segment -> (its component ids, the fewest bits its entropy-coded data can take)."""
+    progressive, _, _, blocks = frame
+    if not seg or len(seg) < 1 + 2 * seg[0] + 3:
+        raise InvalidImageError("truncated JPEG scan header")
+    ids = {seg[1 + 2 * i] for i in range(seg[0])}
+    if not ids <= set(blocks):
+        raise InvalidImageError("JPEG scan names a component the frame does not have")
+    ss, ah = seg[1 + 2 * seg[0]], seg[3 + 2 * seg[0]] >> 4
+    if progressive and not (ss == 0 and ah == 0):
+        return ids, 0  # AC bands and refinements: an end-of-band run may cover 32767 blocks in one symbol
+    per_block = 1 if progressive else 2
+    return ids, per_block * sum(blocks[c][0] * blocks[c][1] for c in ids)
+
+
+def _scan_end(data: bytes, pos: int) -> int:
+    """Offset of the marker that ends the entropy-coded data starting at `pos` (len(data) if none)."""
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            return len(data)
+        nxt = data[pos + 1]
+        if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:  # stuffed byte, restart marker
+            pos += 2
+        elif nxt == 0xFF:  # fill bytes before a marker
+            pos += 1
+        else:
+            return pos
 
 
 def decode_image_bytes(data: bytes, max_pixels: int) -> torch.Tensor:
@@ -80,16 +236,22 @@ def _decode_jpegs(files: Sequence[bytes], device: torch.device) -> list[torch.Te
 
 
 def decode_files(
-    files: Sequence[bytes], size: tuple[int, int], max_pixels: int, device: torch.device | None = None
+    files: Sequence[bytes],
+    size: tuple[int, int],
+    max_pixels: int,
+    device: torch.device | None = None,
+    infos: Sequence[ImageInfo] | None = None,
 ) -> torch.Tensor:
     """Several image files -> uint8 (N, 3, H, W) at the model's input size, on `device` (default CPU).
 
-    Every header is checked first. JPEGs are decoded together by torchvision (on the GPU when `device`
-    is CUDA), other formats and any JPEG torchvision refuses by Pillow; then images of one size are
-    resized as one batch.
+    Every header is checked first (or was: `infos` from `scan_files`). JPEGs are decoded together by
+    torchvision (on the GPU when `device` is CUDA), other formats and any JPEG torchvision refuses by
+    Pillow; then images of one size are resized as one batch.
     """
     device = device or torch.device("cpu")
-    formats = [check_image_header(data, max_pixels) for data in files]
+    formats = (
+        [i.format for i in infos] if infos is not None else [check_image_header(d, max_pixels) for d in files]
+    )
     images: list[torch.Tensor | None] = [None] * len(files)
     jpeg_idx = [i for i, fmt in enumerate(formats) if fmt == "JPEG"]
     jpegs = [files[i] for i in jpeg_idx]
@@ -148,13 +310,16 @@ def fit_to_size(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized[..., top : top + th, left : left + tw]
 
 
-def decode_npy(data: bytes, size: tuple[int, int]) -> torch.Tensor:
-    """An `np.save` uint8 array, (N, H, W, 3) or (H, W, 3) -> uint8 (N, 3, H, W). Never unpickles."""
+def npy_shape(data: bytes) -> tuple[int, ...]:
+    """Shape of an `np.save` uint8 array, from its header alone, checked against the body's length.
+
+    A 100-byte body can claim petabytes, and a forged header can make numpy's header parser raise
+    anything (ValueError, SyntaxError, tokenize.TokenError, ...): each is a 400 here.
+    """
     if not data.startswith(NPY_MAGIC):
         raise InvalidImageError("body is not a .npy array (missing NumPy magic)")
+    fp = io.BytesIO(data)
     try:
-        # Check the header before np.load allocates what it declares (a 100-byte body can claim petabytes).
-        fp = io.BytesIO(data)
         version = np.lib.format.read_magic(fp)
         if version not in ((1, 0), (2, 0)):
             raise ValueError(f"unsupported .npy format version {version}")
@@ -162,10 +327,30 @@ def decode_npy(data: bytes, size: tuple[int, int]) -> torch.Tensor:
             np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         )
         shape, _, dtype = read_header(fp)
-        if dtype != np.uint8:
-            raise InvalidImageError(f"array dtype must be uint8, got {dtype}")
-        if any(d < 0 for d in shape) or math.prod(shape) > len(data) - fp.tell():
-            raise InvalidImageError(f"declared shape {tuple(shape)} does not match the array data")
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise InvalidImageError(f"unreadable .npy header: {type(exc).__name__}: {exc}") from exc
+    if dtype != np.uint8:
+        raise InvalidImageError(f"array dtype must be uint8, got {dtype}")
+    if any(d < 0 for d in shape) or math.prod(shape) > len(data) - fp.tell():
+        raise InvalidImageError(f"declared shape {tuple(shape)} does not match the array data")
+    return tuple(int(d) for d in shape)
+
+
+def npy_images(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(images, decoded pixels) of a .npy upload's shape; (N, H, W, 3) or (H, W, 3) else 400."""
+    if len(shape) == 3:
+        shape = (1, *shape)
+    if len(shape) != 4 or shape[-1] != 3:
+        raise InvalidImageError(f"array shape must be (N, H, W, 3), got {shape}")
+    return shape[0], shape[0] * shape[1] * shape[2]
+
+
+def decode_npy(data: bytes, size: tuple[int, int]) -> torch.Tensor:
+    """An `np.save` uint8 array, (N, H, W, 3) or (H, W, 3) -> uint8 (N, 3, H, W). Never unpickles."""
+    npy_shape(data)  # the header, before np.load allocates what it declares
+    try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise InvalidImageError(f"unreadable .npy array: {exc}") from exc

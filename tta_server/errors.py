@@ -24,6 +24,7 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
     "method_not_allowed": (405, "wrong HTTP method"),
     "state_mismatch": (409, "stored state does not fit the stream's policy or model; reset the stream"),
     "state_corrupt": (409, "a stored record cannot be decoded; reset (state) or DELETE (any record)"),
+    "request_timeout": (408, "the request body did not arrive within the body read timeout"),
     "payload_too_large": (413, "body, image count or decoded pixels over the limits"),
     "unsupported_media_type": (415, "predict body is neither multipart nor npy"),
     "validation": (422, "request fields or strategy config invalid"),
@@ -42,16 +43,13 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
 
 class TTAError(Exception):
     error_type = "internal"
+    status_code = 500  # each kind's comes from ERROR_TYPES
 
     def __init__(self, message: str, detail: Any = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail
         self.headers = headers
-
-    @property
-    def status_code(self) -> int:
-        return ERROR_TYPES[self.error_type][0]
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"error": self.message, "error_type": self.error_type}
@@ -65,7 +63,7 @@ _BY_TYPE: dict[str, type[TTAError]] = {}
 
 def _kind(name: str, error_type: str) -> type[TTAError]:
     assert error_type in ERROR_TYPES, error_type
-    cls = type(name, (TTAError,), {"error_type": error_type})
+    cls = type(name, (TTAError,), {"error_type": error_type, "status_code": ERROR_TYPES[error_type][0]})
     _BY_TYPE[error_type] = cls
     return cls
 
@@ -87,6 +85,7 @@ StoreFullError = _kind("StoreFullError", "state_store_full")
 IncompatibleModelError = _kind("IncompatibleModelError", "incompatible_model")
 OverloadedError = _kind("OverloadedError", "overloaded")
 DeadlineExceededError = _kind("DeadlineExceededError", "deadline_exceeded")
+RequestTimeoutError = _kind("RequestTimeoutError", "request_timeout")
 
 
 def to_http(exc: BaseException) -> TTAError | None:

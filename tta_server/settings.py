@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +97,56 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
 
+    # Bounded work under overload: the HTTP edge and admission control (docs/RELIABILITY.md).
+    request_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="deadline of a request from its arrival; X-Request-Timeout may shorten it",
+    )
+    body_read_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="a request body must have arrived in full this long after its headers (408)",
+    )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="a connection must complete its request headers within this, or is closed",
+    )
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line and headers, at most")
+    max_connections: int = Field(
+        512,
+        ge=1,
+        description="open connections and requests per replica (uvicorn's limit_concurrency): past it, 503",
+    )
+    backlog: int = Field(2048, ge=1, description="connections the kernel queues before they are accepted")
+    max_pending_requests: int = Field(
+        32,
+        ge=1,
+        description="predict requests admitted at once per replica, body reading included: past it, 503",
+    )
+    max_request_pixels: int = Field(
+        2 * 4096 * 4096, ge=1, description="decoded pixels of one predict request's images together (413)"
+    )
+    max_replica_pixels: int = Field(
+        4 * 4096 * 4096,
+        ge=1,
+        description="decoded pixels of all admitted predict requests together, from their headers until the "
+        "answer: past it, 503",
+    )
+    retry_after_seconds: int = Field(1, ge=1, le=3600, description="Retry-After of 503 overloaded answers")
+    public_discovery: bool = Field(
+        False,
+        description="with API keys set: /v1/models, /v1/strategies and the API docs answer without a key",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="when set, /metrics needs `Authorization: Bearer <token>`; unset, /metrics is public",
+    )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, v: Any) -> Any:
@@ -115,6 +165,19 @@ class Settings(BaseSettings):
             if name and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
                 raise ValueError(f"API key name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
         return v
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _token_long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("the metrics token must be at least 16 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _pixel_budgets(self) -> Settings:
+        if self.max_replica_pixels < self.max_request_pixels:
+            raise ValueError("max_replica_pixels must be at least max_request_pixels")
+        return self
 
     def key_namespaces(self) -> dict[str, str]:
         """Map secret -> namespace name (`name:key`, or a short fingerprint of a bare key)."""

@@ -9,6 +9,7 @@
         ├── NotFoundError              404 not_found (no such route)
         ├── StreamNotFoundError        404 unknown_stream
         ├── MethodNotAllowedError      405 method_not_allowed
+        ├── RequestTimeoutError        408 request_timeout (the body arrived too slowly)
         ├── StateMismatchError         409 state_mismatch
         ├── StateCorruptError          409 state_corrupt
         ├── PayloadTooLargeError       413 payload_too_large
@@ -52,6 +53,7 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "RateLimitedError",
+    "RequestTimeoutError",
     "ServerError",
     "StateCorruptError",
     "StateMismatchError",
@@ -204,6 +206,12 @@ class MethodNotAllowedError(APIError):
     ERROR_TYPE, STATUS = "method_not_allowed", 405
 
 
+class RequestTimeoutError(APIError):
+    """The request body did not reach the server within its body read timeout."""
+
+    ERROR_TYPE, STATUS = "request_timeout", 408
+
+
 class UnavailableError(APIError):
     """The server cannot serve the request now; nothing was written. Retry after ``retry_after``."""
 
@@ -261,6 +269,7 @@ _BY_TYPE: dict[str, type[APIError]] = {
         BadRequestError,
         NotFoundError,
         MethodNotAllowedError,
+        RequestTimeoutError,
         StoreFullError,
         OverloadedError,
         DeadlineExceededError,
@@ -280,6 +289,7 @@ _BY_STATUS: dict[int, type[APIError]] = {
     429: RateLimitedError,
     500: ServerError,
     405: MethodNotAllowedError,
+    408: RequestTimeoutError,
     503: UnavailableError,
 }
 

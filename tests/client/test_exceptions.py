@@ -36,6 +36,7 @@ CONTRACT = [
     ("state_store_full", 503, tta_client.StoreFullError),
     ("overloaded", 503, tta_client.OverloadedError),
     ("deadline_exceeded", 503, tta_client.DeadlineExceededError),
+    ("request_timeout", 408, tta_client.RequestTimeoutError),
 ]
 
 

@@ -35,6 +35,7 @@ EXPECTED = {
     "OverloadedError",
     "StoreFullError",
     "UnavailableError",
+    "RequestTimeoutError",
     "StrategyInfo",
     "StreamDrift",
     "StreamNotFoundError",

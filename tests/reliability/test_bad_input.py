@@ -85,6 +85,24 @@ def _pickled_object_npy() -> bytes:
     return buf.getvalue()
 
 
+def jpeg_claiming(width: int, height: int, progressive: bool = False, sof: int | None = None) -> bytes:
+    """A 16x16 JPEG whose frame header claims width x height (or another frame type `sof`)."""
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", progressive=progressive)
+    data = bytearray(buf.getvalue())
+    at = data.find(b"\xff\xc2" if progressive else b"\xff\xc0")
+    data[at + 5 : at + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    if sof is not None:
+        data[at + 1] = sof
+    return bytes(data)
+
+
+def npy_raw_header(text: str) -> bytes:
+    header = text.ljust(118) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+
+
 JPEG = jpeg_bytes()
 # name -> (request kwargs, expected status, expected error_type)
 CASES: dict[str, tuple[Callable[[], dict], int, str]] = {
@@ -112,6 +130,24 @@ CASES: dict[str, tuple[Callable[[], dict], int, str]] = {
         413,
         "payload_too_large",
     ),
+    # libjpeg fills what is missing: these decoded to 16 M fabricated pixels and adapted the stream.
+    "jpeg-header-claims-4000x4000": (
+        lambda: multipart(("lie.jpg", jpeg_claiming(4000, 4000), "image/jpeg")), 400, "invalid_image"
+    ),
+    "jpeg-progressive-header-claims-4000x4000": (
+        lambda: multipart(("lie.jpg", jpeg_claiming(4000, 4000, progressive=True), "image/jpeg")),
+        400,
+        "invalid_image",
+    ),
+    "jpeg-header-lie-among-good": (
+        lambda: multipart(("a.jpg", JPEG, "image/jpeg"), ("lie.jpg", jpeg_claiming(1000, 800), "image/jpeg")),
+        400,
+        "invalid_image",
+    ),
+    "jpeg-arithmetic-coded-frame": (
+        lambda: multipart(("a.jpg", jpeg_claiming(16, 16, sof=0xC9), "image/jpeg")), 400, "invalid_image"
+    ),
+    "jpeg-without-end-marker": (lambda: multipart(("a.jpg", JPEG[:-2], "image/jpeg")), 400, "invalid_image"),
     "one-bad-file-among-good": (
         lambda: multipart(("a.jpg", JPEG, "image/jpeg"), ("b.jpg", b"GIF89a....", "image/jpeg")),
         400,
@@ -174,6 +210,22 @@ CASES: dict[str, tuple[Callable[[], dict], int, str]] = {
     "npy-truncated-data": (lambda: {"content": npy_bytes(batch(2))[:-500], "headers": NPY}, 400, "invalid_image"),
     "npy-garbage-header": (
         lambda: {"content": b"\x93NUMPY\x01\x00\x10\x00{'descr': __imp", "headers": NPY},
+        400,
+        "invalid_image",
+    ),
+    # numpy's header parser raises tokenize.TokenError on these: it was a 500.
+    "npy-header-unbalanced-paren": (
+        lambda: {"content": npy_raw_header("{'descr': '|u1', 'fortran_order': False, 'shape': (1, 2, }"), "headers": NPY},
+        400,
+        "invalid_image",
+    ),
+    "npy-header-unbalanced-brace": (
+        lambda: {"content": npy_raw_header("{'descr': '|u1', 'fortran_order': False, 'shape': (1,)}}"), "headers": NPY},
+        400,
+        "invalid_image",
+    ),
+    "npy-header-null-bytes": (
+        lambda: {"content": npy_raw_header("{'descr': '|u1', \x00 'shape': (1,)}"), "headers": NPY},
         400,
         "invalid_image",
     ),

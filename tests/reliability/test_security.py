@@ -217,3 +217,61 @@ def test_key_names_that_could_alias_a_namespace_are_refused() -> None:
     with pytest.raises(SettingsError, match="must match"):
         Settings(api_keys="team:a:0123456789abcdefgh")
     assert Settings(api_keys="team-a:0123456789abcdefgh").key_namespaces() == {"0123456789abcdefgh": "team-a"}
+
+
+# ------------------------------------------------------------------ public endpoints with keys on
+DISCOVERY = ("/v1/models", "/v1/strategies", "/docs", "/openapi.json")
+WRONG = {"Authorization": "Bearer wrong-key-0123456789"}
+
+
+def test_discovery_needs_a_key_unless_public_discovery(make_client) -> None:
+    client = make_client(api_keys=KEYS)
+    for path in DISCOVERY:
+        r = client.get(path)
+        assert r.status_code == 401 and r.json()["error_type"] == "unauthorized", path
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert client.get(path, headers=auth(ALICE)).status_code == 200, path
+    open_client = make_client(api_keys=KEYS, public_discovery=True)
+    for path in DISCOVERY:
+        assert open_client.get(path).status_code == 200, path
+        assert open_client.get(path, headers=auth(BOB)).status_code == 200, path
+
+
+@pytest.mark.parametrize("public_discovery", [False, True])
+@pytest.mark.parametrize(
+    "headers", [WRONG, {"X-API-Key": "garbage"}, {"Authorization": f"Basic {ALICE}"}, {"Authorization": ""}]
+)
+def test_a_wrong_key_is_401_on_public_paths_too(make_client, headers, public_discovery) -> None:
+    """Probes and metrics answer without credentials; credentials that are sent must be valid."""
+    client = make_client(api_keys=KEYS, public_discovery=public_discovery)
+    for path in ("/healthz", "/readyz", "/metrics", *DISCOVERY):
+        r = client.get(path, headers=headers)
+        assert r.status_code == 401 and r.json()["error_type"] == "unauthorized", (path, r.text)
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/metrics").status_code == 200
+
+
+def test_metrics_token_guards_metrics(make_client) -> None:
+    token = "scraper-token-0123456789"
+    client = make_client(api_keys=KEYS, metrics_token=token)
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers=auth(ALICE)).status_code == 401  # tenants' keys do not open it
+    r = client.get("/metrics", headers=auth(token))
+    assert r.status_code == 200 and "tta_requests_total" in r.text
+    # The token is for /metrics only; without API keys it still guards /metrics.
+    no_keys = make_client(metrics_token=token)
+    assert no_keys.get("/metrics").status_code == 401
+    assert no_keys.get("/metrics", headers=auth(token)).status_code == 200
+    assert no_keys.get("/v1/models").status_code == 200
+    with pytest.raises(ValidationError, match="at least 16"):
+        Settings(models_config=MODELS_YAML, metrics_token="short")
+
+
+def test_refusals_at_the_edge_are_counted(make_client) -> None:
+    client = make_client(api_keys=KEYS)
+    assert client.post("/v1/streams/s/predict", content=npy_bytes(batch(4)), headers=NPY).status_code == 401
+    text = client.get("/metrics").text
+    assert (
+        'tta_request_errors_total{error_type="unauthorized",route="/v1/streams/{stream_id}/predict"} 1.0'
+        in text
+    )

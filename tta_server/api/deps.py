@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -47,29 +48,51 @@ class RateLimiter:
         self._buckets[ns] = (tokens - 1.0, now)
 
 
-def _presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key a request presents: `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
+    auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
-    return request.headers.get("x-api-key")
+    return headers.get("x-api-key")
 
 
-def get_namespace(request: Request) -> str:
-    """Authenticate the caller; its key's name scopes every stream id it uses."""
-    keys: dict[str, str] = request.app.state.key_namespaces
-    ns = DEFAULT_NAMESPACE
-    if keys:
-        presented = _presented_key(request)
-        if not presented:
-            raise UnauthorizedError("missing API key (Authorization: Bearer <key> or X-API-Key)")
-        match = None
-        for secret, name in keys.items():
+def presents_credentials(headers: Mapping[str, str]) -> bool:
+    """Whether the request carries any credential at all (then it must be a valid one, on any path)."""
+    return "authorization" in headers or "x-api-key" in headers
+
+
+def match_secret(secrets: Mapping[str, str], presented: str | None) -> str | None:
+    """The name `secrets` maps the presented key to, or None. Constant time in which key is close."""
+    match = None
+    if presented:
+        for secret, name in secrets.items():
             # Compare against every key so timing reveals nothing about which one is close.
             if hmac.compare_digest(secret.encode(), presented.encode()):
                 match = name
-        if match is None:
-            raise UnauthorizedError("invalid API key")
-        ns = match
+    return match
+
+
+def authenticate(keys: Mapping[str, str], headers: Mapping[str, str]) -> str:
+    """The caller's namespace from its headers alone (no body is needed): 401 without a valid key."""
+    presented = presented_key(headers)
+    if not presented:
+        raise UnauthorizedError("missing API key (Authorization: Bearer <key> or X-API-Key)")
+    ns = match_secret(keys, presented)
+    if ns is None:
+        raise UnauthorizedError("invalid API key")
+    return ns
+
+
+def get_namespace(request: Request) -> str:
+    """Authenticate the caller; its key's name scopes every stream id it uses.
+
+    The edge middleware has authenticated the request from its headers before any body was read and
+    left the namespace in `request.state`; without it (an app mounted without the middleware), check here.
+    """
+    keys: dict[str, str] = request.app.state.key_namespaces
+    ns = DEFAULT_NAMESPACE
+    if keys:
+        ns = getattr(request.state, "namespace", None) or authenticate(keys, request.headers)
     request.app.state.rate_limiter.check(ns)
     return ns
 

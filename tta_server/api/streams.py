@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from adapters import ModelHandle
 from tta_server import codec
+from tta_server.admission import Deadline, Ticket
 from tta_server.api.deps import EngineDep, NamespaceDep, SettingsDep, StreamId
 from tta_server.engine import Engine, PredictOutcome, StreamView
 from tta_server.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaTypeError
@@ -27,7 +32,7 @@ from tta_server.schemas import (
 )
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 404, 408, 409, 413, 415, 422, 429, 503)
 }
 router = APIRouter(prefix="/v1", tags=["streams"], responses=ERRORS)
 
@@ -101,8 +106,13 @@ async def drift_top(
 async def _read_batch(
     request: Request, handle: ModelHandle, settings: SettingsDep, engine: Engine
 ) -> torch.Tensor:
+    """The request's images as a uint8 batch, decoded only once the request may still be answered and
+    the pixels its headers declare are charged to its admission ticket (413 over the per-request
+    budget, 503 while the replica's budget is in use). The ticket holds them until the request is over."""
+    ticket: Ticket = request.state.ticket
     size = handle.input_size
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    decode: Callable[[], torch.Tensor]
     if ctype == "multipart/form-data":
         async with request.form(max_files=settings.max_batch + 1, max_fields=16) as form:
             files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
@@ -111,19 +121,36 @@ async def _read_batch(
             if len(files) > settings.max_batch:
                 raise PayloadTooLargeError(f"at most {settings.max_batch} images per request")
             blobs = [await f.read() for f in files]
+        # Headers only (format, size, JPEG scan lengths): off the event loop, but not queued behind decodes.
+        infos = await asyncio.to_thread(codec.scan_files, blobs, settings.max_image_pixels)
+        pixels = sum(info.pixels for info in infos)
         device = handle.device if settings.decode_on_device else None
-        return await engine.decode(codec.decode_files, blobs, size, settings.max_image_pixels, device)
-    if ctype in ("application/x-npy", "application/octet-stream"):
+        decode = functools.partial(codec.decode_files, blobs, size, settings.max_image_pixels, device, infos)
+    elif ctype in ("application/x-npy", "application/octet-stream"):
         body = await request.body()
-        batch = await engine.decode(codec.decode_npy, body, size)
-        if batch.shape[0] > settings.max_batch:
-            raise PayloadTooLargeError(
-                f"at most {settings.max_batch} images per request, got {batch.shape[0]}"
-            )
-        return batch
-    raise UnsupportedMediaTypeError(
-        f"unsupported content type {ctype or 'none'!r}; send multipart/form-data `files` or application/x-npy"
-    )
+        images, pixels = codec.npy_images(codec.npy_shape(body))
+        if images > settings.max_batch:
+            raise PayloadTooLargeError(f"at most {settings.max_batch} images per request, got {images}")
+        decode = functools.partial(codec.decode_npy, body, size)
+    else:
+        raise UnsupportedMediaTypeError(
+            f"unsupported content type {ctype or 'none'!r}; send multipart/form-data `files` or application/x-npy"
+        )
+    await _still_wanted(request, ticket.deadline, "before decoding")
+    ticket.charge(pixels)
+    # Shielded: a cancelled request still holds its pixels until the decode thread has finished.
+    work = asyncio.ensure_future(engine.decode(decode))
+    ticket.hold_until(work)
+    batch = await asyncio.shield(work)
+    await _still_wanted(request, ticket.deadline, "after decoding")
+    return batch
+
+
+async def _still_wanted(request: Request, deadline: Deadline, stage: str) -> None:
+    """503 `deadline_exceeded` past the request's deadline; a client that has gone cancels the request."""
+    deadline.check(stage)
+    if await request.is_disconnected():
+        raise ClientDisconnect(f"client went away {stage}")
 
 
 @router.post("/streams/{stream_id}/predict", response_model=PredictResponse)
@@ -140,7 +167,7 @@ async def predict(
     resolved = await engine.resolve(ns, stream_id)
     handle = engine.pool.get(resolved.policy.model)
     batch = await _read_batch(request, handle, settings, engine)
-    outcome = await engine.predict(ns, stream_id, batch, adapt, resolved)
+    outcome = await engine.predict(ns, stream_id, batch, adapt, resolved, deadline=request.state.deadline)
     return _response(stream_id, outcome, handle.classes, top_k)
 
 
