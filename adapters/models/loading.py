@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -233,6 +234,13 @@ def _decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, idx: np.ndarray, path: 
     """Images `idx` of a concatenated-JPEG buffer, decoded to RGB by torchvision (libjpeg-turbo)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    # torchvision 0.29 deprecates its codecs in favour of TorchCodec; the pinned one still ships them
+    # (as tta_server.codec notes). Filtered per process, like there, so every decode call stays quiet.
+    warnings.filterwarnings(
+        "ignore",
+        message="The image decoding and encoding capabilities of TorchVision",
+        category=DeprecationWarning,
+    )
     decoded = []
     for i in idx.tolist():
         start, end = int(offsets[i]), int(offsets[i + 1])
