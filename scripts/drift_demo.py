@@ -52,10 +52,11 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[1]
+from tta_bench.paths import MODELS_CONFIG as MODELS
+from tta_bench.paths import REPO_ROOT as REPO
+
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "tta-drift.json"
 RULES = REPO / "deploy" / "prometheus" / "rules" / "tta.rules.yml"
-MODELS = REPO / "models.yaml"
 
 PREFIX = "drift-demo"
 STRATEGIES = ("source", "norm", "tent", "unmix_tns")  # stream drift-demo-{i} uses STRATEGIES[i]
@@ -251,8 +252,13 @@ async def ticker(http: httpx.AsyncClient, phase: str, start: Scrape, every: floa
 
 
 async def run_scenario(url: str, args: argparse.Namespace) -> list[PhaseRun]:
+    from tta_bench.paths import cifar10_archive
+    from tta_bench.replay_data import cifar_streams
     from tta_client import AsyncClient, StreamNotFoundError
     from tta_client.replay import ReplayConfig, run_replay
+    from tta_data import load_jpeg_npz
+
+    dataset = load_jpeg_npz(cifar10_archive("test"))
 
     streams = [f"{PREFIX}-{i}" for i in range(len(STRATEGIES))]
     runs: list[PhaseRun] = []
@@ -272,13 +278,11 @@ async def run_scenario(url: str, args: argparse.Namespace) -> list[PhaseRun]:
                 streams=len(streams),
                 stream_prefix=PREFIX,
                 keep_policy=True,
-                corruptions=(phase.corruption,),
-                severity=5,
-                n=args.n,
-                batch_size=args.batch_size,
-                seed=phase.seed,
                 payload="raw",
                 max_seconds=args.phase_seconds,
+            )
+            source = cifar_streams(
+                dataset, [phase.corruption], severity=5, n=args.n, batch_size=args.batch_size, seed=phase.seed
             )
             say(f"phase {phase.name!r}: corruption {phase.corruption}, up to {args.phase_seconds:.0f}s")
             before = await scrape(http)
@@ -286,7 +290,7 @@ async def run_scenario(url: str, args: argparse.Namespace) -> list[PhaseRun]:
             tick = asyncio.create_task(ticker(http, phase.name, before, args.progress_every))
             try:
                 result = await asyncio.wait_for(
-                    run_replay(client, cfg, progress=False), timeout=args.phase_seconds + 300
+                    run_replay(client, cfg, source, progress=False), timeout=args.phase_seconds + 300
                 )
             finally:
                 tick.cancel()

@@ -16,13 +16,13 @@ import torch
 from adapters.base import ModelHandle
 from adapters.models import ModelSpec, build_handle
 from adapters.models.wide_resnet import WideResNet
+from tta_bench.paths import CIFAR10_DIR, MODELS_CONFIG, REPO_ROOT, SHARED_DIR
 
-REPO = Path(__file__).resolve().parents[1]
-MODELS_YAML = REPO / "models.yaml"
-SHARED = REPO.parent / "shared"
-CIFAR_WEIGHTS = SHARED / "models" / "cifar10_wrn40_2.pt"
-CIFAR_TRAIN = SHARED / "data" / "cifar10" / "train_jpeg.npz"
-CIFAR_TEST = SHARED / "data" / "cifar10" / "test_jpeg.npz"
+REPO = REPO_ROOT
+MODELS_YAML = MODELS_CONFIG
+CIFAR_WEIGHTS = SHARED_DIR / "models" / "cifar10_wrn40_2.pt"
+CIFAR_TRAIN = CIFAR10_DIR / "train_jpeg.npz"
+CIFAR_TEST = CIFAR10_DIR / "test_jpeg.npz"
 
 TINY_SIZE = 16
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CIFAR_WEIGHTS
-from tta_server.bench import cli, throughput
+from tta_bench import cli, throughput
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 

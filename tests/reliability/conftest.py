@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tta_server.bench.soak import PrivateRedis
+from tta_bench.soak import PrivateRedis
 
 # A database of its own: other suites use other numbers on the same server.
 REDIS_URL = os.environ.get("TTA_RELIABILITY_REDIS_URL", "redis://127.0.0.1:6379/13")

@@ -17,7 +17,7 @@ import torch
 from adapters.serialization import state_from_bytes, state_to_bytes
 from tests.conftest import npy_bytes, require_redis
 from tests.reliability.conftest import NPY, REDIS_URL, batch
-from tta_server.bench.soak import check_store_integrity, free_port, start_replica, stop_process, wait_ready
+from tta_bench.soak import check_store_integrity, free_port, start_replica, stop_process, wait_ready
 from tta_server.state_store import InMemoryStateStore, RedisStateStore, state_key
 
 pytestmark = pytest.mark.redis

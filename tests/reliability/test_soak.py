@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from tests.conftest import require_redis
-from tta_server.bench import soak
+from tta_bench import soak
 
 pytestmark = pytest.mark.redis
 SOAK_DB = 14
@@ -35,7 +35,7 @@ def test_short_soak_accounts_for_every_update(tmp_path, capsys) -> None:
 
 
 def test_soak_cli_is_dispatched_by_tta_bench(capsys) -> None:
-    from tta_server.bench.cli import main
+    from tta_bench.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["soak", "--help"])

@@ -49,9 +49,10 @@ import adapters
 from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult, StrategyConfig
 from adapters.models import ModelSpec, build_classifier, build_handle
 from adapters.serialization import state_from_bytes, state_to_bytes
+from tta_bench.opcount import count_call
+from tta_bench.paths import MODELS_CONFIG, REPO_ROOT, cifar10_archive
 from tta_server import drift
-from tta_server.bench.opcount import count_call
-from tta_server.settings import REPO_ROOT, Settings
+from tta_server.settings import Settings
 
 DEFAULT_STRATEGIES = "source,norm,alpha_bn,unmix_tns,tent,eata"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -79,7 +80,7 @@ class BenchError(RuntimeError):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tta-bench throughput", description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("wrn", "resnet50"), default="wrn", help="wrn = models.yaml default")
-    p.add_argument("--models-config", type=Path, default=REPO_ROOT / "models.yaml")
+    p.add_argument("--models-config", type=Path, default=MODELS_CONFIG)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
@@ -167,9 +168,9 @@ def input_images(spec: ModelSpec, n: int, seed: int = 0) -> np.ndarray:
     """n uint8 NHWC images at the model's input size: CIFAR-10 test images (resized if needed), else noise."""
     images: np.ndarray | None = None
     try:
-        from tta_data import decode_images, load_cifar10
+        from tta_data import decode_images, load_jpeg_npz
 
-        ds = load_cifar10("test")
+        ds = load_jpeg_npz(cifar10_archive("test"))
         idx = np.random.default_rng(seed).choice(len(ds), size=min(n, len(ds)), replace=False)
         images = decode_images(ds, np.sort(idx))
     except (FileNotFoundError, OSError, ValueError):

@@ -44,9 +44,9 @@ import httpx
 import numpy as np
 import psutil
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tta_bench.paths import MODELS_CONFIG, REPO_ROOT, cifar10_archive, cifar10_dir
+
 DEFAULT_STRATEGIES = ("source", "norm", "alpha_bn", "unmix_tns", "tent", "eta")
-CIFAR_TEST = REPO_ROOT.parent / "shared" / "data" / "cifar10" / "test_jpeg.npz"
 OUTAGE_GRACE_S = 5.0
 RSS_BASELINE_S = 60.0
 CONFIG_KEYS = (
@@ -70,7 +70,7 @@ def start_replica(
         **os.environ,
         "TTA_REDIS_URL": redis_url,
         "TTA_TORCH_THREADS": str(torch_threads),
-        "TTA_MODELS_CONFIG": str(REPO_ROOT / "models.yaml"),
+        "TTA_MODELS_CONFIG": str(MODELS_CONFIG),
         "TTA_LOG_LEVEL": "WARNING",
         "TTA_DEVICE": "cpu",
         **env,
@@ -211,23 +211,18 @@ class Run:
         return rec.t <= self.outage[1] + OUTAGE_GRACE_S and rec.t + rec.latency >= self.outage[0]
 
 
+def _cifar_test() -> Path:
+    return cifar10_dir() / "test_jpeg.npz"
+
+
 def load_images(source: str, n: int = 512, seed: int = 0) -> np.ndarray:
     """A pool of 32x32 RGB uint8 images: CIFAR-10 test images when available, else random noise."""
     rng = np.random.default_rng(seed)
-    if source in ("cifar", "auto") and CIFAR_TEST.is_file():
-        from PIL import Image
+    if source == "cifar" or (source == "auto" and _cifar_test().is_file()):
+        from tta_data import decode_images, load_jpeg_npz
 
-        d = np.load(CIFAR_TEST, allow_pickle=False)
-        jpeg, offsets = d["jpeg"], d["offsets"]
-        idx = rng.permutation(len(offsets) - 1)[:n]
-        return np.stack(
-            [
-                np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
-                for i in idx
-            ]
-        )
-    if source == "cifar":
-        raise FileNotFoundError(f"CIFAR-10 test images not found at {CIFAR_TEST}")
+        dataset = load_jpeg_npz(cifar10_archive("test"))
+        return decode_images(dataset, rng.permutation(len(dataset))[:n])
     return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
 
 
@@ -527,7 +522,7 @@ async def _soak(args: argparse.Namespace, redis_url: str, redis_srv: PrivateRedi
         integrity = await asyncio.to_thread(check_store_integrity, redis_url)
         report = summarise(run, stored, integrity, args)
         report["images"] = (
-            args.images if args.images != "auto" else ("cifar" if CIFAR_TEST.is_file() else "random")
+            args.images if args.images != "auto" else ("cifar" if _cifar_test().is_file() else "random")
         )
         for i, proc in enumerate(procs):
             if proc.poll() is not None:
