@@ -3,8 +3,8 @@
 
 What it does, bounded in time (about 4 minutes with the defaults), cleaning up after itself:
 
-1. starts ``python -m tta_server`` on a free loopback port, with its state in Redis
-   (``--redis-url``, default ``redis://127.0.0.1:6379/11``);
+1. starts ``python -m tta_server`` on a free loopback port, with its state in Redis: a redis-server of
+   its own on a free loopback port, or ``--redis-url`` (where it writes, and deletes, its four streams);
 2. starts ``prometheus`` with a temporary config that scrapes that server every ``--scrape-interval``
    seconds and evaluates ``deploy/prometheus/rules/tta.rules.yml``, and a temporary storage folder;
 3. replays CIFAR-10 test images at four streams with different strategies (``tta_client.replay``),
@@ -22,8 +22,9 @@ Grafana itself is not needed: the panels are the dashboard's own PromQL over a r
     .venv/bin/python scripts/drift_demo.py                      # writes docs/img/drift-dashboard.png
     .venv/bin/python scripts/drift_demo.py --phase-seconds 30 --out /tmp/drift.png --json /tmp/drift.json
 
-Needs: redis-server on 127.0.0.1:6379, the ``prometheus`` binary (Debian package ``prometheus``),
-matplotlib, and the shared CIFAR-10 model and data (as for ``scripts/serve``).
+Needs: the ``redis-server`` binary (Debian package ``redis-server``) or ``--redis-url``, the
+``prometheus`` binary (Debian package ``prometheus``), matplotlib, and the shared CIFAR-10 model and data
+(as for ``scripts/serve``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tta_bench.paths import MODELS_CONFIG as MODELS
 from tta_bench.paths import REPO_ROOT as REPO
+from tta_bench.redis_server import PrivateRedis, redis_server_binary
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "tta-drift.json"
 RULES = REPO / "deploy" / "prometheus" / "rules" / "tta.rules.yml"
@@ -559,7 +561,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="30s",
         help="value of $__rate_interval (default 30s: each strategy observes a batch every few seconds)",
     )
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/11")
+    parser.add_argument(
+        "--redis-url", default=None, help="state store (default: a redis-server of the demo's own)"
+    )
     parser.add_argument("--prometheus", default="prometheus", help="prometheus binary")
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--progress-every", type=float, default=15.0, help="seconds between progress lines")
@@ -577,6 +581,10 @@ def preflight(args: argparse.Namespace) -> str:
         import matplotlib  # noqa: F401
     except ImportError:
         sys.exit("matplotlib is not installed: pip install matplotlib==3.10.9")
+    if args.redis_url is None:
+        if redis_server_binary() is None:
+            sys.exit("no redis-server binary: apt-get install -y redis-server, or pass --redis-url")
+        return binary
     import redis
 
     try:
@@ -602,7 +610,13 @@ def main(argv: list[str] | None = None) -> int:
     binary = preflight(args)
     panels = drift_panels(json.loads(DASHBOARD.read_text()))
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="tta-drift-demo-") as tmp, children() as started:
+    with (
+        tempfile.TemporaryDirectory(prefix="tta-drift-demo-") as tmp,
+        contextlib.ExitStack() as own,
+        children() as started,
+    ):
+        if args.redis_url is None:
+            args.redis_url = own.enter_context(PrivateRedis(appendonly=False)).url
         workdir = Path(tmp)
         server_port, prom_port = free_port(), free_port()
         url, prom = f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{prom_port}"
