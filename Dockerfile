@@ -58,8 +58,11 @@ RUN case "${TORCH_VARIANT}" in \
       *)    echo "TORCH_VARIANT must be 'cpu' or 'cuda', not '${TORCH_VARIANT}'" >&2; exit 1 ;; \
     esac
 
-# The project itself, as a wheel; its remaining dependencies come from PyPI.
-COPY . .
+# The server distribution itself, as a wheel; its remaining dependencies come from PyPI. Only its sources:
+# the client SDK (clients/) and the benchmarks with their data (bench/) are distributions of their own.
+COPY README.md ./
+COPY adapters ./adapters
+COPY tta_server ./tta_server
 RUN pip wheel --no-deps --wheel-dir /tmp/wheels . \
  && pip install /tmp/wheels/tta_service-*.whl \
  && python - <<'EOF'

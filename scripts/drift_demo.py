@@ -3,8 +3,8 @@
 
 What it does, bounded in time (about 4 minutes with the defaults), cleaning up after itself:
 
-1. starts ``python -m tta_server`` on a free loopback port, with its state in Redis
-   (``--redis-url``, default ``redis://127.0.0.1:6379/11``);
+1. starts ``python -m tta_server`` on a free loopback port, with its state in Redis: a redis-server of
+   its own on a free loopback port, or ``--redis-url`` (where it writes, and deletes, its four streams);
 2. starts ``prometheus`` with a temporary config that scrapes that server every ``--scrape-interval``
    seconds and evaluates ``deploy/prometheus/rules/tta.rules.yml``, and a temporary storage folder;
 3. replays CIFAR-10 test images at four streams with different strategies (``tta_client.replay``),
@@ -22,8 +22,9 @@ Grafana itself is not needed: the panels are the dashboard's own PromQL over a r
     .venv/bin/python scripts/drift_demo.py                      # writes docs/img/drift-dashboard.png
     .venv/bin/python scripts/drift_demo.py --phase-seconds 30 --out /tmp/drift.png --json /tmp/drift.json
 
-Needs: redis-server on 127.0.0.1:6379, the ``prometheus`` binary (Debian package ``prometheus``),
-matplotlib, and the shared CIFAR-10 model and data (as for ``scripts/serve``).
+Needs: the ``redis-server`` binary (Debian package ``redis-server``) or ``--redis-url``, the
+``prometheus`` binary (Debian package ``prometheus``), matplotlib, and the shared CIFAR-10 model and data
+(as for ``scripts/serve``).
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[1]
+from tta_bench.paths import MODELS_CONFIG as MODELS
+from tta_bench.paths import REPO_ROOT as REPO
+from tta_bench.redis_server import PrivateRedis, redis_server_binary
+
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "tta-drift.json"
 RULES = REPO / "deploy" / "prometheus" / "rules" / "tta.rules.yml"
-MODELS = REPO / "models.yaml"
 
 PREFIX = "drift-demo"
 STRATEGIES = ("source", "norm", "tent", "unmix_tns")  # stream drift-demo-{i} uses STRATEGIES[i]
@@ -251,8 +254,13 @@ async def ticker(http: httpx.AsyncClient, phase: str, start: Scrape, every: floa
 
 
 async def run_scenario(url: str, args: argparse.Namespace) -> list[PhaseRun]:
+    from tta_bench.paths import cifar10_archive
+    from tta_bench.replay_data import cifar_streams
     from tta_client import AsyncClient, StreamNotFoundError
     from tta_client.replay import ReplayConfig, run_replay
+    from tta_data import load_jpeg_npz
+
+    dataset = load_jpeg_npz(cifar10_archive("test"))
 
     streams = [f"{PREFIX}-{i}" for i in range(len(STRATEGIES))]
     runs: list[PhaseRun] = []
@@ -272,13 +280,11 @@ async def run_scenario(url: str, args: argparse.Namespace) -> list[PhaseRun]:
                 streams=len(streams),
                 stream_prefix=PREFIX,
                 keep_policy=True,
-                corruptions=(phase.corruption,),
-                severity=5,
-                n=args.n,
-                batch_size=args.batch_size,
-                seed=phase.seed,
                 payload="raw",
                 max_seconds=args.phase_seconds,
+            )
+            source = cifar_streams(
+                dataset, [phase.corruption], severity=5, n=args.n, batch_size=args.batch_size, seed=phase.seed
             )
             say(f"phase {phase.name!r}: corruption {phase.corruption}, up to {args.phase_seconds:.0f}s")
             before = await scrape(http)
@@ -286,7 +292,7 @@ async def run_scenario(url: str, args: argparse.Namespace) -> list[PhaseRun]:
             tick = asyncio.create_task(ticker(http, phase.name, before, args.progress_every))
             try:
                 result = await asyncio.wait_for(
-                    run_replay(client, cfg, progress=False), timeout=args.phase_seconds + 300
+                    run_replay(client, cfg, source, progress=False), timeout=args.phase_seconds + 300
                 )
             finally:
                 tick.cancel()
@@ -555,7 +561,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="30s",
         help="value of $__rate_interval (default 30s: each strategy observes a batch every few seconds)",
     )
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/11")
+    parser.add_argument(
+        "--redis-url", default=None, help="state store (default: a redis-server of the demo's own)"
+    )
     parser.add_argument("--prometheus", default="prometheus", help="prometheus binary")
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--progress-every", type=float, default=15.0, help="seconds between progress lines")
@@ -573,6 +581,10 @@ def preflight(args: argparse.Namespace) -> str:
         import matplotlib  # noqa: F401
     except ImportError:
         sys.exit("matplotlib is not installed: pip install matplotlib==3.10.9")
+    if args.redis_url is None:
+        if redis_server_binary() is None:
+            sys.exit("no redis-server binary: apt-get install -y redis-server, or pass --redis-url")
+        return binary
     import redis
 
     try:
@@ -598,7 +610,13 @@ def main(argv: list[str] | None = None) -> int:
     binary = preflight(args)
     panels = drift_panels(json.loads(DASHBOARD.read_text()))
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="tta-drift-demo-") as tmp, children() as started:
+    with (
+        tempfile.TemporaryDirectory(prefix="tta-drift-demo-") as tmp,
+        contextlib.ExitStack() as own,
+        children() as started,
+    ):
+        if args.redis_url is None:
+            args.redis_url = own.enter_context(PrivateRedis(appendonly=False)).url
         workdir = Path(tmp)
         server_port, prom_port = free_port(), free_port()
         url, prom = f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{prom_port}"

@@ -1,4 +1,11 @@
-"""Shared fixtures and helpers: a tiny seeded BatchNorm CNN, the real CIFAR-10 WRN-40-2 model, Redis checks."""
+"""Shared fixtures and helpers: a tiny seeded BatchNorm CNN, the real CIFAR-10 WRN-40-2 model, and the suite's
+own redis-server.
+
+Redis: the session starts one redis-server on a free loopback port (`redis_server`); tests flush databases
+of that server only (`redis_url`). Tests that kill or stop a server get one of their own (`private_redis`).
+No test connects to a Redis it did not start. Without the `redis-server` binary those tests are skipped on a
+developer machine and fail under CI=true; every test that needs it is marked `redis`.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +23,14 @@ import torch
 from adapters.base import ModelHandle
 from adapters.models import ModelSpec, build_handle
 from adapters.models.wide_resnet import WideResNet
+from tta_bench.paths import CIFAR10_DIR, MODELS_CONFIG, REPO_ROOT, SHARED_DIR
+from tta_bench.redis_server import PrivateRedis, redis_server_binary
 
-REPO = Path(__file__).resolve().parents[1]
-MODELS_YAML = REPO / "models.yaml"
-SHARED = REPO.parent / "shared"
-CIFAR_WEIGHTS = SHARED / "models" / "cifar10_wrn40_2.pt"
-CIFAR_TRAIN = SHARED / "data" / "cifar10" / "train_jpeg.npz"
-CIFAR_TEST = SHARED / "data" / "cifar10" / "test_jpeg.npz"
+REPO = REPO_ROOT
+MODELS_YAML = MODELS_CONFIG
+CIFAR_WEIGHTS = SHARED_DIR / "models" / "cifar10_wrn40_2.pt"
+CIFAR_TRAIN = CIFAR10_DIR / "train_jpeg.npz"
+CIFAR_TEST = CIFAR10_DIR / "test_jpeg.npz"
 
 TINY_SIZE = 16
 
@@ -31,31 +39,6 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
-
-
-def redis_reachable(url: str) -> bool:
-    import redis
-
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
-        return True
-    except redis.RedisError:
-        return False
-
-
-@contextlib.contextmanager
-def flushed_redis(url: str) -> Iterator[str]:
-    """A real Redis database, flushed before and after; never skipped under CI=true."""
-    import redis
-
-    require_redis(url)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    try:
-        yield url
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @contextlib.contextmanager
@@ -82,13 +65,61 @@ def app_clients(pool: Any, models_yaml: Path, **defaults: Any) -> Iterator[Calla
             c.__exit__(None, None, None)
 
 
-def require_redis(url: str) -> None:
-    """Skip without Redis on a developer machine; under CI=true a missing Redis is a failure."""
-    if redis_reachable(url):
+def require_redis_server() -> None:
+    """Skip without the redis-server binary on a developer machine; under CI=true its absence is a failure."""
+    if redis_server_binary() is not None:
         return
     if os.environ.get("CI") == "true":
-        pytest.fail(f"Redis is required when CI=true but {url} is unreachable")
-    pytest.skip(f"no Redis at {url}")
+        pytest.fail("redis-server is required when CI=true (Debian: apt-get install redis-server)")
+    pytest.skip("redis-server not installed (Debian: apt-get install redis-server)")
+
+
+#: Fixtures that start (or use) a redis-server: a test that requests one is marked `redis`.
+REDIS_FIXTURES = frozenset({"redis_server", "redis_url", "private_redis"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if REDIS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[PrivateRedis]:
+    """The suite's redis-server: started once, on 127.0.0.1 and a free port, removed at the end."""
+    require_redis_server()
+    with PrivateRedis(appendonly=False) as server:
+        yield server
+
+
+@pytest.fixture
+def suite_redis_db() -> int:
+    """The database of `redis_server` a test suite uses; suites override it with their own."""
+    return 1
+
+
+@pytest.fixture
+def redis_url(redis_server: PrivateRedis, suite_redis_db: int) -> Iterator[str]:
+    """A database of the suite's own redis-server, flushed before and after the test."""
+    import redis
+
+    url = redis_server.url_for(suite_redis_db)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of the test's own that it may SIGKILL (`stop`), SIGSTOP and restart (`start`, same port,
+    append-only file replayed)."""
+    require_redis_server()
+    with PrivateRedis(appendonly=True) as server:
+        yield server
 
 
 def _tiny_network() -> WideResNet:
@@ -178,19 +209,6 @@ def pool() -> Any:
     from tta_server.model_pool import ModelPool
 
     return ModelPool.load(MODELS_YAML, torch.device("cpu"))
-
-
-@pytest.fixture
-def suite_redis_url() -> str:
-    """The Redis database of a test suite; suites that share the server override it with their own."""
-    return os.environ.get("TTA_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")
-
-
-@pytest.fixture
-def redis_url(suite_redis_url: str) -> Iterator[str]:
-    """The suite's real Redis database, flushed before and after the test. Never skipped under CI=true."""
-    with flushed_redis(suite_redis_url) as url:
-        yield url
 
 
 @pytest.fixture

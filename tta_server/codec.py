@@ -365,8 +365,3 @@ def decode_npy(data: bytes, size: tuple[int, int]) -> torch.Tensor:
             f"images must be {size[0]}x{size[1]} for this model, got {arr.shape[1]}x{arr.shape[2]}"
         )
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
-
-
-def to_model_input(batch_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW -> float32 in [0, 1] (normalisation, if any, is inside the model)."""
-    return batch_u8.float().div_(255.0)

@@ -10,8 +10,6 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TTA_", env_file=".env", extra="ignore")
@@ -19,7 +17,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     models_config: Path = Field(
-        REPO_ROOT / "models.yaml", description="YAML file declaring the served models"
+        Path("models.yaml"),
+        description="YAML file declaring the served models (relative: to the working dir)",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads for CPU inference")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +23,6 @@ from adapters.base import IncompatibleModelError, ModelHandle
 from adapters.models.wide_resnet import WideResNet
 
 log = logging.getLogger(__name__)
-
-TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 class ModelSpec(BaseModel):
@@ -209,7 +208,12 @@ def _source_loader(spec: ModelSpec) -> Callable[[int, int], Tensor]:
 
 
 def read_images(path: Path, n: int, seed: int) -> np.ndarray:
-    """n random images (uint8 NHWC) from a JPEG npz (see tta_data) or a uint8 NHWC .npy file."""
+    """n random images (uint8 NHWC RGB) of a source-data file, in ascending index order.
+
+    The file is a uint8 NHWC ``.npy`` array, or a JPEG ``.npz`` archive: ``jpeg`` (uint8, every file
+    concatenated) and ``offsets`` (int64, N + 1 boundaries); other fields (labels, classes) are not read.
+    The indices are ``sort(default_rng(seed).choice(N, min(n, N), replace=False))``.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"source data not found: {path}")
     rng = np.random.default_rng(seed)
@@ -217,8 +221,40 @@ def read_images(path: Path, n: int, seed: int) -> np.ndarray:
         arr = np.load(path, mmap_mode="r")
         idx = np.sort(rng.choice(len(arr), size=min(n, len(arr)), replace=False))
         return np.ascontiguousarray(arr[idx])
-    from tta_data import decode_images, load_jpeg_npz
+    with np.load(path, allow_pickle=False) as archive:
+        missing = [f for f in ("jpeg", "offsets") if f not in archive.files]
+        if missing:
+            raise ValueError(f"{path} lacks the field(s) {missing} of a JPEG archive (jpeg, offsets)")
+        jpeg = np.asarray(archive["jpeg"], dtype=np.uint8).reshape(-1)
+        offsets = np.asarray(archive["offsets"], dtype=np.int64).reshape(-1)
+    count = offsets.shape[0] - 1
+    if count < 0 or (count and (offsets[0] != 0 or offsets[-1] != jpeg.shape[0])):
+        raise ValueError(f"{path}: offsets must hold N + 1 boundaries from 0 to len(jpeg)")
+    idx = np.sort(rng.choice(count, size=min(n, count), replace=False))
+    return _decode_jpegs(jpeg, offsets, idx, path)
 
-    ds = load_jpeg_npz(path)
-    idx = np.sort(rng.choice(len(ds), size=min(n, len(ds)), replace=False))
-    return decode_images(ds, idx)
+
+def _decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, idx: np.ndarray, path: Path) -> np.ndarray:
+    """Images `idx` of a concatenated-JPEG buffer, decoded to RGB by torchvision (libjpeg-turbo)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    # torchvision 0.29 deprecates its codecs in favour of TorchCodec; the pinned one still ships them
+    # (as tta_server.codec notes). Filtered per process, like there, so every decode call stays quiet.
+    warnings.filterwarnings(
+        "ignore",
+        message="The image decoding and encoding capabilities of TorchVision",
+        category=DeprecationWarning,
+    )
+    decoded = []
+    for i in idx.tolist():
+        start, end = int(offsets[i]), int(offsets[i + 1])
+        if end <= start:
+            raise ValueError(f"{path}: image {i} has no bytes")
+        data = torch.from_numpy(jpeg[start:end].copy())
+        decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB).permute(1, 2, 0))
+    if not decoded:
+        return np.zeros((0, 32, 32, 3), dtype=np.uint8)
+    shapes = {tuple(t.shape) for t in decoded}
+    if len(shapes) != 1:
+        raise ValueError(f"{path}: source images differ in size ({sorted(shapes)})")
+    return torch.stack(decoded).numpy()

@@ -200,20 +200,17 @@ def _cmd_replay(ctx: _Context) -> int:
     from tta_client import replay
 
     a = ctx.args
+    try:
+        stream_file = replay.load_stream_file(a.file, batch_size=a.batch_size)
+    except ImportError as exc:
+        raise ValueError(f"tta replay needs numpy ({exc}); pip install 'tta-client[replay]'") from exc
     cfg = replay.ReplayConfig(
-        streams=a.streams,
+        streams=stream_file.num_streams if a.streams is None else a.streams,
         stream_prefix=a.stream_prefix,
         strategy=a.strategy,
         config=_parse_config(a.config),
         model=a.model,
         keep_policy=a.keep_policy,
-        corruptions=tuple(c.strip() for c in a.corruptions.split(",") if c.strip()),
-        switch_after=a.switch_after,
-        severity=a.severity,
-        n=a.n,
-        batch_size=a.batch_size,
-        order=a.order,
-        delta=a.delta,
         seed=a.seed,
         payload=a.payload,
         reset_first=a.reset_first,
@@ -221,18 +218,12 @@ def _cmd_replay(ctx: _Context) -> int:
         concurrency=a.concurrency,
         max_requests=a.max_requests,
         max_seconds=a.max_seconds,
-        data_dir=a.data_dir,
     )
-    try:
-        source = replay.cifar_source(cfg)
-    except ImportError as exc:
-        raise ValueError(
-            f"tta replay needs the tta_data package and numpy ({exc}); install tta-service"
-        ) from exc
+    data = {"file": str(a.file), "file_streams": stream_file.num_streams, **stream_file.meta}
 
     async def go() -> replay.ReplayResult:
         async with ctx.async_client(max_connections=cfg.concurrency or cfg.streams) as client:
-            return await replay.run_replay(client, cfg, source, progress=not a.no_progress)
+            return await replay.run_replay(client, cfg, stream_file, progress=not a.no_progress, data=data)
 
     result = asyncio.run(go())
     report = result.to_json()
@@ -270,20 +261,27 @@ def _global_options(with_json: bool = True) -> argparse.ArgumentParser:
 
 
 def _add_replay_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--streams", type=int, default=4, help="concurrent streams (default 4)")
+    p.add_argument(
+        "file",
+        help="replay file (.npz; `tta-bench stream` writes corrupted CIFAR-10 streams, or images + labels)",
+    )
+    p.add_argument(
+        "--streams",
+        type=int,
+        help="concurrent streams (default: the file's); stream i plays the file's stream i modulo their number",
+    )
     p.add_argument("--stream-prefix", default="replay", help="stream ids are PREFIX-0, PREFIX-1, ...")
     p.add_argument("--strategy", help="strategy set on each stream first (default: keep the stream's policy)")
     p.add_argument("--config", help="strategy config as JSON or @file.json")
     p.add_argument("--model", help="model id (default: the server's default model)")
     p.add_argument("--keep-policy", action="store_true", help="do not set the policy, even with --strategy")
-    p.add_argument("--corruptions", default="gaussian_noise", help="comma-separated; 'none' means clean")
-    p.add_argument("--switch-after", type=int, help="batches per stream before moving to the next corruption")
-    p.add_argument("--severity", type=int, default=5, help="corruption severity 1-5 (default 5)")
-    p.add_argument("--n", type=int, default=2000, help="images per corruption (default 2000)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per request (default 64)")
-    p.add_argument("--order", choices=["iid", "sorted", "dirichlet"], default="iid", help="label order")
-    p.add_argument("--delta", type=float, default=0.1, help="Dirichlet concentration for --order dirichlet")
-    p.add_argument("--seed", type=int, default=0, help="base seed; stream i uses seed + i (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the policy set with --strategy (default 0)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per request for a file of bare images + labels (default 64; a stream file has its own)",
+    )
     p.add_argument(
         "--payload", choices=["raw", "jpeg"], default="raw", help="x-npy uint8 batch or JPEG files"
     )
@@ -292,7 +290,6 @@ def _add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, help="requests in flight at most (default: --streams)")
     p.add_argument("--max-requests", type=int, help="stop after this many requests in total")
     p.add_argument("--max-seconds", type=float, help="stop sending after this many seconds")
-    p.add_argument("--data-dir", help="folder holding test_jpeg.npz (default: tta_data's default)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write the full report as JSON to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -346,7 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     leaf(sub, "strategies", _cmd_strategies, "list the registered strategies")
     leaf(sub, "models", _cmd_models, "list the served models")
-    p = leaf(sub, "replay", _cmd_replay, "replay a corrupted CIFAR-10 test stream", json_opt=False)
+    p = leaf(
+        sub,
+        "replay",
+        _cmd_replay,
+        "replay a stream file (e.g. corrupted CIFAR-10) at the server",
+        json_opt=False,
+    )
     _add_replay_arguments(p)
     return parser
 

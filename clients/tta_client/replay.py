@@ -1,9 +1,11 @@
-"""Replay a corrupted CIFAR-10 test stream at a running server over concurrent streams.
+"""Replay test streams at a running server over concurrent streams.
 
-Each stream sends its batches in order (the next batch waits for the previous answer, as adaptation needs);
-streams run concurrently up to ``concurrency`` requests in flight. The run stops when the data is exhausted,
-``max_requests`` requests were sent or ``max_seconds`` elapsed. Accuracy compares each prediction's top-1
-index with the label. numpy, tqdm, Pillow and ``tta_data`` are imported only when a replay runs.
+The batches come from a replay file (:func:`load_stream_file`), which ``tta-bench stream`` writes for
+corrupted CIFAR-10 test streams, or from any :data:`BatchSource`. Each stream sends its batches in order
+(the next batch waits for the previous answer, as adaptation needs); streams run concurrently up to
+``concurrency`` requests in flight. The run stops when the data is exhausted, ``max_requests`` requests were
+sent or ``max_seconds`` elapsed. Accuracy compares each prediction's top-1 index with the label. numpy,
+tqdm and Pillow are imported only when a replay runs; nothing else of the repository is imported.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import contextlib
 import dataclasses
 import io
 import itertools
+import json
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,16 +39,20 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = [
+    "STREAM_FILE_FORMAT",
+    "Batch",
     "BatchLike",
     "BatchRecord",
     "ErrorRecord",
     "ReplayConfig",
     "ReplayResult",
-    "cifar_source",
+    "StreamFile",
     "count_correct",
     "format_report",
+    "load_stream_file",
     "percentile",
     "run_replay",
+    "save_stream_file",
     "summarize",
 ]
 
@@ -54,7 +62,7 @@ _MAX_RATE_LIMIT_RETRIES = 5
 
 
 class BatchLike(Protocol):
-    """What a batch source yields (``tta_data.StreamBatch`` fits)."""
+    """What a batch source yields (:class:`Batch`, and ``tta_data.StreamBatch``, fit)."""
 
     @property
     def corruption(self) -> str: ...
@@ -72,7 +80,7 @@ BatchSource = Callable[[int], Iterable[BatchLike]]
 
 @dataclass(frozen=True)
 class ReplayConfig:
-    """What to replay and how; see ``tta replay --help`` for each field."""
+    """How to replay; see ``tta replay --help`` for each field. What is replayed is the batch source's."""
 
     streams: int = 4
     stream_prefix: str = "replay"
@@ -80,13 +88,6 @@ class ReplayConfig:
     config: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
     keep_policy: bool = False
-    corruptions: tuple[str, ...] = ("gaussian_noise",)
-    switch_after: int | None = None
-    severity: int = 5
-    n: int = 2000
-    batch_size: int = 64
-    order: Literal["iid", "sorted", "dirichlet"] = "iid"
-    delta: float = 0.1
     seed: int = 0
     payload: Payload = "raw"
     reset_first: bool = False
@@ -94,20 +95,12 @@ class ReplayConfig:
     concurrency: int | None = None
     max_requests: int | None = None
     max_seconds: float | None = None
-    data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("streams", "n", "batch_size", "severity"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.streams < 1:
+            raise ValueError(f"streams must be >= 1, got {self.streams}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if not self.corruptions:
-            raise ValueError("corruptions must name at least one corruption ('none' for clean images)")
-        if self.switch_after is not None and (self.switch_after < 1 or len(self.corruptions) < 2):
-            raise ValueError(
-                "switch_after needs a value >= 1 and at least two corruptions, e.g. none,gaussian_noise"
-            )
         if self.payload not in ("raw", "jpeg"):
             raise ValueError(f"payload must be 'raw' or 'jpeg', got {self.payload!r}")
         for name in ("concurrency", "max_requests"):
@@ -122,13 +115,6 @@ class ReplayConfig:
         """The stream ids, ``{prefix}-{i}``."""
         return [f"{self.stream_prefix}-{i}" for i in range(self.streams)]
 
-    def images_per_stream(self) -> int:
-        """Images one stream sends when nothing stops it early."""
-        if self.switch_after is None:
-            return self.n * len(self.corruptions)
-        head = min(self.switch_after * self.batch_size, self.n) * (len(self.corruptions) - 1)
-        return head + self.n
-
 
 @dataclass
 class ReplayResult:
@@ -140,15 +126,17 @@ class ReplayResult:
     wall_seconds: float
     stopped_by: str | None = None
     final_streams: dict[str, StreamPublic] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Aggregated accuracy, throughput and latency (see :func:`summarize`)."""
         return summarize(self.records, self.errors, self.wall_seconds, self.stopped_by)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable report: config, summary, per-batch records, errors and final stream states."""
+        """A JSON-serialisable report: config, data, summary, per-batch records, errors and final states."""
         return {
             "config": dataclasses.asdict(self.config),
+            "data": self.data,
             "summary": self.summary(),
             "batches": [dataclasses.asdict(r) for r in self.records],
             "errors": [dataclasses.asdict(e) for e in self.errors],
@@ -156,34 +144,164 @@ class ReplayResult:
         }
 
 
-# Data.
+# Data: replay files.
+
+#: Value of a replay file's ``format`` field.
+STREAM_FILE_FORMAT = "tta-replay-stream/1"
 
 
-def cifar_source(cfg: ReplayConfig) -> BatchSource:
-    """Batches from ``tta_data``: each stream ``i`` uses seed ``cfg.seed + i``; arguments are checked now."""
-    from tta_data import build_stream, default_cifar10_dir, load_jpeg_npz
+@dataclass(frozen=True)
+class Batch:
+    """One request's images (uint8 NHWC RGB), their labels and the corruption they were made with."""
 
-    folder = Path(cfg.data_dir) if cfg.data_dir else default_cifar10_dir()
-    dataset = load_jpeg_npz(folder / "test_jpeg.npz")
+    corruption: str
+    images: np.ndarray
+    labels: np.ndarray
 
-    def batches(i: int) -> Iterator[BatchLike]:
-        def part(corruptions: Sequence[str]) -> Iterator[BatchLike]:
-            return build_stream(
-                dataset, corruptions, cfg.severity, cfg.n, cfg.order, cfg.delta, cfg.seed + i, cfg.batch_size
+
+@dataclass(frozen=True, eq=False)
+class StreamFile:
+    """A replay file in memory: the images of one or more streams, cut into batches.
+
+    Fields of the ``.npz`` (no pickles): ``images`` uint8 (N, H, W, 3) and ``labels`` int (N,), every
+    stream's images one stream after the other; ``batch_offsets`` int64 (B + 1,) batch boundaries in
+    ``images``; ``batch_streams`` int64 (B,) the stream of each batch (a stream's batches play in file
+    order); ``batch_corruptions`` str (B,); ``meta`` a JSON string (how the file was made); ``format``
+    :data:`STREAM_FILE_FORMAT`. A file with only ``images`` and ``labels`` is one stream, cut into batches
+    of the loader's ``batch_size`` and named after the file.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    batch_offsets: np.ndarray
+    batch_streams: np.ndarray
+    batch_corruptions: tuple[str, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n, b = len(self.labels), len(self.batch_streams)
+        if self.images.dtype.name != "uint8" or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise ValueError(
+                f"images must be uint8 (N, H, W, 3), got {self.images.dtype} {self.images.shape}"
             )
+        if self.images.shape[0] != n:
+            raise ValueError(f"{self.images.shape[0]} images but {n} labels")
+        if len(self.batch_offsets) != b + 1 or len(self.batch_corruptions) != b:
+            raise ValueError("batch_offsets needs one boundary more than batch_streams and batch_corruptions")
+        if b == 0:
+            raise ValueError("a replay file needs at least one batch")
+        offsets = [int(o) for o in self.batch_offsets]
+        if offsets[0] != 0 or offsets[-1] != n or any(a >= z for a, z in itertools.pairwise(offsets)):
+            raise ValueError("batch_offsets must rise strictly from 0 to the number of images")
+        if sorted({int(s) for s in self.batch_streams}) != list(range(self.num_streams)):
+            raise ValueError("batch_streams must number the streams 0, 1, ... without gaps")
 
-        if cfg.switch_after is None:
-            return part(cfg.corruptions)
-        *head, last = cfg.corruptions
-        parts = [itertools.islice(part([c]), cfg.switch_after) for c in head]
-        return itertools.chain(*parts, part([last]))
+    @property
+    def num_streams(self) -> int:
+        """Streams in the file."""
+        return int(self.batch_streams.max()) + 1
 
-    batches(0)  # build_stream validates its arguments eagerly: fail before any request is sent
-    return batches
+    def batches(self, stream: int) -> list[Batch]:
+        """The batches of file stream ``stream``, in order (views into the arrays)."""
+        if not 0 <= stream < self.num_streams:
+            raise IndexError(f"stream {stream} out of range for a file of {self.num_streams} stream(s)")
+        out = []
+        for i in (int(i) for i in (self.batch_streams == stream).nonzero()[0]):
+            lo, hi = int(self.batch_offsets[i]), int(self.batch_offsets[i + 1])
+            out.append(Batch(self.batch_corruptions[i], self.images[lo:hi], self.labels[lo:hi]))
+        return out
+
+    def images_per_stream(self, stream: int) -> int:
+        """Images file stream ``stream`` sends when nothing stops it early."""
+        return sum(len(b.labels) for b in self.batches(stream))
+
+    def source(self) -> BatchSource:
+        """Replay stream ``i`` plays file stream ``i % num_streams``."""
+        return lambda i: self.batches(i % self.num_streams)
+
+
+def load_stream_file(path: str | os.PathLike[str], batch_size: int = 64) -> StreamFile:
+    """Read a replay file (see :class:`StreamFile`); ``batch_size`` cuts a file of bare images + labels."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"replay file not found: {path}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with np.load(path, allow_pickle=False) as archive:
+        fields = set(archive.files)
+        missing = {"images", "labels"} - fields
+        if missing:
+            raise ValueError(
+                f"{path} is no replay file: it lacks {sorted(missing)} (tta-bench stream writes them)"
+            )
+        if "format" in fields and str(archive["format"]) != STREAM_FILE_FORMAT:
+            raise ValueError(
+                f"{path}: format {str(archive['format'])!r}, this client reads {STREAM_FILE_FORMAT!r}"
+            )
+        images, labels = archive["images"], archive["labels"].astype(np.int64).reshape(-1)
+        if "batch_offsets" in fields:
+            offsets = archive["batch_offsets"].astype(np.int64)
+            streams = archive["batch_streams"].astype(np.int64)
+            corruptions = tuple(str(c) for c in archive["batch_corruptions"])
+        else:
+            offsets = np.unique(np.append(np.arange(0, len(labels), batch_size), len(labels)))
+            streams = np.zeros(len(offsets) - 1, dtype=np.int64)
+            corruptions = (path.stem,) * len(streams)
+        meta = json.loads(str(archive["meta"])) if "meta" in fields else {}
+    return StreamFile(images, labels, offsets, streams, corruptions, meta)
+
+
+def save_stream_file(
+    path: str | os.PathLike[str], streams: Iterable[Iterable[BatchLike]], meta: dict[str, Any] | None = None
+) -> Path:
+    """Write the batches of each stream in ``streams`` (in order) as a replay file; returns its path."""
+    import numpy as np
+
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    offsets, batch_streams, corruptions = [0], [], []
+    for s, batches in enumerate(streams):
+        for batch in batches:
+            if len(batch.labels) == 0:
+                continue
+            images.append(np.asarray(batch.images, dtype=np.uint8))
+            labels.append(np.asarray(batch.labels, dtype=np.int64).reshape(-1))
+            offsets.append(offsets[-1] + len(labels[-1]))
+            batch_streams.append(s)
+            corruptions.append(str(batch.corruption))
+    if not images:
+        raise ValueError("no batches to write")
+    stream_file = StreamFile(
+        np.concatenate(images),
+        np.concatenate(labels),
+        np.asarray(offsets, dtype=np.int64),
+        np.asarray(batch_streams, dtype=np.int64),
+        tuple(corruptions),
+        dict(meta or {}),
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        np.savez(
+            f,
+            format=np.array(STREAM_FILE_FORMAT),
+            images=stream_file.images,
+            labels=stream_file.labels,
+            batch_offsets=stream_file.batch_offsets,
+            batch_streams=stream_file.batch_streams,
+            batch_corruptions=np.array(stream_file.batch_corruptions, dtype=str),
+            meta=np.array(json.dumps(stream_file.meta)),
+        )
+    return path
 
 
 def _encode_jpeg(images: np.ndarray) -> list[bytes]:
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ValueError("--payload jpeg needs Pillow: pip install 'tta-client[replay]'") from exc
 
     out = []
     for image in images:
@@ -317,7 +435,7 @@ async def _prepare_streams(client: AsyncClient, cfg: ReplayConfig) -> None:
             await client.reset_stream(stream_id)
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
+def _progress_bar(total: int | None, enabled: bool) -> Any:
     if not enabled:
         return None
     try:
@@ -328,13 +446,22 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 
 
 async def run_replay(
-    client: AsyncClient, cfg: ReplayConfig, source: BatchSource | None = None, progress: bool = True
+    client: AsyncClient,
+    cfg: ReplayConfig,
+    source: BatchSource | StreamFile,
+    progress: bool = True,
+    data: dict[str, Any] | None = None,
 ) -> ReplayResult:
-    """Set up the streams, replay ``source`` (default :func:`cifar_source`) and collect the results."""
-    source = source or cifar_source(cfg)
+    """Set up the streams, replay ``source`` (a :class:`StreamFile` or a :data:`BatchSource`) and collect the
+    results; ``data`` describes the source in the report (default: the file's ``meta``)."""
+    if isinstance(source, StreamFile):
+        data = source.meta if data is None else data
+        source = source.source()
     batches = [source(i) for i in range(cfg.streams)]
     await _prepare_streams(client, cfg)
-    bar = _progress_bar(cfg.streams * cfg.images_per_stream(), progress)
+    sized = all(isinstance(b, Sequence) for b in batches)
+    total = sum(len(batch.labels) for b in batches for batch in b) if sized else None  # type: ignore[union-attr]
+    bar = _progress_bar(total, progress)
     seen = {"images": 0, "correct": 0}
 
     def on_batch(record: BatchRecord) -> None:
@@ -366,4 +493,4 @@ async def run_replay(
     for stream_id in cfg.stream_ids:
         with contextlib.suppress(APIError, TransportError):
             final[stream_id] = await client.get_stream(stream_id)
-    return ReplayResult(cfg, run.records, run.errors, wall, run.limits.stopped_by, final)
+    return ReplayResult(cfg, run.records, run.errors, wall, run.limits.stopped_by, final, dict(data or {}))

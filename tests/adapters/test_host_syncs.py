@@ -12,7 +12,7 @@ import torch
 
 import adapters
 from adapters.base import ModelHandle
-from tta_server.bench.opcount import OpCount, counting_ops
+from tta_bench.opcount import OpCount, counting_ops
 
 from ._reference import make_batch, small_config
 

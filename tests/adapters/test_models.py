@@ -208,3 +208,53 @@ def test_source_images_come_from_the_declared_file(tiny_handle: ModelHandle) -> 
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
     assert torch.equal(images, tiny_handle.source_images(10, 0))
     assert not torch.equal(images, tiny_handle.source_images(10, 1))
+
+
+def _jpeg_archive(path: Path, n: int, size: int = 16) -> Path:
+    """A JPEG .npz archive (the shared CIFAR-10 layout) of n random colour images."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        files.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+    offsets = np.concatenate([[0], np.cumsum([len(f) for f in files])]).astype(np.int64)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    np.savez(
+        path, jpeg=np.concatenate(files), offsets=offsets, labels=labels, classes=np.array(list("abcdefghij"))
+    )
+    return path
+
+
+def test_source_reader_decodes_jpeg_archives_as_tta_data_does(tmp_path: Path) -> None:
+    """The core's own reader picks the same images, in the same order, with the same pixels."""
+    import numpy as np
+
+    from adapters.models.loading import read_images
+    from tta_data import decode_images, load_jpeg_npz
+
+    archive = _jpeg_archive(tmp_path / "src_jpeg.npz", 40)
+    for n, seed in ((10, 0), (10, 3), (100, 1)):
+        expected_idx = np.sort(np.random.default_rng(seed).choice(40, size=min(n, 40), replace=False))
+        expected = decode_images(load_jpeg_npz(archive), expected_idx)
+        got = read_images(archive, n, seed)
+        assert got.dtype == np.uint8 and got.shape == (min(n, 40), 16, 16, 3)
+        assert np.array_equal(got, expected)
+
+
+def test_source_reader_refuses_a_file_that_is_no_jpeg_archive(tmp_path: Path) -> None:
+    import numpy as np
+
+    from adapters.models.loading import read_images
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="jpeg"):
+        read_images(bad, 1, 0)
+    with pytest.raises(FileNotFoundError, match="source data not found"):
+        read_images(tmp_path / "absent.npz", 1, 0)

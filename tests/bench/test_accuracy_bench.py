@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tta_data import default_cifar10_dir
-from tta_server.bench import accuracy
+from tta_bench import accuracy
+from tta_bench.paths import cifar10_dir
 from tta_server.model_pool import read_models_file
 
 
@@ -19,7 +19,7 @@ def _shared_files_present() -> bool:
     except (FileNotFoundError, ValueError):
         return False
     weights = [m.weights for m in models.models if m.weights is not None]
-    return all(w.is_file() for w in weights) and (default_cifar10_dir() / "test_jpeg.npz").is_file()
+    return all(w.is_file() for w in weights) and (cifar10_dir() / "test_jpeg.npz").is_file()
 
 
 needs_model = pytest.mark.skipif(

@@ -1,4 +1,5 @@
-"""`tta-bench throughput` (a tiny run: real WRN-40-2, uvicorn subprocess, Redis db 14) and `tta-bench ops`."""
+"""`tta-bench throughput` (a tiny run: real WRN-40-2, uvicorn subprocess, the bench's own redis-server) and
+`tta-bench ops`."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CIFAR_WEIGHTS
-from tta_server.bench import cli, throughput
-
-REDIS_URL = "redis://127.0.0.1:6379/14"
+from tests.conftest import CIFAR_WEIGHTS, require_redis_server
+from tta_bench import cli, throughput
 
 
 def _positive(value: object) -> bool:
@@ -26,9 +25,10 @@ def _positive(value: object) -> bool:
 def test_tiny_throughput_run_writes_the_documented_json(tmp_path: Path) -> None:
     if not CIFAR_WEIGHTS.is_file():
         pytest.skip(f"shared checkpoint not found at {CIFAR_WEIGHTS}")
+    require_redis_server()
     out = tmp_path / "throughput.json"
     argv = ["throughput", "--model", "wrn", "--iters", "2", "--warmup", "1", "--batch-size", "8"]
-    argv += ["--strategies", "source,norm", "--streams", "2", "--redis-url", REDIS_URL]
+    argv += ["--strategies", "source,norm", "--streams", "2"]  # no --redis-url: it starts its own
     # One thread: on a shared CI box two spinning OpenMP threads can slow small batches many times over.
     argv += ["--threads", "1", "--phase-seconds", "30", "--json", str(out)]
     argv += ["--merge-clients", "3", "--merge-batch", "4"]
@@ -54,6 +54,8 @@ def test_tiny_throughput_run_writes_the_documented_json(tmp_path: Path) -> None:
         for key in ("ips", "ratio", "p50_ms", "p99_ms"):
             assert _positive(row[key]), (key, row)
         assert row["p99_ms"] >= row["p50_ms"]
+    assert report["redis"] == "own redis-server" and report["redis_error"] is None
+    assert report["http_store"] == "redis"
     assert set(report["state"]) == {"source", "norm"}
     for row in report["state"].values():
         assert isinstance(row["bytes"], int) and row["bytes"] > 0

@@ -1,4 +1,4 @@
-"""Replay: pure aggregation, the run loop against a MockTransport, and the ``tta replay`` command."""
+"""Replay: pure aggregation, replay files, the run loop against a MockTransport, and ``tta replay``."""
 
 from __future__ import annotations
 
@@ -93,10 +93,6 @@ def test_summarize_of_nothing_has_no_rates() -> None:
     "kwargs",
     [
         {"streams": 0},
-        {"batch_size": 0},
-        {"corruptions": ()},
-        {"switch_after": 5},  # a single corruption has nothing to switch to
-        {"switch_after": 0, "corruptions": ("none", "fog")},
         {"payload": "png"},
         {"max_requests": 0},
         {"max_seconds": 0},
@@ -108,10 +104,7 @@ def test_replay_config_refuses_bad_values(kwargs) -> None:
         rp.ReplayConfig(**kwargs)
 
 
-def test_images_per_stream() -> None:
-    assert rp.ReplayConfig(n=100, corruptions=("a", "b")).images_per_stream() == 200
-    cfg = rp.ReplayConfig(n=100, batch_size=16, corruptions=("none", "fog"), switch_after=2)
-    assert cfg.images_per_stream() == 32 + 100
+def test_stream_ids() -> None:
     assert rp.ReplayConfig(streams=2, stream_prefix="r").stream_ids == ["r-0", "r-1"]
 
 
@@ -142,14 +135,16 @@ def fake_source(n_batches: int | None, batch_size: int = 8, corruption: str = "g
     return source
 
 
-def replay_server(streams: int = 2) -> FakeServer:
+def replay_server(streams: int = 2, file_streams: int | None = None) -> FakeServer:
+    """A fake server checking that stream i receives its own data: file stream ``i % file_streams``."""
     server = FakeServer()
+    file_streams = file_streams or streams
 
     def predict(request: httpx.Request) -> httpx.Response:
         stream_id = request.url.path.split("/")[3]
         if request.headers["content-type"] == "application/x-npy":
             images = np.load(io.BytesIO(request.content))
-            assert (images[:, 0, 0, 1] == int(stream_id.rsplit("-", 1)[1])).all(), (
+            assert (images[:, 0, 0, 1] == int(stream_id.rsplit("-", 1)[1]) % file_streams).all(), (
                 "batch sent on the wrong stream"
             )
             indices = images[:, 0, 0, 0].tolist()
@@ -302,62 +297,135 @@ def test_replay_surfaces_a_data_error_instead_of_hanging() -> None:
         replay(replay_server(), rp.ReplayConfig(streams=2), broken)
 
 
+# Replay files.
+
+
+def test_a_stream_file_round_trips_every_stream_and_batch(tmp_path) -> None:
+    source = fake_source(3, batch_size=5)
+    path = rp.save_stream_file(tmp_path / "s.npz", (source(i) for i in range(2)), {"seed": 4, "n": 15})
+
+    loaded = rp.load_stream_file(path)
+
+    assert loaded.num_streams == 2 and loaded.meta == {"seed": 4, "n": 15}
+    for i in range(2):
+        want, got = list(source(i)), loaded.batches(i)
+        assert len(got) == 3 and loaded.images_per_stream(i) == 15
+        for a, b in zip(want, got, strict=True):
+            assert b.corruption == a.corruption and b.images.dtype == np.uint8
+            assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    with np.load(path, allow_pickle=False) as raw:  # plain arrays only: readable without this client
+        assert str(raw["format"]) == rp.STREAM_FILE_FORMAT
+        assert raw["images"].shape == (30, 4, 4, 3) and raw["batch_offsets"].tolist()[-1] == 30
+
+
+def test_a_file_of_bare_images_and_labels_is_one_stream_cut_into_batches(tmp_path) -> None:
+    path = tmp_path / "mine.npz"
+    np.savez(path, images=np.zeros((10, 4, 4, 3), np.uint8), labels=np.arange(10))
+
+    loaded = rp.load_stream_file(path, batch_size=4)
+
+    assert loaded.num_streams == 1
+    assert [len(b.labels) for b in loaded.batches(0)] == [4, 4, 2]
+    assert {b.corruption for b in loaded.batches(0)} == {"mine"}
+
+
+def test_files_that_are_no_stream_file_are_refused(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="replay file not found"):
+        rp.load_stream_file(tmp_path / "absent.npz")
+    np.savez(tmp_path / "nolabels.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="labels"):
+        rp.load_stream_file(tmp_path / "nolabels.npz")
+    np.savez(tmp_path / "future.npz", images=np.zeros((2, 4, 4, 3), np.uint8), labels=[0, 1], format="v9")
+    with pytest.raises(ValueError, match="format"):
+        rp.load_stream_file(tmp_path / "future.npz")
+    np.savez(tmp_path / "float.npz", images=np.zeros((2, 4, 4, 3), np.float32), labels=[0, 1])
+    with pytest.raises(ValueError, match="uint8"):
+        rp.load_stream_file(tmp_path / "float.npz")
+
+
+def test_more_streams_than_the_file_holds_replay_its_streams_in_turn(tmp_path) -> None:
+    source = fake_source(2)
+    stream_file = rp.load_stream_file(
+        rp.save_stream_file(tmp_path / "s.npz", (source(i) for i in range(2)), {"n": 16})
+    )
+
+    result = replay(replay_server(streams=3, file_streams=2), rp.ReplayConfig(streams=3), stream_file)
+
+    s = result.summary()
+    assert (s["images"], s["errors"]) == (48, 0) and set(s["per_stream"]) == {
+        "replay-0",
+        "replay-1",
+        "replay-2",
+    }
+    assert result.data == {"n": 16} and result.to_json()["data"] == {"n": 16}
+
+
 # The command.
 
 
-def test_tta_replay_command_writes_json_report(monkeypatch, tmp_path, capsys) -> None:
-    seen: list[rp.ReplayConfig] = []
+def _stream_file(tmp_path, streams: int = 2, batches: int = 2):
+    source = fake_source(batches)
+    meta = {"corruptions": ["gaussian_noise"], "seed": 0}
+    return rp.save_stream_file(tmp_path / "stream.npz", (source(i) for i in range(streams)), meta)
 
-    def source_for(cfg: rp.ReplayConfig):
-        seen.append(cfg)
-        return fake_source(2)
 
-    monkeypatch.setattr(rp, "cifar_source", source_for)
+def test_tta_replay_command_writes_json_report(tmp_path, capsys) -> None:
+    data = _stream_file(tmp_path)
     out_file = tmp_path / "report.json"
-    argv = ["replay", "--streams", "2", "--strategy", "alpha_bn", "--config", '{"alpha": 0.5}', "--corruptions",
-            "none,gaussian_noise", "--switch-after", "10", "--order", "dirichlet", "--no-progress",
-            "--json", str(out_file)]  # fmt: skip
+    argv = ["replay", str(data), "--strategy", "alpha_bn", "--config", '{"alpha": 0.5}', "--seed", "3",
+            "--reset-first", "--no-progress", "--json", str(out_file)]  # fmt: skip
+    server = replay_server()
 
-    assert main(argv, transport=replay_server().transport) == 0
+    assert main(argv, transport=server.transport) == 0
 
-    (cfg,) = seen
-    assert (
-        cfg.corruptions == ("none", "gaussian_noise") and cfg.switch_after == 10 and cfg.order == "dirichlet"
-    )
-    assert cfg.config == {"alpha": 0.5}
+    assert json_body(server.requests[0]) == {
+        "model": None,
+        "strategy": "alpha_bn",
+        "config": {"alpha": 0.5},
+        "seed": 3,
+    }
     report = json.loads(out_file.read_text())
     assert report["summary"]["images"] == 32
-    assert report["config"]["strategy"] == "alpha_bn"
+    assert report["config"]["strategy"] == "alpha_bn" and report["config"]["streams"] == 2
+    assert report["data"] == {
+        "file": str(data),
+        "file_streams": 2,
+        "corruptions": ["gaussian_noise"],
+        "seed": 0,
+    }
     assert len(report["batches"]) == 4
     out = capsys.readouterr().out
     assert "accuracy 0.7500" in out and "replay-1" in out
 
 
-def test_tta_replay_bad_options_exit_2(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(rp, "cifar_source", lambda cfg: fake_source(1))
-    assert (
-        main(["replay", "--switch-after", "3", "--corruptions", "fog"], transport=replay_server().transport)
-        == 2
-    )
-    assert "switch_after" in capsys.readouterr().err
+def test_tta_replay_sends_jpeg_payloads_from_a_file(tmp_path) -> None:
+    server = replay_server(streams=1)
+    data = _stream_file(tmp_path, streams=1)
+    argv = ["replay", str(data), "--payload", "jpeg", "--max-requests", "1", "--no-progress"]
+    assert main(argv, transport=server.transport) == 0
+    (predict,) = [r for r in server.requests if r.url.path.endswith("/predict")]
+    assert len(parse_multipart(predict)) == 8
 
 
-# The real data source (tta_data), kept tiny.
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["absent.npz"], "replay file not found"),
+        (["STREAM", "--streams", "0"], "streams must be >= 1"),
+        (["STREAM", "--max-seconds", "0"], "max_seconds"),
+    ],
+)
+def test_tta_replay_bad_options_exit_2(tmp_path, capsys, args, message) -> None:
+    data = str(_stream_file(tmp_path))
+    argv = [
+        "replay",
+        *(data if a == "STREAM" else str(tmp_path / a) if a.endswith(".npz") else a for a in args),
+    ]
+    assert main(argv, transport=replay_server().transport) == 2
+    assert message in capsys.readouterr().err
 
 
-def test_cifar_source_switches_corruption_after_k_batches() -> None:
-    tta_data = pytest.importorskip("tta_data")
-    if not (tta_data.default_cifar10_dir() / "test_jpeg.npz").is_file():
-        pytest.skip("CIFAR-10 test archive not present")
-    cfg = rp.ReplayConfig(
-        streams=2, corruptions=("none", "gaussian_noise"), switch_after=1, n=20, batch_size=8
-    )
-
-    source = rp.cifar_source(cfg)
-    stream0, stream1 = list(source(0)), list(source(1))
-
-    assert [b.corruption for b in stream0] == ["none", "gaussian_noise", "gaussian_noise", "gaussian_noise"]
-    assert [len(b.labels) for b in stream0] == [8, 8, 8, 4]
-    assert stream0[0].images.shape == (8, 32, 32, 3) and stream0[0].images.dtype == np.uint8
-    assert sum(len(b.labels) for b in stream0) == cfg.images_per_stream()
-    assert not np.array_equal(stream0[1].labels, stream1[1].labels), "streams must use their own seed"
+def test_tta_replay_no_longer_generates_streams_itself(capsys) -> None:
+    """Corrupted streams are made by `tta-bench stream`: the client has no data options any more."""
+    assert main(["replay", "x.npz", "--corruptions", "fog"], transport=replay_server().transport) == 2
+    assert "--corruptions" in capsys.readouterr().err

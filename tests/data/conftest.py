@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tta_data import JpegDataset, decode_images, load_cifar10
+from tta_bench.paths import cifar10_archive
+from tta_data import JpegDataset, decode_images, load_jpeg_npz
 
 
 @pytest.fixture(scope="session")
 def cifar_test() -> JpegDataset:
-    return load_cifar10("test")
+    return load_jpeg_npz(cifar10_archive("test"))
 
 
 @pytest.fixture(scope="session")

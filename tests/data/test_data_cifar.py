@@ -1,8 +1,9 @@
-"""Tests for tta_data.cifar: archive loading, JPEG decoding and the data-folder lookup."""
+"""Tests for tta_data.cifar (archive loading, JPEG decoding) and the benches' data-folder lookup."""
 
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tta_data
-from tta_data import JpegDataset, decode_images, default_cifar10_dir, load_cifar10, load_jpeg_npz
-
-REPO_ROOT = Path(tta_data.__file__).resolve().parent.parent
+from tta_bench.paths import REPO_ROOT, cifar10_archive, cifar10_dir
+from tta_data import JpegDataset, decode_images, load_cifar10, load_jpeg_npz
 
 
 def test_test_split_layout(cifar_test: JpegDataset) -> None:
@@ -51,7 +50,7 @@ def test_decode_images(cifar_test: JpegDataset) -> None:
 
 
 def test_missing_archive_message(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="TTA_DATA_DIR"):
+    with pytest.raises(FileNotFoundError, match=r"absent\.npz"):
         load_jpeg_npz(tmp_path / "absent.npz")
     with pytest.raises(FileNotFoundError, match=r"test_jpeg\.npz"):
         load_cifar10("test", data_dir=tmp_path)
@@ -88,18 +87,32 @@ def test_dataset_validation() -> None:
 
 def test_default_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("TTA_DATA_DIR", raising=False)
-    default = default_cifar10_dir()
+    default = cifar10_dir()
     assert default == (REPO_ROOT / ".." / "shared" / "data" / "cifar10").resolve()
     assert (default / "test_jpeg.npz").is_file()
+    assert cifar10_archive("test") == default / "test_jpeg.npz"
 
     monkeypatch.setenv("TTA_DATA_DIR", "some/relative/dir")
     monkeypatch.chdir(tmp_path)  # a relative setting must not depend on the working directory
-    assert default_cifar10_dir() == (REPO_ROOT / "some" / "relative" / "dir").resolve()
+    assert cifar10_dir() == (REPO_ROOT / "some" / "relative" / "dir").resolve()
 
     monkeypatch.setenv("TTA_DATA_DIR", str(tmp_path))
-    assert default_cifar10_dir() == tmp_path.resolve()
-    with pytest.raises(FileNotFoundError):
-        load_cifar10("train")
+    assert cifar10_dir() == tmp_path.resolve()
+
+
+def test_an_absent_default_archive_is_named_in_the_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TTA_DATA_DIR", str(tmp_path))
+    expected = tmp_path.resolve() / "train_jpeg.npz"
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"expected {expected}") + ".*TTA_DATA_DIR or --data-dir"
+    ):
+        cifar10_archive("train")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"expected {tmp_path / 'test_jpeg.npz'}")):
+        cifar10_archive("test", tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        cifar10_archive("val")  # type: ignore[arg-type]
 
 
 def test_import_loads_numpy_only() -> None:

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
+from tta_bench.paths import REPO_ROOT as REPO
 from tta_server.metrics import Metrics
 
-REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "tta-drift.json"
 RULES = DEPLOY / "prometheus" / "rules" / "tta.rules.yml"
@@ -606,5 +606,13 @@ def test_dockerignore_keeps_the_context_small() -> None:
     patterns = {line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip()}
     assert {".git", ".venv", ".pytest_cache", "**/__pycache__"} <= patterns
     assert "deploy/models.cifar10.yaml" not in patterns
-    for kept in ("tta_server", "adapters", "clients", "pyproject.toml"):
+    for kept in ("tta_server", "adapters", "pyproject.toml", "README.md"):
         assert kept not in patterns
+    assert {"bench", "clients", "tests"} <= patterns  # other distributions, not the server's
+
+
+def test_dockerfile_builds_the_server_from_its_own_sources_only() -> None:
+    """The image's wheel is the root distribution: the server and the core, no benches, no client SDK."""
+    copied = [a for k, a in _dockerfile_instructions() if k == "COPY" and not a.startswith("--from")]
+    sources = {src for args in copied for src in args.split()[:-1]}
+    assert sources == {"pyproject.toml", "README.md", "adapters", "tta_server", "deploy/models.cifar10.yaml"}

@@ -1,22 +1,14 @@
-"""Fixtures for the reliability suite: its own Redis database and app log level (the model pool and app
-factories come from tests/conftest.py), private redis-server processes that tests may stop and restart,
-and payload helpers."""
+"""Fixtures for the reliability suite: its own database of the suite's redis-server and app log level (the
+model pool, app factories and redis-servers come from tests/conftest.py), and payload helpers."""
 
 from __future__ import annotations
 
 import io
-import os
-import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tta_server.bench.soak import PrivateRedis
-
-# A database of its own: other suites use other numbers on the same server.
-REDIS_URL = os.environ.get("TTA_RELIABILITY_REDIS_URL", "redis://127.0.0.1:6379/13")
 NPY = {"content-type": "application/x-npy"}
 
 
@@ -35,26 +27,13 @@ def jpeg_bytes(seed: int = 0, size: int = 32) -> bytes:
 
 
 @pytest.fixture
-def suite_redis_url() -> str:
-    return REDIS_URL
+def suite_redis_db() -> int:
+    return 2  # other suites use other databases of the same (private) server
 
 
 @pytest.fixture
 def client_settings() -> dict[str, Any]:
     return {"log_level": "WARNING"}
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is required when CI=true")
-        pytest.skip("redis-server not installed")
-    # The soak bench's own server: stop() is a SIGKILL, start() restarts it on its append-only file.
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.close()
 
 
 def predict(client: Any, stream: str, n: int = 8, seed: int = 0, **params: Any) -> Any:

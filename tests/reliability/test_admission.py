@@ -22,9 +22,9 @@ from PIL import Image
 
 from tests.conftest import MODELS_YAML, npy_bytes
 from tests.reliability.conftest import NPY, batch, jpeg_bytes
+from tta_bench.soak import free_port, start_replica, stop_process, wait_ready
 from tta_server import codec
 from tta_server.admission import Admission, Deadline, request_timeout
-from tta_server.bench.soak import free_port, start_replica, stop_process, wait_ready
 from tta_server.errors import OverloadedError, PayloadTooLargeError, ValidationError
 
 KEY = "edge-tests-key-0123456789"

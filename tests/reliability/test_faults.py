@@ -15,12 +15,11 @@ import redis
 import torch
 
 from adapters.serialization import state_from_bytes, state_to_bytes
-from tests.conftest import npy_bytes, require_redis
-from tests.reliability.conftest import NPY, REDIS_URL, batch, metric_value, predict
-from tta_server.bench.soak import check_store_integrity, free_port, start_replica, stop_process, wait_ready
+from tests.conftest import npy_bytes
+from tests.reliability.conftest import NPY, batch, metric_value, predict
+from tta_bench.soak import check_store_integrity, free_port, start_replica, stop_process, wait_ready
 from tta_server.state_store import CasOutcome, InMemoryStateStore, RedisStateStore, policy_key, state_key
 
-pytestmark = pytest.mark.redis
 STORE_TIMEOUT = 0.5
 # Generous for a loaded 2-core machine; a fail-fast answer takes milliseconds, a hang would take seconds.
 FAST = STORE_TIMEOUT + 1.5
@@ -307,7 +306,7 @@ def test_stored_flat_config_of_a_composite_is_409_state_mismatch(make_client, re
     assert predict(client, "cam").status_code == 200
 
 
-@pytest.mark.parametrize("store", ["memory", "redis"])
+@pytest.mark.parametrize("store", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def test_deleted_stream_does_not_resurrect_an_old_state(make_client, store, request) -> None:
     overrides = {"redis_url": request.getfixturevalue("redis_url")} if store == "redis" else {}
     client = make_client(**overrides)
@@ -324,12 +323,10 @@ def test_deleted_stream_does_not_resurrect_an_old_state(make_client, store, requ
 
 
 # ------------------------------------------------------------------ compare-and-set atomicity
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-def test_cas_with_stale_version_is_refused(kind: str) -> None:
-    if kind == "redis":
-        require_redis(REDIS_URL)
-        redis.Redis.from_url(REDIS_URL).flushdb()
-    store = InMemoryStateStore(60) if kind == "memory" else RedisStateStore(REDIS_URL, 60, 1.0)
+@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def test_cas_with_stale_version_is_refused(kind: str, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    store = InMemoryStateStore(60) if kind == "memory" else RedisStateStore(url, 60, 1.0)
 
     async def scenario() -> None:
         for name in ("s", "race"):
@@ -350,8 +347,6 @@ def test_cas_with_stale_version_is_refused(kind: str) -> None:
         await store.close()
 
     asyncio.run(scenario())
-    if kind == "redis":
-        redis.Redis.from_url(REDIS_URL).flushdb()
 
 
 # ------------------------------------------------------------------ replica killed mid-request

@@ -1,31 +1,27 @@
-"""A short soak: two `python -m tta_server` replicas on one Redis, mixed strategies, accounting checked."""
+"""A short soak: two `python -m tta_server` replicas on the bench's own redis-server, mixed strategies,
+accounting checked."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import redis
 
-from tests.conftest import require_redis
-from tta_server.bench import soak
-
-pytestmark = pytest.mark.redis
-SOAK_DB = 14
+from tests.conftest import require_redis_server
+from tta_bench import soak
 
 
+@pytest.mark.redis
 def test_short_soak_accounts_for_every_update(tmp_path, capsys) -> None:
-    require_redis(f"redis://127.0.0.1:6379/{SOAK_DB}")
+    require_redis_server()
     report_file = tmp_path / "soak.json"
-    argv = ["--duration", "20", "--streams", "8", "--redis-db", str(SOAK_DB), "--progress", "5"]
+    argv = ["--duration", "20", "--streams", "8", "--progress", "5"]  # no --redis-url: it starts its own
     argv += ["--per-stream", "2", "--json", str(report_file), "--log-dir", str(tmp_path / "logs")]
-    try:
-        rc = soak.main(argv)
-    finally:
-        redis.Redis.from_url(f"redis://127.0.0.1:6379/{SOAK_DB}").flushdb()
+    rc = soak.main(argv)
     out = capsys.readouterr().out
     report = json.loads(report_file.read_text())
     assert rc == 0, out + json.dumps(report, indent=1)[:3000]
+    assert "own redis-server on 127.0.0.1:" in out
     assert report["passed"] and all(report["checks"].values())
     assert report["requests"] > 0 and report["adapted_responses"] > 0
     assert report["status_counts"].keys() == {"200"}
@@ -35,9 +31,16 @@ def test_short_soak_accounts_for_every_update(tmp_path, capsys) -> None:
 
 
 def test_soak_cli_is_dispatched_by_tta_bench(capsys) -> None:
-    from tta_server.bench.cli import main
+    from tta_bench.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["soak", "--help"])
     assert exc.value.code == 0
     assert "--redis-outage" in capsys.readouterr().out
+
+
+def test_an_outage_needs_the_bench_s_own_redis(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        soak.parse_args(["--redis-outage", "5@10", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert exc.value.code == 2
+    assert "cannot be combined with --redis-url" in capsys.readouterr().err

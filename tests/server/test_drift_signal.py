@@ -20,14 +20,18 @@ Phases are short (2 batches of 32 per stream) to keep the test well under a minu
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from dataclasses import dataclass
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tta_bench.paths import cifar10_archive
+from tta_bench.replay_data import cifar_streams
 from tta_client import AsyncClient
 from tta_client.replay import ReplayConfig, ReplayResult, run_replay
+from tta_data import JpegDataset, load_jpeg_npz
 
 STRATEGIES = ("source", "norm")  # stream drift-{i} uses STRATEGIES[i]
 ENTROPY_RISE = {"source": 0.1, "norm": 0.05}  # nats, noisy phase over clean phase (at least)
@@ -79,19 +83,20 @@ def phase_means(before: Scrape, after: Scrape, strategy: str) -> PhaseMeans:
     )
 
 
+@functools.cache
+def cifar_test() -> JpegDataset:
+    return load_jpeg_npz(cifar10_archive("test"))
+
+
 async def replay(client: AsyncClient, corruption: str, seed: int) -> ReplayResult:
     cfg = ReplayConfig(
         streams=len(STRATEGIES),
         stream_prefix=PREFIX,
         keep_policy=True,  # the policies were set per stream beforehand
-        corruptions=(corruption,),
-        severity=5,
-        n=N_PER_PHASE,
-        batch_size=BATCH,
-        seed=seed,
         payload="raw",
     )
-    result = await run_replay(client, cfg, progress=False)
+    source = cifar_streams(cifar_test(), [corruption], severity=5, n=N_PER_PHASE, batch_size=BATCH, seed=seed)
+    result = await run_replay(client, cfg, source, progress=False)
     assert not result.errors, result.errors
     assert sum(r.images for r in result.records) == len(STRATEGIES) * N_PER_PHASE
     return result

@@ -1,4 +1,4 @@
-"""Redis-backed state: replicas sharing one real Redis, concurrency accounting, restarts."""
+"""Redis-backed state: replicas sharing one real Redis (the suite's own redis-server), accounting, restarts."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import redis
 from redis.crc import key_slot
 
 from tests.conftest import npy_bytes
+from tta_bench.redis_server import free_port
 from tta_server.state_store import CasOutcome, InMemoryStateStore, RedisStateStore
 
-pytestmark = pytest.mark.redis
 NPY = {"content-type": "application/x-npy"}
 
 
@@ -120,9 +120,10 @@ def test_retries_turn_conflicts_into_applied_updates(make_client, redis_url, cif
     assert sum(r["stats"]["requests"] for r in out if r["adapted"]) >= len(committed)
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-def test_store_compare_and_set_refuses_stale_versions(kind, redis_url) -> None:
-    store = InMemoryStateStore(60) if kind == "memory" else RedisStateStore(redis_url, 60, 1.0)
+@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def test_store_compare_and_set_refuses_stale_versions(kind, request) -> None:
+    url = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    store = InMemoryStateStore(60) if kind == "memory" else RedisStateStore(url, 60, 1.0)
 
     async def scenario() -> None:
         assert await store.create("ns", "s", "inc-a", b"{}")
@@ -152,8 +153,8 @@ def test_store_compare_and_set_refuses_stale_versions(kind, redis_url) -> None:
 
 def test_unreachable_redis_fails_fast_with_503(make_client, cifar_array) -> None:
     client = make_client(
-        redis_url="redis://127.0.0.1:6399/0", store_timeout_seconds=0.5, store_grace_seconds=0
-    )
+        redis_url=f"redis://127.0.0.1:{free_port()}/0", store_timeout_seconds=0.5, store_grace_seconds=0
+    )  # nothing there
     r = client.post("/v1/streams/x/predict", content=npy_bytes(cifar_array[:8]), headers=NPY)
     assert r.status_code == 503 and r.json()["error_type"] == "state_store_unavailable"
     assert client.get("/readyz").status_code == 503

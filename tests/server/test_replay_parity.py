@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import adapters
+from tta_bench import replay_data
+from tta_bench.paths import cifar10_archive
 from tta_client import AsyncClient
-from tta_client.replay import ReplayConfig, run_replay
-from tta_data import build_stream, default_cifar10_dir, load_jpeg_npz
+from tta_client.replay import ReplayConfig, load_stream_file, run_replay
+from tta_data import build_stream, load_jpeg_npz
 
 
 def in_process_error(pool, strategy: str, n: int, batch_size: int, seed: int) -> float:
@@ -20,7 +22,7 @@ def in_process_error(pool, strategy: str, n: int, batch_size: int, seed: int) ->
     cfg = strat.parse_config({})
     state = strat.init_state(handle, cfg, seed=0)
     wrong = total = 0
-    ds = load_jpeg_npz(default_cifar10_dir() / "test_jpeg.npz")
+    ds = load_jpeg_npz(cifar10_archive("test"))
     for batch in build_stream(ds, ["gaussian_noise"], 5, n, "iid", 0.0, seed, batch_size):
         x = torch.from_numpy(batch.images).permute(0, 3, 1, 2).float().div(255)
         result = strat.step(handle, x, state, cfg)
@@ -31,21 +33,20 @@ def in_process_error(pool, strategy: str, n: int, batch_size: int, seed: int) ->
 
 
 @pytest.mark.parametrize("strategy", ["tent", "unmix_tns"])
-def test_http_replay_matches_in_process_error(live_server, pool, strategy) -> None:
+def test_http_replay_matches_in_process_error(live_server, pool, strategy, tmp_path) -> None:
+    """The route a user takes: `tta-bench stream` writes the stream, the client replays the file."""
     url = live_server()
-    cfg = ReplayConfig(
-        streams=1,
-        strategy=strategy,
-        corruptions=("gaussian_noise",),
-        n=256,
-        batch_size=64,
-        seed=0,
-        payload="raw",
+    stream = tmp_path / "gn5.npz"
+    argv = ["--streams", "1", "--corruptions", "gaussian_noise", "--severity", "5", "--n", "256"]
+    assert (
+        replay_data.main([*argv, "--batch-size", "64", "--seed", "0", "--no-progress", "--out", str(stream)])
+        == 0
     )
+    cfg = ReplayConfig(streams=1, strategy=strategy, seed=0, payload="raw")
 
     async def replay() -> float:
         async with AsyncClient(url, timeout=120) as client:
-            result = await run_replay(client, cfg, progress=False)
+            result = await run_replay(client, cfg, load_stream_file(stream), progress=False)
         records = result.records
         assert not result.errors and sum(r.images for r in records) == 256
         return 100.0 * (1 - sum(r.correct for r in records) / sum(r.images for r in records))

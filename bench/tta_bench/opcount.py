@@ -159,14 +159,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import adapters
     from adapters.models import build_handle
-    from tta_server.bench import throughput as tp
+    from tta_bench import throughput as tp
+    from tta_bench.paths import MODELS_CONFIG
     from tta_server.model_pool import resolve_device
 
     parser = argparse.ArgumentParser(prog="tta-bench ops", description=main.__doc__)
     parser.add_argument(
         "--model", choices=("wrn", "resnet50"), default="wrn", help="wrn = models.yaml default"
     )
-    parser.add_argument("--models-config", type=Path, default=tp.REPO_ROOT / "models.yaml")
+    parser.add_argument("--models-config", type=Path, default=MODELS_CONFIG)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None)

@@ -6,10 +6,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "accuracy": "tta_server.bench.accuracy",
-    "throughput": "tta_server.bench.throughput",
-    "soak": "tta_server.bench.soak",
-    "ops": "tta_server.bench.opcount",
+    "accuracy": "tta_bench.accuracy",
+    "throughput": "tta_bench.throughput",
+    "soak": "tta_bench.soak",
+    "ops": "tta_bench.opcount",
+    "stream": "tta_bench.replay_data",
 }
 
 

@@ -3,7 +3,7 @@
 Importing the package loads numpy only; Pillow, scipy and scikit-image are imported when first needed.
 """
 
-from tta_data.cifar import JpegDataset, decode_images, default_cifar10_dir, load_cifar10, load_jpeg_npz
+from tta_data.cifar import JpegDataset, decode_images, load_cifar10, load_jpeg_npz
 from tta_data.corruptions import (
     CORRUPTIONS,
     SEVERITIES,
@@ -40,7 +40,6 @@ __all__ = [
     "corrupt",
     "corruption_rng",
     "decode_images",
-    "default_cifar10_dir",
     "dirichlet_order",
     "get_corruption",
     "iid_order",

@@ -20,14 +20,10 @@ import numpy.typing as npt
 __all__ = [
     "JpegDataset",
     "decode_images",
-    "default_cifar10_dir",
     "load_cifar10",
     "load_jpeg_npz",
 ]
 
-#: Folder holding ``tta_data`` (the repository root for a source checkout).
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-_DEFAULT_RELATIVE_DIR = Path("..") / "shared" / "data" / "cifar10"
 _FIELDS = ("jpeg", "offsets", "labels", "classes")
 
 
@@ -86,10 +82,7 @@ def load_jpeg_npz(path: str | os.PathLike[str]) -> JpegDataset:
     """Load a JPEG ``.npz`` archive (see module docstring) into a :class:`JpegDataset`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"JPEG dataset archive not found: {path}. Set TTA_DATA_DIR to the folder holding "
-            f"train_jpeg.npz / test_jpeg.npz (default: <repo>/{_DEFAULT_RELATIVE_DIR.as_posix()})."
-        )
+        raise FileNotFoundError(f"JPEG dataset archive not found: {path}")
     with np.load(path, allow_pickle=False) as archive:
         missing = [f for f in _FIELDS if f not in archive.files]
         if missing:
@@ -102,25 +95,11 @@ def load_jpeg_npz(path: str | os.PathLike[str]) -> JpegDataset:
         )
 
 
-def default_cifar10_dir() -> Path:
-    """Folder of the CIFAR-10 archives: ``$TTA_DATA_DIR`` or ``<repo>/../shared/data/cifar10``.
-
-    A relative ``TTA_DATA_DIR`` is taken relative to the repository root (the parent of ``tta_data``), so
-    the result does not depend on the working directory.
-    """
-    configured = os.environ.get("TTA_DATA_DIR")
-    relative = Path(configured) if configured else _DEFAULT_RELATIVE_DIR
-    return (_REPO_ROOT / relative).resolve()
-
-
-def load_cifar10(
-    split: Literal["train", "test"] = "test", data_dir: str | os.PathLike[str] | None = None
-) -> JpegDataset:
-    """Load ``{split}_jpeg.npz`` from ``data_dir`` (default :func:`default_cifar10_dir`)."""
+def load_cifar10(split: Literal["train", "test"], data_dir: str | os.PathLike[str]) -> JpegDataset:
+    """Load ``{split}_jpeg.npz`` from ``data_dir`` (``tta_bench.paths.cifar10_dir()`` is the checkout's)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    folder = Path(data_dir) if data_dir is not None else default_cifar10_dir()
-    return load_jpeg_npz(folder / f"{split}_jpeg.npz")
+    return load_jpeg_npz(Path(data_dir) / f"{split}_jpeg.npz")
 
 
 def decode_images(ds: JpegDataset, indices: Sequence[int] | npt.NDArray[np.integer]) -> npt.NDArray[np.uint8]:

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODELS_CONFIG = REPO_ROOT / "models.yaml"
+from tta_bench.paths import MODELS_CONFIG as DEFAULT_MODELS_CONFIG
+from tta_bench.paths import cifar10_archive
+
 CLEAN = "none"
 
 
@@ -50,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model id from --models-config (default: its default model)")
     p.add_argument("--models-config", type=Path, default=DEFAULT_MODELS_CONFIG, help="models YAML file")
     p.add_argument(
-        "--data-dir", type=Path, default=None, help="folder of test_jpeg.npz (default: tta_data's)"
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder of test_jpeg.npz (default: $TTA_DATA_DIR or <repo>/../shared/data/cifar10)",
     )
     p.add_argument(
         "--corruptions",
@@ -329,13 +333,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import adapters
-    from tta_data import default_cifar10_dir, load_jpeg_npz
+    from tta_data import load_jpeg_npz
 
     torch.manual_seed(args.seed)
     handle = load_handle(args.models_config, args.model, args.device, args.precision)
-    data_dir = args.data_dir if args.data_dir is not None else default_cifar10_dir()
     try:
-        dataset = load_jpeg_npz(Path(data_dir) / "test_jpeg.npz")
+        dataset = load_jpeg_npz(cifar10_archive("test", args.data_dir))
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     cache = StreamCache(dataset, args.severity, args.n, args.order, args.delta, args.seed, args.batch_size)

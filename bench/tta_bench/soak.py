@@ -1,10 +1,11 @@
 """`tta-bench soak`: several server replicas on one Redis, many concurrent streams, for a long time.
 
-Starts `--replicas` `python -m tta_server` processes on free loopback ports, sets a mixed strategy
-policy on each of `--streams` streams, and drives them with small raw uint8 batches, each request to a
-random replica, until `--duration` seconds or `--max-requests` requests. Optionally kills the Redis
-server mid-run (`--redis-outage SECONDS@AT`: a private redis-server with an append-only
-file is SIGKILLed at AT seconds and restarted SECONDS later).
+Starts a redis-server of its own on a free loopback port (or uses `--redis-url`, whose database it
+flushes first: pass only a Redis you mean to give it), `--replicas` `python -m tta_server` processes on
+free loopback ports, sets a mixed strategy policy on each of `--streams` streams, and drives them with
+small raw uint8 batches, each request to a random replica, until `--duration` seconds or
+`--max-requests` requests. Optionally kills its Redis mid-run (`--redis-outage SECONDS@AT`: the
+server, with an append-only file, is SIGKILLed at AT seconds and restarted SECONDS later).
 
 Checks (the exit status is 1 when one fails):
   * no 5xx and no transport error outside the outage window (a grace period after it included),
@@ -28,9 +29,7 @@ import io
 import json
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,9 +43,10 @@ import httpx
 import numpy as np
 import psutil
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tta_bench.paths import MODELS_CONFIG, REPO_ROOT, cifar10_archive, cifar10_dir
+from tta_bench.redis_server import PrivateRedis, free_port
+
 DEFAULT_STRATEGIES = ("source", "norm", "alpha_bn", "unmix_tns", "tent", "eta")
-CIFAR_TEST = REPO_ROOT.parent / "shared" / "data" / "cifar10" / "test_jpeg.npz"
 OUTAGE_GRACE_S = 5.0
 RSS_BASELINE_S = 60.0
 CONFIG_KEYS = (
@@ -56,12 +56,6 @@ CONFIG_KEYS = (
 
 
 # --------------------------------------------------------------------------- processes
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_replica(
     port: int, redis_url: str, *, torch_threads: int = 1, log_file: Path | None = None, **env: str
 ) -> subprocess.Popen[bytes]:
@@ -70,7 +64,7 @@ def start_replica(
         **os.environ,
         "TTA_REDIS_URL": redis_url,
         "TTA_TORCH_THREADS": str(torch_threads),
-        "TTA_MODELS_CONFIG": str(REPO_ROOT / "models.yaml"),
+        "TTA_MODELS_CONFIG": str(MODELS_CONFIG),
         "TTA_LOG_LEVEL": "WARNING",
         "TTA_DEVICE": "cpu",
         **env,
@@ -102,51 +96,6 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout)
-
-
-class PrivateRedis:
-    """A redis-server of our own with an append-only file. Redis write()s the AOF before it replies, so a
-    SIGKILL of the process loses no acknowledged write (fsync would only matter for a power cut)."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="tta-soak-redis-"))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 15.0) -> None:
-        import redis
-
-        cmd = [
-            shutil.which("redis-server") or "redis-server",
-            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-            "--save", "", "--appendonly", "yes", "--appendfsync", "no",
-            "--logfile", str(self.dir / "redis.log"),
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError):
-                if redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping():
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
-
-    def kill(self) -> None:
-        """SIGKILL: the server dies mid-whatever, as in a crash; start() recovers from the AOF."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-
-    stop = kill
-
-    def close(self) -> None:
-        self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def check_store_integrity(redis_url: str) -> tuple[int, list[str]]:
@@ -211,23 +160,18 @@ class Run:
         return rec.t <= self.outage[1] + OUTAGE_GRACE_S and rec.t + rec.latency >= self.outage[0]
 
 
+def _cifar_test() -> Path:
+    return cifar10_dir() / "test_jpeg.npz"
+
+
 def load_images(source: str, n: int = 512, seed: int = 0) -> np.ndarray:
     """A pool of 32x32 RGB uint8 images: CIFAR-10 test images when available, else random noise."""
     rng = np.random.default_rng(seed)
-    if source in ("cifar", "auto") and CIFAR_TEST.is_file():
-        from PIL import Image
+    if source == "cifar" or (source == "auto" and _cifar_test().is_file()):
+        from tta_data import decode_images, load_jpeg_npz
 
-        d = np.load(CIFAR_TEST, allow_pickle=False)
-        jpeg, offsets = d["jpeg"], d["offsets"]
-        idx = rng.permutation(len(offsets) - 1)[:n]
-        return np.stack(
-            [
-                np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
-                for i in idx
-            ]
-        )
-    if source == "cifar":
-        raise FileNotFoundError(f"CIFAR-10 test images not found at {CIFAR_TEST}")
+        dataset = load_jpeg_npz(cifar10_archive("test"))
+        return decode_images(dataset, rng.permutation(len(dataset))[:n])
     return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
 
 
@@ -432,12 +376,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="concurrent request loops per stream (2+ makes replicas race on one stream's CAS)",
     )
     p.add_argument("--predict-only-fraction", type=float, default=0.1, help="share of adapt=false requests")
-    p.add_argument("--redis-db", type=int, default=15, help="database on 127.0.0.1:6379 (flushed first)")
-    p.add_argument("--redis-url", help="use this Redis instead (flushed first)")
+    p.add_argument(
+        "--redis-url",
+        help="use this Redis database instead of a redis-server of the bench's own (FLUSHED first)",
+    )
     p.add_argument(
         "--redis-outage",
         metavar="SECONDS@AT",
-        help="run on a private redis-server and SIGKILL it at AT s for SECONDS s (e.g. 20@120)",
+        help="SIGKILL the bench's own redis-server at AT s for SECONDS s (e.g. 20@120)",
     )
     p.add_argument("--images", choices=("auto", "cifar", "random"), default="auto")
     p.add_argument("--torch-threads", type=int, default=1)
@@ -450,6 +396,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.strategies = [s for s in args.strategies.split(",") if s]
+    if args.redis_outage and args.redis_url:
+        p.error("--redis-outage kills the bench's own redis-server; it cannot be combined with --redis-url")
     if args.redis_outage:
         seconds, _, at = args.redis_outage.partition("@")
         args.outage = (float(seconds), float(at or 0))
@@ -527,7 +475,7 @@ async def _soak(args: argparse.Namespace, redis_url: str, redis_srv: PrivateRedi
         integrity = await asyncio.to_thread(check_store_integrity, redis_url)
         report = summarise(run, stored, integrity, args)
         report["images"] = (
-            args.images if args.images != "auto" else ("cifar" if CIFAR_TEST.is_file() else "random")
+            args.images if args.images != "auto" else ("cifar" if _cifar_test().is_file() else "random")
         )
         for i, proc in enumerate(procs):
             if proc.poll() is not None:
@@ -566,13 +514,19 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     redis_srv: PrivateRedis | None = None
-    if args.outage:
-        redis_srv = PrivateRedis()
-        redis_srv.start()
-        redis_url = redis_srv.url
-        log(f"private redis-server on port {redis_srv.port} (append-only file)")
+    if args.redis_url:
+        redis_url = args.redis_url
+        log(f"Redis {redis_url} (given with --redis-url; flushed first)")
     else:
-        redis_url = args.redis_url or f"redis://127.0.0.1:6379/{args.redis_db}"
+        redis_srv = PrivateRedis(appendonly=True)
+        try:
+            redis_srv.start()
+        except (FileNotFoundError, RuntimeError) as exc:
+            redis_srv.close()
+            print(f"tta-bench soak: error: {exc} (or pass --redis-url)", file=sys.stderr)
+            return 2
+        redis_url = redis_srv.url
+        log(f"own redis-server on 127.0.0.1:{redis_srv.port} (append-only file)")
     try:
         return asyncio.run(_soak(args, redis_url, redis_srv, log))
     finally:

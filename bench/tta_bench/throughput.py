@@ -16,6 +16,10 @@ What one run measures (all at the same batch size, dtype and device):
 (d) each strategy's serialised state size and the Redis round trip of the engine's path
     (`state_to_bytes` + CAS script + HMGET + `state_from_bytes`), p50, as a ratio to the step time.
 
+(c) and (d) use a redis-server of the bench's own on a free loopback port (or `--redis-url`, where they
+write keys of their own and delete them, never flush); without `redis-server` (c) runs on the in-process
+store and (d) is skipped.
+
 Every loop is bounded by an iteration count and by `--phase-seconds` of wall time.
 """
 
@@ -28,7 +32,6 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,12 +52,13 @@ import adapters
 from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult, StrategyConfig
 from adapters.models import ModelSpec, build_classifier, build_handle
 from adapters.serialization import state_from_bytes, state_to_bytes
+from tta_bench.opcount import count_call
+from tta_bench.paths import MODELS_CONFIG, REPO_ROOT, cifar10_archive
+from tta_bench.redis_server import PrivateRedis, free_port, redis_server_binary
 from tta_server import drift
-from tta_server.bench.opcount import count_call
-from tta_server.settings import REPO_ROOT, Settings
+from tta_server.settings import Settings
 
 DEFAULT_STRATEGIES = "source,norm,alpha_bn,unmix_tns,tent,eata"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 RESNET50 = ModelSpec(
     id="resnet50",
     arch="resnet50",
@@ -79,7 +83,7 @@ class BenchError(RuntimeError):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tta-bench throughput", description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("wrn", "resnet50"), default="wrn", help="wrn = models.yaml default")
-    p.add_argument("--models-config", type=Path, default=REPO_ROOT / "models.yaml")
+    p.add_argument("--models-config", type=Path, default=MODELS_CONFIG)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
@@ -107,7 +111,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="nhwc",
         help="in-process input memory: nhwc = as the server's raw path makes it (channels_last), nchw",
     )
-    p.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="state store of (c) and (d)")
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help="state store of (c) and (d) (default: a redis-server of the bench's own on a free loopback port)",
+    )
     p.add_argument("--http-strategy", default="norm")
     p.add_argument("--streams", type=int, default=4, help="concurrent HTTP client streams")
     p.add_argument("--skip-http", action="store_true")
@@ -167,9 +175,9 @@ def input_images(spec: ModelSpec, n: int, seed: int = 0) -> np.ndarray:
     """n uint8 NHWC images at the model's input size: CIFAR-10 test images (resized if needed), else noise."""
     images: np.ndarray | None = None
     try:
-        from tta_data import decode_images, load_cifar10
+        from tta_data import decode_images, load_jpeg_npz
 
-        ds = load_cifar10("test")
+        ds = load_jpeg_npz(cifar10_archive("test"))
         idx = np.random.default_rng(seed).choice(len(ds), size=min(n, len(ds)), replace=False)
         images = decode_images(ds, np.sort(idx))
     except (FileNotFoundError, OSError, ValueError):
@@ -354,12 +362,6 @@ def in_process(
 
 
 # ------------------------------------------------------------------------------------------ HTTP
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def serve(
     args: argparse.Namespace, spec: ModelSpec, redis_url: str | None, extra_env: dict[str, str] | None = None
@@ -651,20 +653,23 @@ async def _state_roundtrips(
                 continue
             state, score = state_for_store(run)
             stream, version, blob = f"tpbench-{os.getpid()}-{name}", 0, b""
+            meta = json.dumps(dict(state.meta)).encode()
             total, ser, net = [], [], []
             deadline = time.perf_counter() + cap_s
+            # The engine's steady-state round trip: commit (CAS + drift board) and load (policy + state).
+            await store.create("bench", stream, "bench", b"{}")
             try:
                 for _ in range(reps):
                     t0 = time.perf_counter()
                     blob = state_to_bytes(state)
                     t1 = time.perf_counter()
-                    new = await store.cas_state("bench", stream, 0, version, blob, dict(state.meta), score)
-                    stored = await store.get_state("bench", stream, 0, with_blob=True)
+                    new = await store.cas("bench", stream, "bench", version, blob, meta, b"{}", score)
+                    stored = await store.load("bench", stream, None)
                     t2 = time.perf_counter()
-                    state_from_bytes(stored.blob if stored else b"", device)
+                    state_from_bytes((stored.state or {}).get("blob", b""), device)
                     t3 = time.perf_counter()
-                    if new is None:
-                        raise BenchError(f"unexpected CAS conflict on {stream}")
+                    if new <= 0:
+                        raise BenchError(f"unexpected CAS outcome {new} on {stream}")
                     version = new
                     total.append(t3 - t0)
                     ser.append((t1 - t0) + (t3 - t2))
@@ -672,7 +677,7 @@ async def _state_roundtrips(
                     if time.perf_counter() > deadline:
                         break
             finally:
-                await store.delete_stream("bench", stream, 0)
+                await store.delete("bench", stream)
             out[name] = {
                 "bytes": len(blob),
                 "roundtrip_ms_p50": 1000 * statistics.median(total),
@@ -689,6 +694,7 @@ def measure_state(
     args: argparse.Namespace,
     runs: dict[str, StrategyRun],
     strategies: dict[str, Any],
+    redis_url: str,
     redis_error: str | None,
 ) -> dict[str, Any]:
     if redis_error is not None:
@@ -699,7 +705,7 @@ def measure_state(
         return out
     reps = max(args.iters, 20)
     device = next(iter(runs.values())).handle.device if runs else torch.device("cpu")
-    out = asyncio.run(_state_roundtrips(args.redis_url, runs, reps, args.phase_seconds, device))
+    out = asyncio.run(_state_roundtrips(redis_url, runs, reps, args.phase_seconds, device))
     for name, row in out.items():
         row["ratio_to_step"] = row["roundtrip_ms_p50"] / strategies[name]["step_ms_p50"]
     return out
@@ -792,6 +798,60 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def own_redis(url: str | None) -> Iterator[tuple[str, str | None]]:
+    """(URL, None) of the given Redis, or of a redis-server started here (removed on exit); (URL, reason)
+    when none can be started. The bench writes only to these (keys `tpbench-*`, deleted afterwards)."""
+    if url:
+        yield url, None
+        return
+    if redis_server_binary() is None:
+        yield "redis://127.0.0.1:1/0", "redis-server is not installed (or pass --redis-url)"
+        return
+    server = PrivateRedis(appendonly=False)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        server.close()
+        yield server.url, str(exc)
+        return
+    try:
+        yield server.url, None
+    finally:
+        server.close()
+
+
+def measure_served(
+    args: argparse.Namespace,
+    spec: ModelSpec,
+    report: dict[str, Any],
+    runs: dict[str, StrategyRun],
+    images: np.ndarray,
+    batches_u8: list[np.ndarray],
+    redis_url: str,
+    redis_error: str | None,
+) -> int:
+    """(c), (e) and (d) into `report`; the exit status."""
+    report["http"] = {}
+    report["http_strategy"], report["streams"] = args.http_strategy, args.streams
+    report["http_store"] = "memory" if redis_error else "redis"
+    rc = 0
+    if not args.skip_http and args.http_strategy in report["strategies"]:
+        in_ips = report["strategies"][args.http_strategy]["ips"]
+        store_url = None if redis_error else redis_url
+        try:
+            report["http"] = measure_http(args, spec, batches_u8, store_url, runs[args.http_strategy], in_ips)
+        except BenchError as exc:
+            report["http"] = {"raw": {"error": str(exc)}, "jpeg": {"error": str(exc)}}
+        rc = int(any("error" in h for h in report["http"].values()))
+    if args.merge_clients > 0:
+        store_url = None if redis_error else redis_url
+        report["merging"] = measure_merging(args, spec, images, store_url)
+        rc = rc or int(any("error" in report["merging"][k] for k in ("merged", "unmerged")))
+    report["state"] = measure_state(args, runs, report["strategies"], redis_url, redis_error)
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.threads:
@@ -831,25 +891,10 @@ def main(argv: list[str] | None = None) -> int:
         "bare": bare,
         "skipped": skipped,
     }
-    redis_error = redis_reachable(args.redis_url)
-    report["redis_error"] = redis_error
-    report["http"] = {}
-    report["http_strategy"], report["streams"] = args.http_strategy, args.streams
-    report["http_store"] = "memory" if redis_error else "redis"
-    rc = 0
-    if not args.skip_http and args.http_strategy in report["strategies"]:
-        in_ips = report["strategies"][args.http_strategy]["ips"]
-        store_url = None if redis_error else args.redis_url
-        try:
-            report["http"] = measure_http(args, spec, batches_u8, store_url, runs[args.http_strategy], in_ips)
-        except BenchError as exc:
-            report["http"] = {"raw": {"error": str(exc)}, "jpeg": {"error": str(exc)}}
-        rc = int(any("error" in h for h in report["http"].values()))
-    if args.merge_clients > 0:
-        store_url = None if redis_error else args.redis_url
-        report["merging"] = measure_merging(args, spec, images, store_url)
-        rc = rc or int(any("error" in report["merging"][k] for k in ("merged", "unmerged")))
-    report["state"] = measure_state(args, runs, report["strategies"], redis_error)
+    with own_redis(args.redis_url) as (redis_url, redis_error):
+        report["redis"] = "given with --redis-url" if args.redis_url else "own redis-server"
+        report["redis_error"] = redis_error = redis_error or redis_reachable(redis_url)
+        rc = measure_served(args, spec, report, runs, images, batches_u8, redis_url, redis_error)
     report["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     print(format_report(report))
     if args.json:

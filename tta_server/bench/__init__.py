@@ -1,1 +1,0 @@
-"""Benchmarks: `tta-bench accuracy | throughput | soak`."""
