@@ -10,11 +10,16 @@ server, with an append-only file, is SIGKILLed at AT seconds and restarted SECON
 Checks (the exit status is 1 when one fails):
   * no 5xx and no transport error outside the outage window (a grace period after it included),
     and no unexpected 4xx at all;
-  * accounting: for every stream, its stored `steps` equals the number of distinct versions among its
-    responses that said `adapted: true` (nothing lost, nothing applied twice; requests merged into one
-    step share its version). A 503 may belong to a write Redis applied
-    just before the reply was lost (the store died or timed out mid-CAS): a stream may show up to that
-    many extra steps, reported as `steps_committed_behind_a_503`;
+  * accounting, per stream incarnation (a PUT, reset or DELETE starts a new one, `--churn-every`):
+    the versions of the `adapted: true` answers of one incarnation are exactly 1..N with no gap (no
+    committed step went unacknowledged), the answers sharing one version are no more than the merged
+    step's `requests` (no step applied twice), and for each stream's final incarnation the stored
+    `steps` equals N (nothing acknowledged was lost). A 503 may belong to a write Redis applied just
+    before the reply was lost (the store died or timed out mid-CAS): a stream may show up to that many
+    extra steps, reported as `steps_committed_behind_a_503`;
+  * no stale reads: no answer to a request sent after a churn operation was acknowledged comes from an
+    incarnation that operation retired, and no answer reports a version older than one already
+    acknowledged for its incarnation before the request was sent;
   * every stored state decodes (safetensors) and its meta `steps` equals its CAS version;
   * replica RSS grows < `--max-rss-growth` between the end of the first minute and the end
     (runs shorter than two minutes report the figure without judging it).
@@ -52,6 +57,7 @@ RSS_BASELINE_S = 60.0
 CONFIG_KEYS = (
     "streams", "replicas", "duration", "max_requests", "batch_min", "batch_max", "strategies",
     "redis_outage", "torch_threads", "per_stream", "predict_only_fraction", "store_timeout",
+    "churn_every", "churn_streams",
 )  # fmt: skip
 
 
@@ -139,14 +145,34 @@ class Record:
     adapted: bool = False
     conflict: bool = False
     version: int | None = None
+    incarnation: str | None = None
+    requests: int = 1
+    not_adapted: str | None = None
     error_type: str | None = None
     error: str | None = None
+
+    @property
+    def t_end(self) -> float:
+        return self.t + self.latency
+
+
+@dataclass
+class Churn:
+    """A PUT (new policy), reset or DELETE of a stream, sent at `t`, acknowledged at `t_end`."""
+
+    t: float
+    t_end: float
+    stream: str
+    op: str
+    status: int
+    incarnation: str | None = None  # the stream's incarnation after a PUT or reset
 
 
 @dataclass
 class Run:
     started: float = field(default_factory=time.monotonic)
     records: list[Record] = field(default_factory=list)
+    churns: list[Churn] = field(default_factory=list)
     outage: tuple[float, float] | None = None  # seconds since start: (down, back up)
     rss: dict[int, list[tuple[float, int]]] = field(default_factory=lambda: defaultdict(list))
 
@@ -212,7 +238,8 @@ async def drive_stream(
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
             if r.status_code == 200:
                 rec.adapted, rec.conflict = bool(body["adapted"]), bool(body["conflict"])
-                rec.version = int(body["version"])
+                rec.version, rec.incarnation = int(body["version"]), body["incarnation"]
+                rec.requests, rec.not_adapted = int(body["stats"]["requests"]), body["not_adapted"]
             else:
                 rec.error_type, rec.error = body.get("error_type"), str(body.get("error"))[:300]
         except httpx.HTTPError as exc:
@@ -228,6 +255,40 @@ async def drive_stream(
         run.records.append(rec)
         if rec.status != 200:
             await asyncio.sleep(0.5)  # a polite client backs off on errors
+
+
+async def churn_task(
+    client: httpx.AsyncClient,
+    bases: list[str],
+    streams: list[str],
+    args: argparse.Namespace,
+    run: Run,
+    stop_at: float,
+    log: Any,
+) -> None:
+    """Every `--churn-every` seconds, PUT another policy on, reset, or DELETE one of `streams`."""
+    rng = random.Random(args.seed + 1)
+    ops = Counter[str]()
+    while run.elapsed() + args.churn_every < stop_at:
+        await asyncio.sleep(args.churn_every)
+        stream, op = rng.choice(streams), rng.choice(("put", "reset", "delete"))
+        base = bases[rng.randrange(len(bases))]
+        t = run.elapsed()
+        try:
+            if op == "put":
+                body = {"strategy": rng.choice(args.strategies)}
+                r = await client.put(f"{base}/v1/streams/{stream}", json=body)
+            elif op == "reset":
+                r = await client.post(f"{base}/v1/streams/{stream}/reset")
+            else:
+                r = await client.delete(f"{base}/v1/streams/{stream}")
+            status = r.status_code
+            inc = r.json().get("incarnation") if op != "delete" and status == 200 else None
+        except httpx.HTTPError:
+            status, inc = 0, None
+        run.churns.append(Churn(t, run.elapsed(), stream, op, status, inc))
+        ops[op] += 1
+    log(f"churn: {dict(ops)} on {len(streams)} streams")
 
 
 async def outage_task(redis_srv: PrivateRedis, at: float, seconds: float, run: Run, log: Any) -> None:
@@ -274,8 +335,88 @@ async def progress_task(
 
 
 # --------------------------------------------------------------------------- report
+def account(run: Run, stored: dict[str, tuple[str, int] | None]) -> dict[str, Any]:
+    """Lost, duplicated and stale updates, per stream incarnation (see the module docstring).
+
+    `stored`: each stream's final (incarnation, steps) as GET reports it (None: the stream is gone).
+    """
+    ok = [r for r in run.records if r.status == 200 and r.incarnation is not None]
+    acked: dict[tuple[str, str], dict[int, list[Record]]] = defaultdict(lambda: defaultdict(list))
+    for r in ok:
+        if r.adapted and r.version is not None:
+            acked[(r.stream, r.incarnation or "")][r.version].append(r)
+    mismatched: dict[str, dict[str, Any]] = {}
+    duplicated: list[dict[str, Any]] = []
+    for (stream, inc), versions in acked.items():
+        if sorted(versions) != list(range(1, len(versions) + 1)):
+            mismatched[f"{stream}/{inc[:8]}"] = {"gap_in_versions": sorted(versions)[:20]}
+        for version, answers in versions.items():
+            if len(answers) > min(a.requests for a in answers) or len({a.requests for a in answers}) > 1:
+                duplicated.append({"stream": stream, "version": version, "answers": len(answers)})
+    ambiguous_503: Counter[str] = Counter(r.stream for r in run.records if r.status in (0, 503))
+    extra_behind_503 = 0
+    for stream, final in stored.items():
+        if final is None:
+            continue
+        inc, steps = final
+        want = len(acked.get((stream, inc), {}))
+        if want <= steps <= want + ambiguous_503[stream]:
+            extra_behind_503 += steps - want
+        else:
+            mismatched[stream] = {"steps": steps, "adapted_versions": want}
+    return {
+        "mismatched": mismatched,
+        "duplicated": duplicated,
+        "extra_behind_503": extra_behind_503,
+        "stale": stale_reads(run, ok),
+        "steps_acked": {(s, i, v) for (s, i), vs in acked.items() for v in vs},
+    }
+
+
+def stale_reads(run: Run, ok: list[Record]) -> list[dict[str, Any]]:
+    """Answers from a retired incarnation, or older than an acknowledged version of their incarnation."""
+    stale: list[dict[str, Any]] = []
+    by_stream: dict[str, list[Record]] = defaultdict(list)
+    for r in ok:
+        by_stream[r.stream].append(r)
+    churns: dict[str, list[Churn]] = defaultdict(list)
+    for c in run.churns:
+        if c.status in (200, 204):
+            churns[c.stream].append(c)
+    for stream, recs in by_stream.items():
+        # A churn retires every incarnation answered before it was sent, except the one it leaves (a PUT
+        # of the same settings keeps the incarnation); requests sent after its acknowledgement must not
+        # be answered from a retired one.
+        retired_at: dict[str, float] = {}
+        for c in churns[stream]:
+            for r in recs:
+                inc = r.incarnation or ""
+                if r.t_end < c.t and inc != c.incarnation and inc not in retired_at:
+                    retired_at[inc] = c.t_end
+        # Sweep in time: the newest version acknowledged (answer received) per incarnation so far.
+        events = sorted(
+            [(r.t_end, 1, r) for r in recs] + [(r.t, 0, r) for r in recs], key=lambda e: (e[0], e[1])
+        )
+        newest: dict[str, int] = {}
+        for _t, kind, r in events:
+            inc = r.incarnation or ""
+            if kind == 1:
+                newest[inc] = max(newest.get(inc, 0), r.version or 0)
+                continue
+            if inc in retired_at and r.t > retired_at[inc]:
+                stale.append({"stream": stream, "t": round(r.t, 2), "why": "retired incarnation"})
+            elif (r.version or 0) < newest.get(inc, 0):
+                stale.append(
+                    {"stream": stream, "t": round(r.t, 2), "why": f"version {r.version} < {newest[inc]}"}
+                )
+    return stale
+
+
 def summarise(
-    run: Run, stored_steps: dict[str, int | None], integrity: tuple[int, list[str]], args: argparse.Namespace
+    run: Run,
+    stored_steps: dict[str, tuple[str, int] | None],
+    integrity: tuple[int, list[str]],
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     recs = run.records
     duration = max((r.t + r.latency for r in recs), default=0.0)
@@ -285,20 +426,10 @@ def summarise(
     unexpected_4xx = [r for r in recs if 400 <= r.status < 500]
     ok = [r.latency for r in recs if r.status == 200]
 
-    # One committed step per (stream, version): requests merged into one step share it.
-    steps_acked = {(r.stream, r.version) for r in recs if r.status == 200 and r.adapted}
-    adapted: Counter[str] = Counter(stream for stream, _ in steps_acked)
-    # A 503 (or a dropped connection) may hide a write Redis applied before the reply was lost: such a
-    # request can account for at most one extra step of its stream.
-    ambiguous_503: Counter[str] = Counter(r.stream for r in recs if r.status in (0, 503))
-    mismatched: dict[str, dict[str, int | None]] = {}
-    extra_behind_503 = 0
-    for stream, steps in stored_steps.items():
-        want = adapted[stream]
-        if steps is not None and want <= steps <= want + ambiguous_503[stream]:
-            extra_behind_503 += steps - want
-            continue
-        mismatched[stream] = {"steps": steps, "adapted_responses": want}
+    acc = account(run, stored_steps)
+    mismatched, extra_behind_503 = acc["mismatched"], acc["extra_behind_503"]
+    adapted: Counter[str] = Counter(stream for stream, _inc, _v in acc["steps_acked"])
+    bad_churn = [c for c in run.churns if c.status not in (200, 204, 404)]
 
     rss_growth: dict[str, float | None] = {}
     rss_ok = True
@@ -315,6 +446,9 @@ def summarise(
         "no_5xx_outside_outage": not bad_outside,
         "no_unexpected_4xx": not unexpected_4xx,
         "accounting": not mismatched and len(stored_steps) == args.streams,
+        "no_duplicated_steps": not acc["duplicated"],
+        "no_stale_reads": not acc["stale"],
+        "churn_acknowledged": not bad_churn,
         "store_integrity": not integrity[1],
         "rss_growth": rss_ok,
     }
@@ -330,6 +464,13 @@ def summarise(
         "error_types": dict(by_error),
         "adapted_responses": sum(adapted.values()),
         "conflict_responses": sum(1 for r in recs if r.conflict),
+        "not_adapted": dict(Counter(r.not_adapted for r in recs if r.not_adapted)),
+        "incarnations_seen": len({(r.stream, r.incarnation) for r in recs if r.incarnation}),
+        "churn_ops": dict(Counter(c.op for c in run.churns)),
+        "churn_failures": [vars(c) for c in bad_churn[:5]],
+        "duplicated_steps": acc["duplicated"][:10],
+        "stale_reads": len(acc["stale"]),
+        "first_stale_reads": acc["stale"][:5],
         "latency_s": {
             "p50": percentile(ok, 50),
             "p90": percentile(ok, 90),
@@ -375,6 +516,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="concurrent request loops per stream (2+ makes replicas race on one stream's CAS)",
     )
+    p.add_argument(
+        "--churn-every",
+        type=float,
+        default=0.0,
+        help="seconds between PUT/reset/DELETE operations on the churn streams (0: no churn)",
+    )
+    p.add_argument("--churn-streams", type=int, default=5, help="how many streams see churn")
     p.add_argument("--predict-only-fraction", type=float, default=0.1, help="share of adapt=false requests")
     p.add_argument(
         "--redis-url",
@@ -457,21 +605,26 @@ async def _soak(args: argparse.Namespace, redis_url: str, redis_srv: PrivateRedi
                 for k, s in enumerate(streams * args.per_stream)
             ]
             side = [asyncio.create_task(progress_task(run, ps, args.progress, args.duration, log))]
+            if args.churn_every > 0:
+                churned = streams[: max(1, min(args.churn_streams, len(streams)))]
+                side.append(
+                    asyncio.create_task(churn_task(client, bases, churned, args, run, args.duration, log))
+                )
             if args.outage and redis_srv is not None:
                 side.append(
                     asyncio.create_task(outage_task(redis_srv, args.outage[1], args.outage[0], run, log))
                 )
             await asyncio.gather(*tasks)
-            if len(side) > 1:
-                await side[1]  # the outage must be over before the final accounting
+            await asyncio.gather(*side[1:])  # churn and outage are over before the final accounting
             side[0].cancel()
             for i, p in enumerate(ps):
                 with contextlib.suppress(psutil.Error):
                     run.rss[i].append((run.elapsed(), p.memory_info().rss))
-            stored: dict[str, int | None] = {}
+            stored: dict[str, tuple[str, int] | None] = {}
             for s in streams:
                 resp = await client.get(f"{bases[0]}/v1/streams/{s}")
-                stored[s] = resp.json()["steps"] if resp.status_code == 200 else None
+                view = resp.json()
+                stored[s] = (view["incarnation"], view["steps"]) if resp.status_code == 200 else None
         integrity = await asyncio.to_thread(check_store_integrity, redis_url)
         report = summarise(run, stored, integrity, args)
         report["images"] = (

@@ -136,6 +136,9 @@ class Engine:
     ) -> Policy:
         return self.streams.validate(model, strategy_name, config, seed)
 
+    # PUT, reset and DELETE leave the replica's cached state alone: it is never used under another
+    # incarnation, and requests that resolved the old incarnation before the change still step on it
+    # (and answer `not_adapted: "stream_replaced"`); the next commit of the stream replaces the entry.
     async def put_policy(
         self,
         ns: str,
@@ -148,18 +151,15 @@ class Engine:
         new = self.validate_policy(model, strategy_name, config, seed)
         async with self.scheduler.locks.hold(f"{ns}/{stream}"):
             policy = await self.streams.put(ns, stream, new)
-        self.repository.forget(ns, stream)
         return policy
 
     async def reset(self, ns: str, stream: str) -> Policy:
         async with self.scheduler.locks.hold(f"{ns}/{stream}"):
             policy = await self.streams.reset(ns, stream)
-        self.repository.forget(ns, stream)
         return policy
 
     async def delete(self, ns: str, stream: str) -> None:
         await self.streams.delete(ns, stream)
-        self.repository.forget(ns, stream)
 
     async def resolve(self, ns: str, stream: str, create: bool = True) -> Resolved:
         t0 = time.perf_counter()
