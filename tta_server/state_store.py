@@ -162,14 +162,14 @@ class InMemoryStateStore:
                     return False
             self._data.pop(state_key(ns, stream), None)
             self._put(policy_key(ns, stream), {"inc": inc.encode(), "v": b"0", "rec": rec})
-            self._drop_drift(ns, stream)
+            self._set_drift(ns, stream, None)
             return True
 
     async def delete(self, ns: str, stream: str) -> bool:
         async with self._lock:
             existed = self._data.pop(policy_key(ns, stream), None) is not None
             existed |= self._data.pop(state_key(ns, stream), None) is not None
-            self._drop_drift(ns, stream)
+            self._set_drift(ns, stream, None)
             return existed
 
     async def cas(
@@ -187,28 +187,23 @@ class InMemoryStateStore:
             pk, sk = policy_key(ns, stream), state_key(ns, stream)
             policy = self._get(pk)
             if policy is None or policy.get("inc") != inc.encode():
-                self._drop_drift(ns, stream)
+                self._set_drift(ns, stream, None)
                 return CasOutcome.GONE
             state = self._get(sk)
             current = int(state["v"]) if state and state.get("inc") == inc.encode() else 0
             if current != expected:
-                await self._set_drift(ns, stream, drift)
+                self._set_drift(ns, stream, drift)
                 return CasOutcome.CONFLICT
             nv = str(expected + 1).encode()
             self._put(sk, {"inc": inc.encode(), "v": nv, "blob": blob, "meta": meta, "policy": rec})
             self._put(pk, {**policy, "v": nv})
-            await self._set_drift(ns, stream, drift)
+            self._set_drift(ns, stream, drift)
             return expected + 1
 
-    def _drop_drift(self, ns: str, stream: str) -> None:
-        board = self._get(drift_key(ns, drift_shard(stream)))
-        if board is not None:
-            board.pop(stream, None)
-
     async def set_drift(self, ns: str, stream: str, score: float | None) -> None:
-        await self._set_drift(ns, stream, score)
+        self._set_drift(ns, stream, score)
 
-    async def _set_drift(self, ns: str, stream: str, score: float | None) -> None:
+    def _set_drift(self, ns: str, stream: str, score: float | None) -> None:
         key = drift_key(ns, drift_shard(stream))
         board = self._get(key) or {}
         if score is None:

@@ -564,6 +564,15 @@ async def _soak(args: argparse.Namespace, redis_url: str, redis_srv: PrivateRedi
     log_dir.mkdir(parents=True, exist_ok=True)
     ports = [free_port() for _ in range(args.replicas)]
     timeout_env = {"TTA_STORE_TIMEOUT_SECONDS": str(args.store_timeout)} if args.store_timeout else {}
+    # The soak measures integrity under sustained load, not admission: every request loop may land on one
+    # replica, and none should be refused for queueing (the admission tests cover refusals).
+    loops = args.streams * args.per_stream
+    timeout_env |= {
+        "TTA_MAX_PENDING_REQUESTS": str(loops + 8),
+        "TTA_MAX_STREAM_QUEUE": str(args.per_stream + 8),
+        "TTA_REQUEST_TIMEOUT_SECONDS": str(args.request_timeout),
+        "TTA_MAX_REPLICA_PIXELS": str(max(4 * 4096 * 4096, loops * args.batch_max * 32 * 32)),
+    }
     procs = [
         start_replica(
             port,
