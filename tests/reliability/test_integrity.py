@@ -441,3 +441,25 @@ def test_a_stream_with_a_full_queue_answers_overloaded(pool) -> None:
     refused = [o for o in outs if isinstance(o, OverloadedError)]
     assert len(refused) == 2 and refused[0].headers == {"Retry-After": "1"}
     assert all(not isinstance(o, BaseException) for o in outs if o not in refused)
+
+
+def test_a_request_that_read_the_stream_before_a_reset_is_served_by_the_new_incarnation(pool) -> None:
+    """Its state blob was skipped (the cache had it), and by its turn the cache holds the new incarnation:
+    the request is served as one that arrived after the reset, never refused."""
+    engine = _engine(pool)
+    x = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
+
+    async def scenario() -> tuple[Any, str]:
+        await engine.put_policy("ns", "s", None, "tent", {}, 0)
+        await engine.predict("ns", "s", x, True)
+        before = await engine.resolve("ns", "s")
+        assert before.state is not None and before.state.blob is None  # the device cache is current
+        fresh = await engine.reset("ns", "s")
+        await engine.predict("ns", "s", x, True)  # the cache now holds the new incarnation
+        return await engine.predict("ns", "s", x, True, before), fresh.incarnation
+
+    try:
+        out, incarnation = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert (out.policy.incarnation, out.version, out.adapted) == (incarnation, 2, True)

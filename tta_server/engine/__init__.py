@@ -229,13 +229,25 @@ class Engine:
         # Checked per request, so whether a request fails never depends on what it was merged with.
         strat.check_batch(batch_u8, adapt)
         step = _Step(ns, stream, resolved, handle, strat, cfg, adapt)
-        outcome: PredictOutcome = await self.scheduler.submit(
-            f"{ns}/{stream}",
-            (f"{ns}/{stream}/{policy.incarnation}", adapt),
-            batch_u8,
-            deadline,
-            lambda group: self._serve(step, group),
-        )
+        try:
+            outcome: PredictOutcome = await self.scheduler.submit(
+                f"{ns}/{stream}",
+                (f"{ns}/{stream}/{policy.incarnation}", adapt),
+                batch_u8,
+                deadline,
+                lambda group: self._serve(step, group),
+            )
+        except _Replaced:
+            # The stream changed (reset, PUT, DELETE) after this request read it and before its step
+            # could load the old state: serve it as a request that arrived after the change.
+            current = await self.resolve(ns, stream)
+            if current.policy.model != policy.model:
+                raise StateMismatchError(
+                    f"stream {stream!r} moved to model {current.policy.model!r} while this request waited; "
+                    "send it again",
+                    detail={"stream": stream},
+                ) from None
+            return await self.predict(ns, stream, batch_u8, adapt, current, deadline)
         return outcome
 
     async def _serve(self, step: _Step, group: list[Pending[PredictOutcome]]) -> None:
@@ -279,12 +291,7 @@ class Engine:
                 ns, stream, policy, record, step.handle, step.strat, step.cfg
             )
             if loaded is None:  # the skipped blob's cache entry is gone: read it
-                try:
-                    record = await self._reread(step)
-                except _Replaced as exc:
-                    raise StateMismatchError(
-                        f"stream {stream!r} was reset, replaced or deleted while this request waited; retry"
-                    ) from exc
+                record = await self._reread(step)  # _Replaced: predict() serves it under the new incarnation
                 continue
             version, state = loaded
             result, prepared = await self._compute(step, x, state)
