@@ -39,7 +39,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tta_bench.soak import free_port, start_replica, stop_process, wait_ready  # noqa: E402
+from tta_bench.redis_server import free_port  # noqa: E402
+from tta_bench.soak import start_replica, stop_process, wait_ready  # noqa: E402
 
 KEY = "attacker-is-not-this-0123456789"
 VICTIM = "victim-key-0123456789abcdef"

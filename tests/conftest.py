@@ -14,7 +14,7 @@ import io
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -25,6 +25,9 @@ from adapters.models import ModelSpec, build_handle
 from adapters.models.wide_resnet import WideResNet
 from tta_bench.paths import CIFAR10_DIR, MODELS_CONFIG, REPO_ROOT, SHARED_DIR
 from tta_bench.redis_server import PrivateRedis, redis_server_binary
+
+if TYPE_CHECKING:
+    import redis
 
 REPO = REPO_ROOT
 MODELS_YAML = MODELS_CONFIG
@@ -39,6 +42,24 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
+
+
+def stored_field(r: redis.Redis, key: str, field: str) -> bytes:
+    """A hash field as the server stored it (a client without decode_responses answers bytes)."""
+    value = r.hget(key, field)
+    assert isinstance(value, bytes), (key, field, value)
+    return value
+
+
+def stored_keys(r: redis.Redis, pattern: str) -> set[str]:
+    """The names of the keys that match `pattern`."""
+    keys = r.keys(pattern)
+    assert isinstance(keys, list)
+    names = set()
+    for k in keys:
+        assert isinstance(k, bytes), k
+        names.add(k.decode())
+    return names
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from tta_server.errors import (
     DeadlineExceededError,
     OverloadedError,
     PayloadTooLargeError,
+    TTAError,
     ValidationError,
 )
 
@@ -141,7 +142,7 @@ class Admission:
             settings.retry_after_seconds,
         )
 
-    def overloaded(self, why: str) -> OverloadedError:
+    def overloaded(self, why: str) -> TTAError:
         return OverloadedError(
             f"server overloaded: {why}; retry later", headers={"Retry-After": str(self.retry_after)}
         )

@@ -9,7 +9,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -61,8 +61,12 @@ def create_app(settings: Settings | None = None, pool: ModelPool | None = None) 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        models = pool or await asyncio.to_thread(
-            ModelPool.load, settings.models_config, resolve_device(settings.device)
+        models = (
+            pool
+            if pool is not None
+            else await asyncio.to_thread(
+                ModelPool.load, settings.models_config, resolve_device(settings.device)
+            )
         )
         metrics.models_loaded.set(len(models.handles))
         metrics.init_labels(models.handles, adapters.list_strategies())
@@ -124,7 +128,9 @@ def create_app(settings: Settings | None = None, pool: ModelPool | None = None) 
     return app
 
 
-def _error_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+def _error_response(
+    status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
+) -> JSONResponse:
     hdrs = {"x-error-type": body["error_type"], **(headers or {})}
     return JSONResponse(body, status_code=status, headers=hdrs)
 

@@ -263,8 +263,8 @@ def decode_files(
     if decoded is not None:
         for i, img in zip(jpeg_idx, decoded, strict=True):
             images[i] = img
-    for i, img in enumerate(images):
-        if img is None:
+    for i, found in enumerate(images):
+        if found is None:
             images[i] = decode_image_bytes(files[i], max_pixels).to(device)
     batch = fit_batch([img for img in images if img is not None], size)
     # Same channels-last layout as the raw .npy path (NHWC memory): convolutions run faster on it.

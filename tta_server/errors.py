@@ -7,6 +7,7 @@ their own errors and nothing else translates them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import adapters
@@ -45,11 +46,11 @@ class TTAError(Exception):
     error_type = "internal"
     status_code = 500  # each kind's comes from ERROR_TYPES
 
-    def __init__(self, message: str, detail: Any = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, detail: Any = None, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail
-        self.headers = headers
+        self.headers: Mapping[str, str] | None = headers
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"error": self.message, "error_type": self.error_type}

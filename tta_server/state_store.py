@@ -35,6 +35,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.typing import EncodableT
 
 from tta_server.errors import StateCorruptError, StoreFullError, StoreUnavailableError
 
@@ -340,7 +341,7 @@ class RedisStateStore:
         return RawStream(policy or None, state or None, wrong_type=out[0].decode() or None)
 
     async def create(self, ns: str, stream: str, inc: str, rec: bytes, version: int = 0) -> bool:
-        args = [inc, version, rec, self.ttl_ms]
+        args: list[EncodableT] = [inc, version, rec, self.ttl_ms]
         return bool(await self._call(self._create(keys=[policy_key(ns, stream)], args=args)))
 
     async def replace(self, ns: str, stream: str, inc: str, rec: bytes, expected: str | None = None) -> bool:
@@ -371,7 +372,7 @@ class RedisStateStore:
         this stream's; a replaced stream's entry is removed again (rare, one more round trip), and readers
         skip streams that no longer exist."""
         keys = [policy_key(ns, stream), state_key(ns, stream)]
-        args = [inc, expected, blob, meta, rec, self.ttl_ms]
+        args: list[EncodableT] = [inc, expected, blob, meta, rec, self.ttl_ms]
         pipe = self.client.pipeline(transaction=False)
         # EVALSHA, not the Script object: a pipeline holding Script objects first asks SCRIPT EXISTS,
         # one more round trip on every commit. A server that lost its scripts answers NOSCRIPT: load, retry.

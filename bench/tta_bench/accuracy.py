@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tta_bench.paths import MODELS_CONFIG as DEFAULT_MODELS_CONFIG
 from tta_bench.paths import cifar10_archive
@@ -178,7 +178,9 @@ def check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
 
 
-def load_handle(models_config: Path, model_id: str | None, device: str, precision: str | None = None) -> Any:
+def load_handle(
+    models_config: Path, model_id: str | None, device: str, precision: Literal["fp32", "bf16"] | None = None
+) -> Any:
     from adapters.models import build_handle
     from tta_server.model_pool import read_models_file, resolve_device
 

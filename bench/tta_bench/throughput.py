@@ -168,7 +168,8 @@ def build_bare(spec: ModelSpec, device: torch.device, channels_last: bool) -> nn
     """An unconverted copy of the served network (stock BatchNorm2d), same weights, eval mode."""
     model = build_classifier(spec)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return model.to(device, memory_format=fmt)
+    # Module.to takes memory_format at run time; torch's overloads of it do not declare the keyword.
+    return model.to(device, memory_format=fmt)  # type: ignore[call-overload]
 
 
 def input_images(spec: ModelSpec, n: int, seed: int = 0) -> np.ndarray:
@@ -782,9 +783,9 @@ def format_report(r: dict[str, Any]) -> str:
             if "error" in h:
                 lines.append(f"{kind:<22}error: {h['error']}")
                 continue
-            goal = _goal(h["ratio"], HTTP_RAW_GOAL if kind == "raw" else None)
+            mark = _goal(h["ratio"], HTTP_RAW_GOAL if kind == "raw" else None)
             lines.append(
-                f"{kind:<22}{h['ips']:>10.1f}{h['ratio']:>8.2f}{h['p50_ms']:>10.1f}{h['p99_ms']:>10.1f}  {goal}"
+                f"{kind:<22}{h['ips']:>10.1f}{h['ratio']:>8.2f}{h['p50_ms']:>10.1f}{h['p99_ms']:>10.1f}  {mark}"
             )
     lines += _format_merging(r)
     if r["state"]:

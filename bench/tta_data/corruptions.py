@@ -151,7 +151,7 @@ def _round_to_uint8(x: FloatArray) -> UInt8Images:
 
 
 def _draw(
-    rngs: Sequence[np.random.Generator], draw: Callable[[np.random.Generator], np.ndarray]
+    rngs: Sequence[np.random.Generator], draw: Callable[[np.random.Generator], npt.ArrayLike]
 ) -> np.ndarray:
     """Stack one draw per image; each image only ever consumes its own generator."""
     return np.stack([np.asarray(draw(rng)) for rng in rngs])
@@ -467,14 +467,14 @@ def _snow(x: UInt8Images, severity: int, rngs: Sequence[np.random.Generator]) ->
     # The original round-trips the layer through an 8-bit PNG for ImageMagick: truncate, blur, round.
     layer_u8 = _to_uint8(np.clip(layer, 0, 1) * 255)
     flakes = _round_to_uint8(_motion_blur_batch(layer_u8.astype(np.float64), radius, sigma, np.array(angles)))
-    flakes = flakes / 255.0
+    flakes_f = flakes / 255.0
     img = x.astype(np.float32) / 255.0
     # cv2.cvtColor(RGB2GRAY) weights in float32
     gray = (
         img[..., 0] * np.float32(0.299) + img[..., 1] * np.float32(0.587) + img[..., 2] * np.float32(0.114)
     )[..., None]
     img = blend * img + (1 - blend) * np.maximum(img, gray * 1.5 + 0.5)
-    out = img + flakes + np.rot90(flakes, k=2, axes=(1, 2))
+    out = img + flakes_f + np.rot90(flakes_f, k=2, axes=(1, 2))
     return _to_uint8(np.clip(out, 0, 1) * 255)
 
 

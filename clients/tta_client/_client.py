@@ -95,7 +95,7 @@ def _read_image(item: ImageInput, i: int) -> tuple[str, bytes, str]:
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     if isinstance(images, str | bytes | bytearray | memoryview | os.PathLike) or hasattr(images, "read"):
         return [images]  # type: ignore[list-item]
-    return list(images)  # type: ignore[arg-type]
+    return list(images)
 
 
 def _check_stream_id(stream_id: str) -> str:

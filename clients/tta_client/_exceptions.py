@@ -215,7 +215,8 @@ class RequestTimeoutError(APIError):
 class UnavailableError(APIError):
     """The server cannot serve the request now; nothing was written. Retry after ``retry_after``."""
 
-    ERROR_TYPE, STATUS = None, 503
+    ERROR_TYPE: ClassVar[str | None] = None
+    STATUS: ClassVar[int | None] = 503
 
 
 class StoreUnavailableError(UnavailableError):

@@ -460,7 +460,7 @@ async def run_replay(
     batches = [source(i) for i in range(cfg.streams)]
     await _prepare_streams(client, cfg)
     sized = all(isinstance(b, Sequence) for b in batches)
-    total = sum(len(batch.labels) for b in batches for batch in b) if sized else None  # type: ignore[union-attr]
+    total = sum(len(batch.labels) for b in batches for batch in b) if sized else None
     bar = _progress_bar(total, progress)
     seen = {"images": 0, "correct": 0}
 

@@ -52,6 +52,8 @@ def margin_keeping(handle: ModelHandle, x: Tensor, keep: int) -> float:
 def eval_bn(name: str, bn: nn.BatchNorm2d) -> nn.Module:
     """A plain torch BatchNorm2d with the layer's source statistics, in eval mode."""
     new = nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum)
+    assert bn.running_mean is not None and bn.running_var is not None
+    assert new.running_mean is not None and new.running_var is not None
     with torch.no_grad():
         new.weight.copy_(bn.weight)
         new.bias.copy_(bn.bias)
@@ -104,8 +106,10 @@ def load_affine(bns: Mapping[str, nn.Module], tensors: Mapping[str, Tensor]) -> 
     """Copy affine values (keyed `<layer>.weight` / `<layer>.bias`) into a reference copy."""
     with torch.no_grad():
         for layer, module in bns.items():
-            module.weight.copy_(tensors[f"{layer}.weight"])
-            module.bias.copy_(tensors[f"{layer}.bias"])
+            weight, bias = module.weight, module.bias
+            assert isinstance(weight, Tensor) and isinstance(bias, Tensor), layer
+            weight.copy_(tensors[f"{layer}.weight"])
+            bias.copy_(tensors[f"{layer}.bias"])
 
 
 def model_snapshot(model: nn.Module) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 import adapters
 from adapters.base import AdaptationState, IncompatibleModelError, ModelHandle
+from adapters.eata import EATAConfig, ETAConfig
 from adapters.models import ModelSpec, build_handle
 
 from ._reference import (
@@ -27,14 +28,16 @@ from ._reference import (
 
 EATA = adapters.get_strategy("eata")
 ETA = adapters.get_strategy("eta")
-FISHER = {"fisher_size": 20, "fisher_batch_size": 8}
-PARAM_TOL = {"rtol": 1e-5, "atol": 2e-6}
+assert EATA.config_cls is EATAConfig and ETA.config_cls is ETAConfig
+FISHER: dict[str, Any] = {"fisher_size": 20, "fisher_batch_size": 8}
+PARAM_TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 2e-6}
 
 
 def _reference_fisher(handle: ModelHandle, cfg: Any, seed: int) -> dict[str, Tensor]:
     """F = mean over mini-batches of squared gradients of CE(pseudo-labels) at the source parameters."""
     model, bns = replace_bn(handle, batch_stat_bn)
     params = affine_leaves(bns)
+    assert handle.source_images is not None
     images = handle.source_images(cfg.fisher_size, seed)
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     batches = list(images.split(cfg.fisher_batch_size))
@@ -118,7 +121,7 @@ def _assert_matches_reference(results: list[Any], records: list[dict[str, Any]],
 
 def test_filters_reweights_and_updates_like_reference(tiny_handle: ModelHandle) -> None:
     batches = [make_batch(8, seed=s) for s in range(4)]
-    cfg = ETA.config_cls(e_margin=margin_keeping(tiny_handle, batches[0], keep=5), d_margin=0.978, lr=5e-3)
+    cfg = ETAConfig(e_margin=margin_keeping(tiny_handle, batches[0], keep=5), d_margin=0.978, lr=5e-3)
     records = _reference_eata(tiny_handle, batches, cfg)
     results = _run(ETA, tiny_handle, batches, cfg)
     _assert_matches_reference(results, records, batch_size=8)
@@ -130,7 +133,7 @@ def test_filters_reweights_and_updates_like_reference(tiny_handle: ModelHandle) 
 
 def test_first_batch_sets_probs_average_from_reliable_samples(tiny_handle: ModelHandle) -> None:
     x = make_batch(8, seed=0)
-    cfg = ETA.config_cls(e_margin=margin_keeping(tiny_handle, x, keep=3))
+    cfg = ETAConfig(e_margin=margin_keeping(tiny_handle, x, keep=3))
     result = ETA.step(tiny_handle, x, ETA.init_state(tiny_handle, cfg), cfg)
     ent = entropy(result.logits)
     reliable = ent < cfg.e_margin * math.log(10)
@@ -143,7 +146,7 @@ def test_first_batch_sets_probs_average_from_reliable_samples(tiny_handle: Model
 def test_no_update_when_every_sample_is_filtered(tiny_handle: ModelHandle) -> None:
     x = make_batch(8, seed=1)
     lowest = float(source_entropies(tiny_handle, x).min())
-    cfg = ETA.config_cls(e_margin=0.5 * lowest / math.log(10))
+    cfg = ETAConfig(e_margin=0.5 * lowest / math.log(10))
     state = ETA.init_state(tiny_handle, cfg)
     result = ETA.step(tiny_handle, x, state, cfg)
     assert (result.stats.used, result.stats.filtered, result.stats.updated) == (0, 8, False)
@@ -157,7 +160,7 @@ def test_no_update_when_every_sample_is_filtered(tiny_handle: ModelHandle) -> No
 def test_redundancy_filter_starts_after_first_batch(tiny_handle: ModelHandle) -> None:
     # d_margin = 0 marks every sample redundant (|cos| >= 0), but only once an average exists.
     x1, x2 = make_batch(8, seed=2), make_batch(8, seed=3)
-    cfg = ETA.config_cls(e_margin=1.0, d_margin=0.0)
+    cfg = ETAConfig(e_margin=1.0, d_margin=0.0)
     first = ETA.step(tiny_handle, x1, ETA.init_state(tiny_handle, cfg), cfg)
     assert first.stats.used == 8 and first.stats.updated
     second = ETA.step(tiny_handle, x2, first.state, cfg)
@@ -167,7 +170,7 @@ def test_redundancy_filter_starts_after_first_batch(tiny_handle: ModelHandle) ->
 
 
 def test_fisher_is_mean_squared_pseudo_label_gradient(tiny_handle: ModelHandle) -> None:
-    cfg = EATA.config_cls(**FISHER)
+    cfg = EATAConfig(**FISHER)
     state = EATA.init_state(tiny_handle, cfg, seed=3)
     expected = _reference_fisher(tiny_handle, cfg, seed=3)
     for key, value in expected.items():
@@ -178,7 +181,7 @@ def test_fisher_is_mean_squared_pseudo_label_gradient(tiny_handle: ModelHandle) 
 def test_fisher_penalty_adds_its_gradient(tiny_handle: ModelHandle) -> None:
     """theta' = theta - lr * (grad of the weighted entropy + 2 beta F (theta - theta0)) with plain SGD."""
     x = make_batch(8, seed=4)
-    base = EATA.config_cls(**FISHER, optimizer="sgd", momentum=0.0, lr=0.01, e_margin=1.0)
+    base = EATAConfig(**FISHER, optimizer="sgd", momentum=0.0, lr=0.01, e_margin=1.0)
     fisher = {
         k[len("eata.fisher.") :]: v
         for k, v in EATA.init_state(tiny_handle, base).tensors.items()
@@ -210,7 +213,7 @@ def test_fisher_penalty_adds_its_gradient(tiny_handle: ModelHandle) -> None:
 
 def test_fisher_penalty_over_several_steps(tiny_handle: ModelHandle) -> None:
     batches = [make_batch(8, seed=s) for s in range(5, 8)]
-    cfg = EATA.config_cls(**FISHER, fisher_alpha=2000.0, e_margin=1.0, d_margin=0.95, lr=1e-2)
+    cfg = EATAConfig(**FISHER, fisher_alpha=2000.0, e_margin=1.0, d_margin=0.95, lr=1e-2)
     fisher = _reference_fisher(tiny_handle, cfg, seed=0)
     records = _reference_eata(tiny_handle, batches, cfg, fisher=fisher)
     results = _run(EATA, tiny_handle, batches, cfg)
@@ -223,15 +226,15 @@ def test_fisher_penalty_over_several_steps(tiny_handle: ModelHandle) -> None:
 def test_eta_needs_no_source_data_but_eata_does(tiny_spec: ModelSpec) -> None:
     handle = build_handle(tiny_spec.model_copy(update={"source_data": None}))
     assert handle.source_images is None
-    state = ETA.init_state(handle, ETA.config_cls())
+    state = ETA.init_state(handle, ETAConfig())
     assert not any(k.startswith("eata.fisher.") for k in state.tensors)
-    ETA.step(handle, make_batch(4, seed=0), state, ETA.config_cls())
+    ETA.step(handle, make_batch(4, seed=0), state, ETAConfig())
     with pytest.raises(IncompatibleModelError, match=r"source data.*(fisher_alpha=0|`eta`)"):
-        EATA.init_state(handle, EATA.config_cls(**FISHER))
+        EATA.init_state(handle, EATAConfig(**FISHER))
     # EATA without the penalty is ETA and needs no source data either.
-    EATA.init_state(handle, EATA.config_cls(fisher_alpha=0.0))
+    EATA.init_state(handle, EATAConfig(fisher_alpha=0.0))
 
 
 def test_eta_config_refuses_a_fisher_weight() -> None:
     with pytest.raises(ValueError, match="fisher_alpha"):
-        ETA.config_cls(fisher_alpha=1.0)
+        ETAConfig(fisher_alpha=1.0)

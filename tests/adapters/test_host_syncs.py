@@ -58,7 +58,7 @@ def test_prediction_only_steps_synchronise_once(tiny_handle: ModelHandle, name: 
 @pytest.mark.parametrize(
     "read", [lambda t: t.sum().item(), lambda t: int(t.sum()), lambda t: t[t > 0], lambda t: t.tolist()]
 )
-def test_the_counter_sees_every_kind_of_host_read(read) -> None:  # type: ignore[no-untyped-def]
+def test_the_counter_sees_every_kind_of_host_read(read) -> None:
     """The tests above can fail: each kind of read is counted on the CPU, once."""
     x = torch.ones(3)
     with counting_ops() as ops:

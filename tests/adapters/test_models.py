@@ -84,6 +84,7 @@ def test_missing_weights_file_is_reported(tmp_path: Path) -> None:
 
 
 def test_mismatched_checkpoint_is_refused(tmp_path: Path, tiny_spec: ModelSpec) -> None:
+    assert tiny_spec.weights is not None
     state = torch.load(tiny_spec.weights, map_location="cpu", weights_only=True)
     state.pop("fc.bias")
     torch.save(state, tmp_path / "partial.pt")
@@ -122,6 +123,7 @@ def test_strategies_refuse_a_handle_without_bn_layers() -> None:
 
 def test_conversion_keeps_outputs_and_keys(tiny_spec: ModelSpec) -> None:
     net = WideResNet(depth=10, widen_factor=1, num_classes=10)
+    assert tiny_spec.weights is not None
     net.load_state_dict(load_checkpoint(tiny_spec.weights))
     net.eval()
     x = make_batch(3, seed=0)
@@ -167,6 +169,7 @@ def test_random_weights_need_an_explicit_seed() -> None:
 def test_fingerprint_is_stable_and_tracks_weights(tmp_path: Path, tiny_spec: ModelSpec) -> None:
     first, second = build_handle(tiny_spec), build_handle(tiny_spec)
     assert first.fingerprint == second.fingerprint
+    assert tiny_spec.weights is not None
     state = torch.load(tiny_spec.weights, map_location="cpu", weights_only=True)
     state["block1.layer.0.bn1.running_var"] = state["block1.layer.0.bn1.running_var"] * 1.001
     torch.save(state, tmp_path / "changed.pt")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 import adapters
 from adapters.base import ModelHandle
+from adapters.sar import SARConfig
+from adapters.tent import TentConfig
 
 from ._reference import (
     affine_leaves,
@@ -22,6 +24,12 @@ from ._reference import (
 )
 
 SAR = adapters.get_strategy("sar")
+assert SAR.config_cls is SARConfig
+
+
+def _grad(p: Tensor) -> Tensor:
+    assert p.grad is not None
+    return p.grad
 
 
 def _reference_sar(handle: ModelHandle, batches: list[Tensor], cfg: Any) -> list[dict[str, Any]]:
@@ -37,8 +45,9 @@ def _reference_sar(handle: ModelHandle, batches: list[Tensor], cfg: Any) -> list
         optimizer.zero_grad()
         ent[s1].mean().backward()
         with torch.no_grad():
-            norm = torch.sqrt(sum((p.grad**2).sum() for p in params.values()))
-            eps = {k: cfg.rho * p.grad / (norm + 1e-12) for k, p in params.items()}
+            grads = {k: _grad(p) for k, p in params.items()}
+            norm = torch.sqrt(cast(Tensor, sum((g**2).sum() for g in grads.values())))
+            eps = {k: cfg.rho * grads[k] / (norm + 1e-12) for k in params}
             for k, p in params.items():
                 p.add_(eps[k])
         optimizer.zero_grad()
@@ -63,7 +72,7 @@ def _reference_sar(handle: ModelHandle, batches: list[Tensor], cfg: Any) -> list
 
 def test_sam_step_matches_reference(tiny_handle: ModelHandle) -> None:
     batches = [make_batch(8, seed=s) for s in range(3)]
-    cfg = SAR.config_cls(e_margin=margin_keeping(tiny_handle, batches[0], keep=5), lr=0.05, rho=0.2)
+    cfg = SARConfig(e_margin=margin_keeping(tiny_handle, batches[0], keep=5), lr=0.05, rho=0.2)
     records = _reference_sar(tiny_handle, batches, cfg)
     state = SAR.init_state(tiny_handle, cfg)
     source = tiny_handle.source_affine()
@@ -71,7 +80,7 @@ def test_sam_step_matches_reference(tiny_handle: ModelHandle) -> None:
         result = SAR.step(tiny_handle, x, state, cfg)
         assert result.stats.updated and not result.stats.reset
         assert result.stats.used == record["used"] and result.stats.filtered == 8 - record["used"]
-        assert math.isclose(result.stats.loss, record["loss"], rel_tol=1e-5)
+        assert result.stats.loss is not None and math.isclose(result.stats.loss, record["loss"], rel_tol=1e-5)
         for key, expected in record["params"].items():
             torch.testing.assert_close(result.state.tensors[key], expected, rtol=1e-5, atol=2e-6)
         state = result.state
@@ -84,10 +93,10 @@ def test_sam_step_matches_reference(tiny_handle: ModelHandle) -> None:
 def test_sam_uses_the_gradient_at_the_perturbed_point(tiny_handle: ModelHandle) -> None:
     """A plain SGD step with the unperturbed gradient differs measurably from SAR's step."""
     x = make_batch(8, seed=3)
-    cfg = SAR.config_cls(e_margin=1.0, lr=0.05, rho=0.5)
+    cfg = SARConfig(e_margin=1.0, lr=0.05, rho=0.5)
     result = SAR.step(tiny_handle, x, SAR.init_state(tiny_handle, cfg), cfg)
     plain = adapters.get_strategy("tent")
-    plain_cfg = plain.config_cls(optimizer="sgd", lr=0.05, momentum=0.9)
+    plain_cfg = TentConfig(optimizer="sgd", lr=0.05, momentum=0.9)
     tent = plain.step(tiny_handle, x, plain.init_state(tiny_handle, plain_cfg), plain_cfg)
     key = tiny_handle.affine_names()[0]
     assert (result.state.tensors[key] - tent.state.tensors[key]).abs().max() > 1e-5
@@ -95,7 +104,7 @@ def test_sam_uses_the_gradient_at_the_perturbed_point(tiny_handle: ModelHandle) 
 
 def test_state_unchanged_when_every_sample_is_unreliable(tiny_handle: ModelHandle) -> None:
     x = make_batch(8, seed=4)
-    cfg = SAR.config_cls(e_margin=1e-4)
+    cfg = SARConfig(e_margin=1e-4)
     state = SAR.init_state(tiny_handle, cfg)
     result = SAR.step(tiny_handle, x, state, cfg)
     assert (result.stats.used, result.stats.filtered, result.stats.updated) == (0, 8, False)
@@ -106,16 +115,17 @@ def test_state_unchanged_when_every_sample_is_unreliable(tiny_handle: ModelHandl
 
 def test_loss_ema_and_recovery_reset(tiny_handle: ModelHandle) -> None:
     x1, x2 = make_batch(8, seed=5), make_batch(8, seed=6)
-    keep = SAR.config_cls(e_margin=1.0, reset_constant=0.0)
+    keep = SARConfig(e_margin=1.0, reset_constant=0.0)
     init = SAR.init_state(tiny_handle, keep)
     first = SAR.step(tiny_handle, x1, init, keep)
     second = SAR.step(tiny_handle, x2, first.state, keep)
     assert first.state.meta["loss_ema"] == first.stats.loss
+    assert first.stats.loss is not None and second.stats.loss is not None
     expected = 0.9 * first.stats.loss + 0.1 * second.stats.loss
     assert math.isclose(second.state.meta["loss_ema"], expected, rel_tol=1e-12)
 
     # Any finite entropy is below 10: the first update signals collapse and the state returns to init.
-    collapse = SAR.config_cls(e_margin=1.0, reset_constant=10.0)
+    collapse = SARConfig(e_margin=1.0, reset_constant=10.0)
     reset = SAR.step(tiny_handle, x2, first.state, collapse)
     assert reset.stats.reset and reset.stats.updated
     fresh = SAR.init_state(tiny_handle, collapse)
@@ -127,7 +137,7 @@ def test_loss_ema_and_recovery_reset(tiny_handle: ModelHandle) -> None:
 
 
 def test_frozen_layers_stay_at_source(tiny_handle: ModelHandle) -> None:
-    cfg = SAR.config_cls(e_margin=1.0, lr=0.05, frozen_layers=("block3", "bn1"))
+    cfg = SARConfig(e_margin=1.0, lr=0.05, frozen_layers=("block3", "bn1"))
     state = SAR.init_state(tiny_handle, cfg)
     frozen = [k for k in tiny_handle.affine_names() if "block3" in k or "bn1" in k]
     assert frozen
@@ -140,13 +150,13 @@ def test_frozen_layers_stay_at_source(tiny_handle: ModelHandle) -> None:
 
 
 def test_default_is_benchmark_sgd_setting() -> None:
-    cfg = SAR.config_cls()
+    cfg = SARConfig()
     assert (cfg.optimizer, cfg.momentum, cfg.nesterov, cfg.rho) == ("sgd", 0.9, False, 0.05)
     assert math.isclose(cfg.e_margin, 0.4) and math.isclose(cfg.reset_constant, 0.2)
 
 
 def test_reset_equals_init(tiny_handle: ModelHandle) -> None:
-    cfg = SAR.config_cls()
+    cfg = SARConfig()
     assert_states_equal(SAR.init_state(tiny_handle, cfg), SAR.init_state(tiny_handle, cfg))
 
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import Tensor, nn
 
 import adapters
+from adapters.alpha_bn import AlphaBNConfig
 from adapters.base import ModelHandle
 
 from ._reference import batch_stat_bn, make_batch, replace_bn
 
-TOL = {"rtol": 1e-5, "atol": 1e-5}
+TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
 
 
 class MixedStatsBN(nn.Module):
@@ -25,6 +28,7 @@ class MixedStatsBN(nn.Module):
         n = x.shape[0] * x.shape[2] * x.shape[3]
         mean_b = x.mean(dim=(0, 2, 3))
         var_b = ((x - mean_b[None, :, None, None]) ** 2).sum(dim=(0, 2, 3)) / (n - 1 if self.unbiased else n)
+        assert self.bn.running_mean is not None and self.bn.running_var is not None
         mean = (1 - self.w) * self.bn.running_mean + self.w * mean_b
         var = (1 - self.w) * self.bn.running_var + self.w * var_b
         y = (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + self.bn.eps)
@@ -106,7 +110,8 @@ def test_alpha_mixes_source_and_batch_statistics(tiny_handle: ModelHandle, test_
 
 
 def test_alpha_default_weights_test_batch_by_a_tenth() -> None:
-    assert adapters.get_strategy("alpha_bn").config_cls().test_weight == pytest.approx(0.1)
+    cfg = adapters.get_strategy("alpha_bn").config_cls()
+    assert isinstance(cfg, AlphaBNConfig) and cfg.test_weight == pytest.approx(0.1)
 
 
 def test_alpha_single_image(tiny_handle: ModelHandle) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.base import AdaptationState, ModelHandle
+from adapters.base import AdaptationState, ModelHandle, StrategyConfig
 
 from ._reference import make_batch, small_config
 
@@ -16,7 +16,9 @@ GRADIENT = [
 ]
 
 
-def _states(strategy: adapters.ComposedStrategy, handle: ModelHandle, cfg: object) -> list[AdaptationState]:
+def _states(
+    strategy: adapters.ComposedStrategy, handle: ModelHandle, cfg: StrategyConfig
+) -> list[AdaptationState]:
     """Three streams with different histories: fresh, one step, two steps (different seeds)."""
     states = []
     for history in range(3):

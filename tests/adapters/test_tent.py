@@ -10,6 +10,7 @@ from torch import Tensor
 
 import adapters
 from adapters.base import AdaptationState, ModelHandle
+from adapters.tent import TentConfig
 
 from ._reference import (
     affine_leaves,
@@ -22,6 +23,7 @@ from ._reference import (
 )
 
 STRATEGY = adapters.get_strategy("tent")
+assert STRATEGY.config_cls is TentConfig
 STEPS = 3
 
 OPTIMIZERS: list[dict[str, Any]] = [
@@ -74,7 +76,7 @@ def _run(handle: ModelHandle, batches: list[Tensor], cfg: Any) -> tuple[list[Ten
 
 @pytest.mark.parametrize("overrides", OPTIMIZERS, ids=["adam", "adam-wd", "sgd-nesterov"])
 def test_update_equals_torch_reference(tiny_handle: ModelHandle, overrides: dict[str, Any]) -> None:
-    cfg = STRATEGY.config_cls(**overrides)
+    cfg = TentConfig(**overrides)
     batches = [make_batch(6, seed=s) for s in range(STEPS)]
     ref_logits, ref_params = _reference_tent(tiny_handle, batches, cfg)
     logits, states = _run(tiny_handle, batches, cfg)
@@ -89,7 +91,7 @@ def test_update_equals_torch_reference(tiny_handle: ModelHandle, overrides: dict
 
 
 def test_first_prediction_uses_initial_parameters(tiny_handle: ModelHandle) -> None:
-    cfg = STRATEGY.config_cls(lr=0.1)
+    cfg = TentConfig(lr=0.1)
     x = make_batch(6, seed=5)
     state = STRATEGY.init_state(tiny_handle, cfg)
     first = STRATEGY.step(tiny_handle, x, state, cfg)
@@ -101,7 +103,7 @@ def test_first_prediction_uses_initial_parameters(tiny_handle: ModelHandle) -> N
 
 
 def test_only_affine_parameters_and_moments_change(tiny_handle: ModelHandle) -> None:
-    cfg = STRATEGY.config_cls()
+    cfg = TentConfig()
     state = STRATEGY.init_state(tiny_handle, cfg)
     affine = set(tiny_handle.affine_names())
     moments = {f"opt.{m}.{k}" for k in affine for m in ("exp_avg", "exp_avg_sq")}
@@ -119,7 +121,7 @@ def test_only_affine_parameters_and_moments_change(tiny_handle: ModelHandle) -> 
 
 
 def test_shared_model_is_bit_identical_after_steps(tiny_handle: ModelHandle) -> None:
-    cfg = STRATEGY.config_cls(lr=0.05)
+    cfg = TentConfig(lr=0.05)
     before = model_snapshot(tiny_handle.model)
     layers_before = [(layer.running_mean.clone(), layer.weight.clone()) for layer in tiny_handle.bn_layers]
     _run(tiny_handle, [make_batch(6, seed=s) for s in range(STEPS)], cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from adapters.unmix_tns import UnMixTNSConfig, assignment, mixture_moments
 
 from ._reference import assert_states_equal, make_batch, replace_bn
 
-TOL = {"rtol": 1e-5, "atol": 1e-5}
+TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
 STRATEGY = adapters.get_strategy("unmix_tns")
 
 
@@ -73,6 +74,7 @@ def _reference_step(
     updated: dict[str, Tensor] = {}
     for name, ref in refs.items():
         k_mean, k_var = _keys(name)
+        assert isinstance(ref, ReferenceUnMix) and ref.new_means is not None and ref.new_variances is not None
         updated[k_mean], updated[k_var] = ref.new_means, ref.new_variances
     return logits, updated
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from tta_bench import accuracy
-from tta_bench.paths import cifar10_dir
+from tta_bench.paths import MODELS_CONFIG, cifar10_dir
 from tta_server.model_pool import read_models_file
 
 
 def _shared_files_present() -> bool:
     try:
-        models = read_models_file(accuracy.DEFAULT_MODELS_CONFIG)
+        models = read_models_file(MODELS_CONFIG)
     except (FileNotFoundError, ValueError):
         return False
     weights = [m.weights for m in models.models if m.weights is not None]
@@ -100,7 +100,7 @@ def test_failing_strategy_is_reported_and_exits_non_zero(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """eata on a model declared without source data cannot build its Fisher penalty."""
-    spec = read_models_file(accuracy.DEFAULT_MODELS_CONFIG).models[0]
+    spec = read_models_file(MODELS_CONFIG).models[0]
     models = tmp_path / "models.yaml"
     models.write_text(
         f"models:\n  - id: no_source\n    arch: {spec.arch}\n    depth: {spec.depth}\n"

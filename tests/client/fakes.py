@@ -133,14 +133,9 @@ def parse_multipart(request: httpx.Request) -> list[tuple[str, str | None, str, 
     parts = []
     for part in message.iter_parts():
         params = dict(part.get_params(header="content-disposition") or [])
-        parts.append(
-            (
-                params.get("name", ""),
-                params.get("filename"),
-                part.get_content_type(),
-                part.get_payload(decode=True),
-            )
-        )
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes), payload
+        parts.append((params.get("name", ""), params.get("filename"), part.get_content_type(), payload))
     return parts
 
 

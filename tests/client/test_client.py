@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -36,7 +37,7 @@ def server() -> FakeServer:
 
 
 @pytest.fixture
-def client(server: FakeServer) -> Client:
+def client(server: FakeServer) -> Iterator[Client]:
     with Client("http://tta.test/", api_key="secret", timeout=7.5, transport=server.transport) as c:
         yield c
 
@@ -92,7 +93,7 @@ def test_stream_reads_parse_stream_public(server: FakeServer, client: Client, ca
 
 def test_delete_stream_accepts_204(server: FakeServer, client: Client) -> None:
     server.route("DELETE", "/v1/streams/cam-1", status=204)
-    assert client.delete_stream("cam-1") is None
+    client.delete_stream("cam-1")
     assert server.last.method == "DELETE"
 
 

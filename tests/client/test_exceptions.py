@@ -135,7 +135,7 @@ def test_rate_limited_carries_retry_after_http_date() -> None:
     response = error_response(429, "rate_limited", "slow down", headers={"Retry-After": when})
     with pytest.raises(tta_client.RateLimitedError) as info:
         raise_for_error(response)
-    assert 55 <= info.value.retry_after <= 61
+    assert info.value.retry_after is not None and 55 <= info.value.retry_after <= 61
 
 
 @pytest.mark.parametrize("header", [{}, {"Retry-After": "soon"}])

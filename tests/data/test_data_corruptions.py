@@ -117,7 +117,7 @@ def test_severity_ordering(sample_images: np.ndarray) -> None:
     for name in set(CORRUPTIONS) - {"elastic_transform"}:
         assert mad[name][4] > mad[name][0], (name, mad[name])
     # corruptions whose strength parameter grows with every severity step are strictly monotone
-    monotone = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "zoom_blur")
+    monotone: tuple[str, ...] = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "zoom_blur")
     monotone += ("brightness", "contrast", "pixelate", "jpeg_compression")
     for name in monotone:
         assert all(np.diff(mad[name]) > 0), (name, mad[name])
@@ -167,7 +167,7 @@ def test_glass_blur_matches_sequential_reference(sample_images: np.ndarray) -> N
 
     def reference(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
         sigma, delta, passes = C._GLASS_BLUR[severity - 1]
-        x = np.uint8(gaussian(image / 255.0, sigma=sigma, channel_axis=-1) * 255)
+        x = (gaussian(image / 255.0, sigma=sigma, channel_axis=-1) * 255).astype(np.uint8)
         draws = rng.integers(-delta, delta, size=(passes, 30 * 30, 2))
         for p in range(passes):
             k = 0
@@ -176,7 +176,7 @@ def test_glass_blur_matches_sequential_reference(sample_images: np.ndarray) -> N
                     dx, dy = draws[p, k]
                     k += 1
                     x[h, w], x[h + dy, w + dx] = x[h + dy, w + dx], x[h, w]
-        return np.uint8(np.clip(gaussian(x / 255.0, sigma=sigma, channel_axis=-1), 0, 1) * 255)
+        return (np.clip(gaussian(x / 255.0, sigma=sigma, channel_axis=-1), 0, 1) * 255).astype(np.uint8)
 
     for severity in (1, 5):
         for k in range(2):
@@ -258,7 +258,7 @@ def test_cv2_equivalents(sample_images: np.ndarray) -> None:
         assert np.abs(kernel).sum() == pytest.approx(np.abs(ours).sum())
     # elastic transform: getAffineTransform + warpAffine(BORDER_REFLECT_101)
     rng = np.random.default_rng(0)
-    src = np.float32([[26, 26], [26, 6], [6, 6]])
+    src = np.array([[26, 26], [26, 6], [6, 6]], dtype=np.float32)
     dst = src[None] + rng.uniform(-2.56, 2.56, size=(3, 3, 2)).astype(np.float32)
     matrices = C._affine_from_points(np.broadcast_to(src, dst.shape), dst)
     warped = C._warp_affine_reflect101(x.astype(np.float32), matrices)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -146,7 +148,8 @@ def test_build_stream_contents(cifar_test: JpegDataset) -> None:
 def test_build_stream_orders_share_images(cifar_test: JpegDataset) -> None:
     """An image is corrupted identically whatever the order or batch size, so orders are comparable."""
     got = {}
-    for order, batch_size in (("iid", 64), ("sorted", 50), ("dirichlet", 7)):
+    cases: tuple[tuple[streams.Order, int], ...] = (("iid", 64), ("sorted", 50), ("dirichlet", 7))
+    for order, batch_size in cases:
         batches = list(
             build_stream(cifar_test, ["shot_noise"], 2, 200, order, 0.05, seed=9, batch_size=batch_size)
         )
@@ -186,6 +189,12 @@ def test_build_stream_is_lazy_and_validates_eagerly(
         {"batch_size": 0},
         {"n_per_corruption": 20_000},
     ):
-        kwargs = {"corruptions": ["fog"], "severity": 5, "order": "iid", "batch_size": 8, **bad}
+        kwargs: dict[str, Any] = {
+            "corruptions": ["fog"],
+            "severity": 5,
+            "order": "iid",
+            "batch_size": 8,
+            **bad,
+        }
         with pytest.raises(ValueError):
             build_stream(cifar_test, **kwargs)  # raises before the first batch is requested

@@ -22,7 +22,8 @@ from PIL import Image
 
 from tests.conftest import MODELS_YAML, npy_bytes
 from tests.reliability.conftest import NPY, batch, jpeg_bytes
-from tta_bench.soak import free_port, start_replica, stop_process, wait_ready
+from tta_bench.redis_server import free_port
+from tta_bench.soak import start_replica, stop_process, wait_ready
 from tta_server import codec
 from tta_server.admission import Admission, Deadline, request_timeout
 from tta_server.errors import OverloadedError, PayloadTooLargeError, ValidationError

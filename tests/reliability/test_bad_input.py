@@ -8,6 +8,7 @@ import json
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def npy_header(shape: tuple[int, ...], descr: str = "|u1", payload: bytes = b"")
     return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + payload
 
 
-def multipart(*files: tuple[str, bytes, str]) -> dict:
+def multipart(*files: tuple[str, bytes, str]) -> dict[str, Any]:
     return {"files": [("files", f) for f in files]}
 
 
@@ -105,7 +106,7 @@ def npy_raw_header(text: str) -> bytes:
 
 JPEG = jpeg_bytes()
 # name -> (request kwargs, expected status, expected error_type)
-CASES: dict[str, tuple[Callable[[], dict], int, str]] = {
+CASES: dict[str, tuple[Callable[[], dict[str, Any]], int, str]] = {
     "truncated-jpeg": (lambda: multipart(("a.jpg", JPEG[: len(JPEG) // 2], "image/jpeg")), 400, "invalid_image"),
     "jpeg-header-only": (lambda: multipart(("a.jpg", JPEG[:40], "image/jpeg")), 400, "invalid_image"),
     "random-bytes": (
@@ -280,7 +281,7 @@ def test_bad_payloads_with_adapt_false_are_refused_too(client) -> None:
 @pytest.mark.parametrize(
     "params", [{"top_k": "0"}, {"top_k": "abc"}, {"top_k": "100000"}, {"adapt": "maybe"}]
 )
-def test_bad_query_values_are_422(client, params: dict) -> None:
+def test_bad_query_values_are_422(client, params: dict[str, Any]) -> None:
     r = client.post(f"/v1/streams/{STREAM}/predict", params=params, content=npy_bytes(batch(2)), headers=NPY)
     assert r.status_code == 422 and r.json()["error_type"] == "validation"
 

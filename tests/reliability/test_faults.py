@@ -8,6 +8,7 @@ import json
 import signal
 import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -15,9 +16,10 @@ import redis
 import torch
 
 from adapters.serialization import state_from_bytes, state_to_bytes
-from tests.conftest import npy_bytes
+from tests.conftest import npy_bytes, stored_field
 from tests.reliability.conftest import NPY, batch, metric_value, predict
-from tta_bench.soak import check_store_integrity, free_port, start_replica, stop_process, wait_ready
+from tta_bench.redis_server import free_port
+from tta_bench.soak import check_store_integrity, start_replica, stop_process, wait_ready
 from tta_server.state_store import CasOutcome, InMemoryStateStore, RedisStateStore, policy_key, state_key
 
 STORE_TIMEOUT = 0.5
@@ -143,12 +145,16 @@ def test_corrupted_blob_is_409_state_corrupt_and_reset_fixes_it(make_client, red
     client.put("/v1/streams/cam", json={"strategy": "tent"})
     assert predict(client, "cam").status_code == 200
     r = redis.Redis.from_url(redis_url)
-    for garbage in (b"\x00" * 40, b"not safetensors at all", r.hget(_state_field("cam"), "blob")[:-100]):
+    for garbage in (
+        b"\x00" * 40,
+        b"not safetensors at all",
+        stored_field(r, _state_field("cam"), "blob")[:-100],
+    ):
         r.hset(_state_field("cam"), "blob", garbage)
         resp = predict(client, "cam", seed=1)
         assert resp.status_code == 409, resp.text
         assert resp.json()["error_type"] == "state_corrupt"
-        assert r.hget(_state_field("cam"), "v") == b"1"  # refused, not overwritten
+        assert stored_field(r, _state_field("cam"), "v") == b"1"  # refused, not overwritten
     # A pickle in the store is refused like any other garbage and never executed.
     import pickle
 
@@ -179,7 +185,7 @@ def test_blob_of_another_strategy_or_schema_is_409_state_mismatch(make_client, r
     client.put("/v1/streams/cam", json={"strategy": "tent"})
     assert predict(client, "cam").status_code == 200
     r = redis.Redis.from_url(redis_url)
-    state = state_from_bytes(r.hget(_state_field("cam"), "blob"))
+    state = state_from_bytes(stored_field(r, _state_field("cam"), "blob"))
     r.hset(_state_field("cam"), "blob", state_to_bytes(tamper(state)))
     resp = predict(client, "cam", seed=1)
     assert resp.status_code == 409 and resp.json()["error_type"] == "state_mismatch", resp.text
@@ -192,7 +198,7 @@ def test_hash_meta_of_another_policy_is_409_state_mismatch(make_client, redis_ur
     client.put("/v1/streams/cam", json={"strategy": "alpha_bn"})
     assert predict(client, "cam").status_code == 200
     r = redis.Redis.from_url(redis_url)
-    meta = json.loads(r.hget(_state_field("cam"), "meta"))
+    meta = json.loads(stored_field(r, _state_field("cam"), "meta"))
     meta["policy"] = "f" * 16
     r.hset(_state_field("cam"), "meta", json.dumps(meta))
     resp = predict(client, "cam", seed=1)
@@ -204,7 +210,7 @@ def test_nan_in_stored_state_is_detected_and_reset_to_source(make_client, redis_
     client.put("/v1/streams/cam", json={"strategy": "tent"})
     assert predict(client, "cam").status_code == 200
     r = redis.Redis.from_url(redis_url)
-    state = state_from_bytes(r.hget(_state_field("cam"), "blob"))
+    state = state_from_bytes(stored_field(r, _state_field("cam"), "blob"))
     name = next(k for k in state.tensors if k.endswith(".weight") and not k.startswith("opt."))
     poisoned = state.tensors[name].clone()
     poisoned[0] = float("nan")
@@ -218,7 +224,7 @@ def test_nan_in_stored_state_is_detected_and_reset_to_source(make_client, redis_
     probs = [p["probability"] for pred in body["predictions"] for p in pred["top_k"]]
     assert all(0.0 <= p <= 1.0 for p in probs) and all(pred["entropy"] >= 0 for pred in body["predictions"])
     assert metric_value(client, "tta_state_resets_total", reason="non_finite") == before + 1
-    stored = state_from_bytes(r.hget(_state_field("cam"), "blob"))
+    stored = state_from_bytes(stored_field(r, _state_field("cam"), "blob"))
     assert all(bool(torch.isfinite(t).all()) for t in stored.tensors.values())
     assert stored.meta["steps"] == 2  # counters carried over the reset
     assert check_store_integrity(redis_url) == (1, [])
@@ -282,7 +288,7 @@ def test_stored_config_that_no_longer_validates_is_409_state_mismatch(make_clien
     client = make_client(redis_url=redis_url)
     client.put("/v1/streams/cam", json={"strategy": "tent"})
     r = redis.Redis.from_url(redis_url)
-    rec = json.loads(r.hget(_policy_field("cam"), "rec"))
+    rec = json.loads(stored_field(r, _policy_field("cam"), "rec"))
     rec["config"]["lr"] = -5.0  # as if a release tightened the strategy's config schema
     r.hset(_policy_field("cam"), "rec", json.dumps(rec))
     resp = predict(client, "cam")
@@ -296,7 +302,7 @@ def test_stored_flat_config_of_a_composite_is_409_state_mismatch(make_client, re
     client = make_client(redis_url=redis_url)
     client.put("/v1/streams/cam", json={"strategy": "unmix_tns+tent"})
     r = redis.Redis.from_url(redis_url)
-    rec = json.loads(r.hget(_policy_field("cam"), "rec"))
+    rec = json.loads(stored_field(r, _policy_field("cam"), "rec"))
     rec["config"] = {**rec["config"]["unmix_tns"], **rec["config"]["tent"]}  # the flat form
     r.hset(_policy_field("cam"), "rec", json.dumps(rec))
     resp = predict(client, "cam")
@@ -359,7 +365,7 @@ def test_replica_sigkilled_mid_request_leaves_only_whole_states(redis_url, tmp_p
         strategies = ["tent", "norm", "unmix_tns", "eta"]
         for i, s in enumerate(strategies):
             httpx.put(f"{base}/v1/streams/k{i}", json={"strategy": s}, timeout=30).raise_for_status()
-        answered: list[tuple[str, dict]] = []
+        answered: list[tuple[str, dict[str, Any]]] = []
         started = threading.Event()
 
         def worker(i: int) -> None:

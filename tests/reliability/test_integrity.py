@@ -15,7 +15,7 @@ import pytest
 import redis
 import torch
 
-from tests.conftest import MODELS_YAML, app_clients
+from tests.conftest import MODELS_YAML, app_clients, stored_field
 from tests.reliability.conftest import metric_value, predict
 from tta_server.state_store import policy_key, state_key
 
@@ -27,7 +27,7 @@ def _probs(resp: Any) -> list[float]:
 
 
 @contextmanager
-def _held_step(client: Any) -> Iterator[threading.Event]:
+def _held_step(client: Any) -> Iterator[tuple[threading.Event, threading.Event]]:
     """While inside, the replica's next step waits (after its compute) until the yielded event is set, so
     another replica can act while that predict is in flight. Yields (started, release)."""
     engine = client.app.state.engine
@@ -42,7 +42,7 @@ def _held_step(client: Any) -> Iterator[threading.Event]:
 
     engine._compute = held
     try:
-        yield started, release  # type: ignore[misc]
+        yield started, release
     finally:
         release.set()
         engine._compute = real
@@ -299,7 +299,7 @@ def _corrupt(r: redis.Redis, kind: str) -> None:
     if kind == "policy-seed-a-string":
         import json
 
-        rec = json.loads(r.hget(key, "rec"))
+        rec = json.loads(stored_field(r, key, "rec"))
         rec["seed"] = "0"
         value = json.dumps(rec).encode()
     if value is None:

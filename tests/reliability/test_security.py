@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import MODELS_YAML, REPO, npy_bytes
+from tests.conftest import MODELS_YAML, REPO, npy_bytes, stored_keys
 from tests.reliability.conftest import NPY, batch
 from tta_server.settings import Settings
 
@@ -92,7 +92,7 @@ def test_namespaces_are_separate_redis_keys(client, redis_url) -> None:
 
     client.post("/v1/streams/cam/predict", content=npy_bytes(batch(4)), headers={**NPY, **auth(ALICE)})
     client.post("/v1/streams/cam/predict", content=npy_bytes(batch(4)), headers={**NPY, **auth(BOB)})
-    keys = {k.decode() for k in redis.Redis.from_url(redis_url).keys("tta:v2:{*}:state")}
+    keys = stored_keys(redis.Redis.from_url(redis_url), "tta:v2:{*}:state")
     assert keys == {"tta:v2:{alice/cam}:state", "tta:v2:{bob/cam}:state"}
     # The secrets themselves are never part of a key.
     assert not any(ALICE in k or BOB in k for k in keys)
@@ -215,8 +215,9 @@ def test_key_names_that_could_alias_a_namespace_are_refused() -> None:
     from tta_server.settings import Settings
 
     with pytest.raises(SettingsError, match="must match"):
-        Settings(api_keys="team:a:0123456789abcdefgh")
-    assert Settings(api_keys="team-a:0123456789abcdefgh").key_namespaces() == {"0123456789abcdefgh": "team-a"}
+        Settings(api_keys="team:a:0123456789abcdefgh")  # type: ignore[arg-type]  # parsed as from the env
+    keyed = Settings(api_keys="team-a:0123456789abcdefgh")  # type: ignore[arg-type]  # parsed as from the env
+    assert keyed.key_namespaces() == {"0123456789abcdefgh": "team-a"}
 
 
 # ------------------------------------------------------------------ public endpoints with keys on
@@ -264,7 +265,7 @@ def test_metrics_token_guards_metrics(make_client) -> None:
     assert no_keys.get("/metrics", headers=auth(token)).status_code == 200
     assert no_keys.get("/v1/models").status_code == 200
     with pytest.raises(ValidationError, match="at least 16"):
-        Settings(models_config=MODELS_YAML, metrics_token="short")
+        Settings(models_config=MODELS_YAML, metrics_token="short")  # type: ignore[arg-type]  # as from the env
 
 
 def test_refusals_at_the_edge_are_counted(make_client) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ from tta_server.settings import Settings
 from tta_server.state_store import InMemoryStateStore
 
 NS, STREAM = "ns", "cam"
+# A request not yet started: calling it gives the predict coroutine.
+Job = Callable[[], Coroutine[Any, Any, PredictOutcome]]
 
 
 def _engine(pool: ModelPool, **overrides: Any) -> Engine:
@@ -35,7 +38,7 @@ def _batches(cifar_array: np.ndarray, sizes: list[int]) -> list[torch.Tensor]:
 
 
 async def _queued(
-    engine: Engine, policy: Policy, jobs: list[Callable[[], Awaitable[PredictOutcome]]]
+    engine: Engine, policy: Policy, jobs: Sequence[Job]
 ) -> list[PredictOutcome | BaseException]:
     """Start `jobs` while the stream is busy, so they all queue, then let them run."""
     async with engine.scheduler.locks.hold(f"{NS}/{STREAM}"):
@@ -64,7 +67,7 @@ def _run_queued(
         policy = await engine.put_policy(NS, STREAM, None, strategy, {}, 0)
         adapt = flags or [True] * len(batches)
         jobs = [
-            lambda b=b, a=a: engine.predict(NS, STREAM, b, a) for b, a in zip(batches, adapt, strict=True)
+            functools.partial(engine.predict, NS, STREAM, b, a) for b, a in zip(batches, adapt, strict=True)
         ]
         return await _queued(engine, policy, jobs)
 
@@ -95,10 +98,10 @@ def test_queued_requests_share_one_step_on_their_concatenation(
     batches = _batches(cifar_array, [8, 4, 16])
     engine = _engine(pool)
 
-    async def scenario() -> tuple[list[Any], dict[str, Any], float]:
+    async def scenario() -> tuple[list[Any], dict[str, Any], tuple[Any, tuple[float, float]]]:
         policy = await engine.put_policy(NS, STREAM, None, strategy, {}, 0)
         outs = await _queued(
-            engine, policy, [lambda b=b: engine.predict(NS, STREAM, b, True) for b in batches]
+            engine, policy, [functools.partial(engine.predict, NS, STREAM, b, True) for b in batches]
         )
         meta = (await engine.describe(NS, STREAM)).meta
         samples = engine.metrics.samples.labels(policy.model, strategy)._value.get()
@@ -157,7 +160,7 @@ def test_a_failing_step_fails_every_merged_request_and_keeps_the_state(
 
     async def scenario() -> tuple[list[Any], list[Any], int]:
         policy = await engine.put_policy(NS, STREAM, None, "norm", {}, 0)
-        jobs = [lambda b=b: engine.predict(NS, STREAM, b, True) for b in batches]
+        jobs = [functools.partial(engine.predict, NS, STREAM, b, True) for b in batches]
         monkeypatch.setattr(engine, "_compute", broken)
         failed = await _queued(engine, policy, jobs)
         monkeypatch.undo()
@@ -192,9 +195,7 @@ def test_a_cancelled_request_is_not_served(pool: ModelPool, cifar_array: np.ndar
 
 
 # ------------------------------------------------------------------ forwards shared across streams
-def _blocked_engine_run(
-    engine: Engine, jobs: list[Callable[[], Awaitable[PredictOutcome]]]
-) -> list[PredictOutcome | BaseException]:
+def _blocked_engine_run(engine: Engine, jobs: Sequence[Job]) -> list[PredictOutcome | BaseException]:
     """Run `jobs` while the single compute thread is busy, so their steps queue up, then free it."""
     gate = threading.Event()
 
@@ -255,7 +256,7 @@ def test_steps_of_different_streams_share_one_forward(
     calls = _record_step_many(monkeypatch)
     outs = _blocked_engine_run(
         engine,
-        [lambda s=s, b=b: engine.predict(NS, s, b, True) for s, b in zip(streams, batches, strict=True)],
+        [functools.partial(engine.predict, NS, s, b, True) for s, b in zip(streams, batches, strict=True)],
     )
     assert calls == [[8, 3, 12]]  # one forward for the three streams
     # the warm-up steps ran alone (three forwards of one stream), then one forward of three streams
@@ -278,7 +279,7 @@ def test_gradient_steps_and_disabled_sharing_run_alone(
     for strategy, share in (("tent", True), ("norm", False), ("norm", None)):
         engine = _engine(pool, compute_workers=1, share_forward=share)
         _warm_streams(engine, strategy, ["s0", "s1"], warmup)
-        jobs = [lambda i=i, engine=engine: engine.predict(NS, f"s{i}", batches[i], True) for i in range(2)]
+        jobs = [functools.partial(engine.predict, NS, f"s{i}", batches[i], True) for i in range(2)]
         outs = _blocked_engine_run(engine, jobs)
         assert all(isinstance(o, PredictOutcome) and o.adapted and o.version == 2 for o in outs)
     assert calls == []

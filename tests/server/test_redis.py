@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 import redis
 from redis.crc import key_slot
 
-from tests.conftest import npy_bytes
+from tests.conftest import npy_bytes, stored_field, stored_keys
 from tta_bench.redis_server import free_port
 from tta_server.state_store import CasOutcome, InMemoryStateStore, RedisStateStore
 
@@ -24,13 +25,13 @@ def test_each_stream_has_its_own_state_in_redis(make_client, redis_url, cifar_ar
         r = client.post(f"/v1/streams/{stream}/predict", content=npy_bytes(cifar_array[:32]), headers=NPY)
         assert r.status_code == 200 and r.json()["adapted"]
     r = redis.Redis.from_url(redis_url)
-    keys = {k.decode() for k in r.keys("tta:v2:*")}
+    keys = stored_keys(r, "tta:v2:*")
     streams = ("{default/cam-a}", "{default/cam-b}")
     assert {f"tta:v2:{s}:policy" for s in streams} | {f"tta:v2:{s}:state" for s in streams} <= keys
     from adapters.serialization import state_from_bytes
 
-    a = state_from_bytes(r.hget("tta:v2:{default/cam-a}:state", "blob"))
-    b = state_from_bytes(r.hget("tta:v2:{default/cam-b}:state", "blob"))
+    a = state_from_bytes(stored_field(r, "tta:v2:{default/cam-a}:state", "blob"))
+    b = state_from_bytes(stored_field(r, "tta:v2:{default/cam-b}:state", "blob"))
     assert a.meta["strategy"] == "alpha_bn" and not any(k.startswith("opt.") for k in a.tensors)
     assert b.meta["strategy"] == "tent" and any(k.startswith("opt.exp_avg.") for k in b.tensors)
     # Both keys of a stream carry the TTL, and they share one Redis Cluster hash slot.
@@ -67,7 +68,7 @@ def test_two_replicas_concurrent_predicts_lose_no_update(make_client, redis_url,
         make_client(redis_url=redis_url, conflict_retries=0),
     ]
     replicas[0].put("/v1/streams/shared", json={"strategy": "tent"})
-    results: list[dict] = []
+    results: list[dict[str, Any]] = []
     lock = threading.Lock()
 
     def worker(i: int) -> None:
@@ -102,7 +103,7 @@ def test_two_replicas_concurrent_predicts_lose_no_update(make_client, redis_url,
 def test_retries_turn_conflicts_into_applied_updates(make_client, redis_url, cifar_array) -> None:
     replicas = [make_client(redis_url=redis_url, conflict_retries=5) for _ in range(2)]
     replicas[0].put("/v1/streams/retry", json={"strategy": "norm"})
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
 
     def worker(i: int) -> None:
         for _ in range(3):
@@ -112,8 +113,10 @@ def test_retries_turn_conflicts_into_applied_updates(make_client, redis_url, cif
             out.append(r.json())
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     # Every committed step has its own version; requests merged into one step share it.
     committed = {r["version"] for r in out if r["adapted"]}
     assert replicas[0].get("/v1/streams/retry").json()["steps"] == len(committed)
@@ -138,7 +141,8 @@ def test_store_compare_and_set_refuses_stale_versions(kind, request) -> None:
         assert got.state is not None and (got.state["v"], got.state["blob"]) == (b"2", b"two")
         assert got.policy is not None and got.policy["v"] == b"2"
         # A cached copy of this incarnation and version: the blob is not sent again.
-        assert "blob" not in (await store.load("ns", "s", ("inc-a", 2))).state
+        cached = await store.load("ns", "s", ("inc-a", 2))
+        assert cached.state is not None and "blob" not in cached.state
         # A conditional replace only replaces the incarnation it names, and drops the old state.
         assert not await store.replace("ns", "s", "inc-c", b"{}", expected="inc-b")
         assert await store.replace("ns", "s", "inc-c", b"{}", expected="inc-a")

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar
 
 import torch
 
@@ -48,6 +48,13 @@ T = TypeVar("T")
 
 # Why an adapting request's step was not stored (None: it was, or the request did not ask to adapt).
 NotAdapted = Literal["conflict", "stream_replaced", "non_finite", "store_unwritable"]
+
+
+class _Resolution(TypedDict):
+    """How the stream was resolved for a step: the PredictOutcome fields every outcome of it shares."""
+
+    created: bool
+    lost: str | None
 
 
 @dataclass
@@ -285,7 +292,7 @@ class Engine:
         x = [p.x for p in group]
         rows = slice(0, sum(b.shape[0] for b in x))
         record: StateRecord | None = step.resolved.state
-        base = {"created": step.resolved.created, "lost": step.resolved.lost}
+        base: _Resolution = {"created": step.resolved.created, "lost": step.resolved.lost}
         for _attempt in range(self.settings.conflict_retries + 1):
             loaded = await self.repository.state_for(
                 ns, stream, policy, record, step.handle, step.strat, step.cfg

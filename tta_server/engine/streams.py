@@ -73,8 +73,14 @@ def parse_config(strat: ComposedStrategy, config: dict[str, Any] | None) -> Stra
 def check_runs_on(strat: ComposedStrategy, cfg: StrategyConfig, handle: ModelHandle) -> None:
     """Refuse at PUT what could never step on this model, instead of failing every predict later."""
     strat.check_model(handle)  # adapters.IncompatibleModelError -> 422
-    needs = getattr(strat.updater, "needs_source_data", None)
-    if needs is not None and needs(strat.part_config(strat.updater, cfg)) and handle.source_images is None:
+    updater = strat.updater
+    needs = getattr(updater, "needs_source_data", None)
+    if (
+        updater is not None
+        and needs is not None
+        and needs(strat.part_config(updater, cfg))
+        and handle.source_images is None
+    ):
         raise IncompatibleModelError(
             f"{strat.name} with these settings needs the model's source data, and model "
             f"{handle.model_id!r} declares none: set `source_data` for it in the models file, or use a "
