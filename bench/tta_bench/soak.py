@@ -118,7 +118,7 @@ def check_store_integrity(redis_url: str) -> tuple[int, list[str]]:
             version, blob, meta = client.hmget(key, ["v", "blob", "meta"])
             name = key.decode()
             count += 1
-            if version is None or blob is None or meta is None:
+            if version is None or not isinstance(blob, bytes) or meta is None:
                 problems.append(f"{name}: incomplete hash")
                 continue
             try:
