@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import inspect
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -293,6 +294,10 @@ def load_weights(net: nn.Module, spec: ModelSpec, path: Path) -> None:
     """Load a checkpoint strictly; a mismatch names the file and a few of the keys that differ."""
     state = load_checkpoint(path)
     expected = net.state_dict()
+    for key, value in expected.items():
+        # Checkpoints of older PyTorch versions lack BN's counter, which inference does not use.
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.zeros_like(value)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [
@@ -309,7 +314,11 @@ def load_weights(net: nn.Module, spec: ModelSpec, path: Path) -> None:
         raise ModelLoadError(
             f"model {spec.id!r}: weights {path} do not fit {spec.arch}: keys " + "; ".join(problems)
         )
-    net.load_state_dict(state, strict=True)
+    # Module versions (state_dict metadata, which e.g. MNASNet's loader requires) are the architecture's
+    # own: a checkpoint that matches every key and shape is in its current layout.
+    fitted: Any = OrderedDict(state)
+    fitted._metadata = getattr(expected, "_metadata", None)
+    net.load_state_dict(fitted, strict=True)
 
 
 def _fingerprint(spec: ModelSpec, state: dict[str, Tensor]) -> str:
