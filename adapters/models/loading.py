@@ -444,7 +444,7 @@ def default_top_modules(net: nn.Module) -> tuple[str, ...]:
             continue
         if any(isinstance(m, nn.LayerNorm) for m in seq.modules()):
             last = [f"{blocks}.{child}" for child in list(seq._modules)[-3:]]
-            final = [n for n in ("norm", "fc_norm", "encoder.ln") if n in modules]
+            final = [n for n in ("norm", "encoder.ln") if n in modules]
             return (*last, *final)
     return ()
 

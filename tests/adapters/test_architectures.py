@@ -274,3 +274,28 @@ def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
         ModelLoadError, match=r"a\.pt do not fit torchvision:shufflenet_v2_x0_5: keys \d+ missing: .*, \.\.\."
     ):
         build_handle(other)
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "kind"),
+    [
+        ("timm:resnet18", {}, "batchnorm2d"),
+        (
+            "timm:vit_tiny_patch16_224",
+            {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2},
+            "layernorm",
+        ),
+    ],
+)
+def test_timm_models_by_name(tmp_path: Path, arch: str, kwargs: dict[str, Any], kind: str) -> None:
+    pytest.importorskip("timm")
+    size = 64 if kind == "batchnorm2d" else 32
+    spec = ModelSpec(id="t", arch=arch, kwargs=kwargs, input_size=(size, size), random_init_seed=0)
+    handle = build_handle(_saved_spec(tmp_path, spec))
+    assert kind in handle.layer_counts
+    outcomes = _exercise(handle, size)
+    for name in ("source", *UPDATERS):
+        assert outcomes[name] == "stepped", (name, outcomes)
+    assert (outcomes["norm"] == "refused") == (kind == "layernorm")
+    if kind == "layernorm":
+        assert handle.top_modules == ("blocks.1", "blocks.2", "blocks.3", "norm")
