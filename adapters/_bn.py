@@ -1,8 +1,11 @@
-"""BatchNorm plumbing: swap BN2d layers once at load time for a layer whose behaviour is chosen per call.
+"""Normalisation plumbing: swap BN2d layers once at load time for a layer whose behaviour is chosen per
+call, and give LayerNorm / GroupNorm layers affine parameters chosen per call.
 
 The base model is shared by every stream and never mutated. A strategy describes how each BN layer
 normalises for one forward pass with a `NormPlan`, activated through a context variable, so concurrent
 requests of different streams (threads or tasks) each see their own statistics and affine parameters.
+LayerNorm and GroupNorm layers (of any subclass) keep computing their own statistics; only the
+`weight` and `bias` they read come from the plan (`NormPlan.affine_param`).
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.base import BatchTooSmallError, BNLayer, IncompatibleModelError
+from adapters.base import AffineLayer, BatchTooSmallError, BNLayer, IncompatibleModelError, LayerKind
 
 
 class NormPlan(Protocol):
     """How every adaptive BN layer normalises during one forward pass."""
 
     def normalize(self, layer: AdaptiveBatchNorm2d, x: Tensor) -> Tensor: ...
+
+    def affine_param(self, key: str, source: Tensor) -> Tensor:
+        """The tensor a LayerNorm/GroupNorm layer uses as its parameter `key` (`<layer>.weight`)."""
+        ...
 
 
 _ACTIVE_PLAN: ContextVar[NormPlan | None] = ContextVar("tta_norm_plan", default=None)
@@ -61,8 +68,14 @@ def convert_batchnorm(model: nn.Module) -> tuple[BNLayer, ...]:
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     if not targets:
         raise IncompatibleModelError("model has no BatchNorm2d layers; test-time BN adaptation needs them")
+    return _convert_bn(model, [name for name, _ in targets])
+
+
+def _convert_bn(model: nn.Module, names: Sequence[str]) -> tuple[BNLayer, ...]:
     layers: list[BNLayer] = []
-    for index, (name, bn) in enumerate(targets):
+    for index, name in enumerate(names):
+        bn = model.get_submodule(name)
+        assert isinstance(bn, nn.BatchNorm2d)
         if not (bn.affine and bn.track_running_stats) or bn.running_mean is None or bn.running_var is None:
             raise IncompatibleModelError(f"BN layer {name!r} must be affine and track running statistics")
         new = AdaptiveBatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum)
@@ -85,6 +98,109 @@ def convert_batchnorm(model: nn.Module) -> tuple[BNLayer, ...]:
             )
         )
     return tuple(layers)
+
+
+class _PlannedAffine:
+    """Mixed into a LayerNorm/GroupNorm (sub)class: `weight` and `bias` come from the active plan.
+
+    The layer's own forward runs unchanged (whatever the subclass does, e.g. permuting channels), and
+    reads `self.weight` / `self.bias`, which these properties answer; the parameters themselves stay
+    in `_parameters`, so state_dict keys, loading and `.to()` are unaffected.
+    """
+
+    _parameters: dict[str, nn.Parameter | None]
+    tta_layer_name: str
+
+    def _planned(self, key: str) -> Tensor | None:
+        param = self._parameters[key]
+        plan = _ACTIVE_PLAN.get()
+        if plan is None or param is None:
+            return param
+        return plan.affine_param(f"{self.tta_layer_name}.{key}", param)
+
+    @property
+    def weight(self) -> Tensor | None:
+        return self._planned("weight")
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self._planned("bias")
+
+
+_PLANNED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _planned_class(cls: type[nn.Module]) -> type[nn.Module]:
+    planned = _PLANNED_CLASSES.get(cls)
+    if planned is None:
+        planned = type(f"Planned{cls.__name__}", (_PlannedAffine, cls), {"__module__": __name__})
+        _PLANNED_CLASSES[cls] = planned
+    return planned
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The normalisation kind of a module (subclasses included), or None."""
+    if isinstance(module, nn.BatchNorm2d):
+        return "batchnorm2d"
+    if isinstance(module, nn.BatchNorm1d):
+        return "batchnorm1d"
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm"
+    if isinstance(module, nn.GroupNorm):
+        return "groupnorm"
+    return None
+
+
+def convert_norm_layers(
+    model: nn.Module, used: set[str] | None = None
+) -> tuple[tuple[BNLayer, ...], tuple[AffineLayer, ...], dict[str, int]]:
+    """Prepare every normalisation layer of `model` (in place, once, at load time) for adaptation.
+
+    BatchNorm2d layers that are affine and track running statistics become `AdaptiveBatchNorm2d`
+    (as `convert_batchnorm`); affine LayerNorm and GroupNorm layers read their parameters from the
+    active plan. `used` (module names the forward runs; None: all) leaves the others alone, so no
+    layer is trained that never receives a gradient. Returns the BN layers, every layer with
+    trainable affine parameters (module order), and the used normalisation layers counted by kind
+    (a BN2d layer without running statistics or affine parameters counts as "batchnorm2d" but is
+    not adapted; BatchNorm1d is counted, never adapted).
+    """
+    found: list[tuple[str, nn.Module, LayerKind]] = []
+    for name, module in model.named_modules():
+        kind = layer_kind(module)
+        if kind is not None and (used is None or name in used):
+            found.append((name, module, kind))
+    counts: dict[str, int] = {}
+    for _, _, kind in found:
+        counts[kind] = counts.get(kind, 0) + 1
+    bn_targets = [n for n, m, _ in found if _adaptable_bn(m)]
+    bn_layers = _convert_bn(model, bn_targets) if bn_targets else ()
+    by_name = {layer.name: layer for layer in bn_layers}
+    affine: list[AffineLayer] = []
+    for name, module, kind in found:
+        if name in by_name:
+            bn = by_name[name]
+            affine.append(AffineLayer(name, "batchnorm2d", bn.weight, bn.bias))
+        elif kind in ("layernorm", "groupnorm"):
+            weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+            if weight is None or bias is None:
+                continue  # no affine parameters: nothing to adapt
+            module.__class__ = _planned_class(type(module))
+            setattr(module, "tta_layer_name", name)  # noqa: B010 - a plain attribute, not a submodule
+            affine.append(AffineLayer(name, kind, weight.detach(), bias.detach()))
+    return bn_layers, tuple(affine), counts
+
+
+def _adaptable_bn(m: nn.Module) -> bool:
+    """A BatchNorm2d whose statistics a plan can set: affine, with running statistics, and not a
+    subclass with a forward of its own (e.g. BN fused with an activation, which a swap would drop)."""
+    return (
+        isinstance(m, nn.BatchNorm2d)
+        and type(m).forward is nn.BatchNorm2d.forward
+        and m.affine
+        and m.track_running_stats
+        and m.running_mean is not None
+        and m.running_var is not None
+    )
 
 
 def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
@@ -151,6 +267,14 @@ class GroupedPlan:
         parts = x.split(self.sizes)  # views: the batch is the outermost dimension in both memory layouts
         return torch.cat([plan.normalize(layer, part) for plan, part in zip(self.plans, parts, strict=True)])
 
+    def affine_param(self, key: str, source: Tensor) -> Tensor:
+        # One tensor serves the whole batch, so the plans must agree (the strategies only group
+        # streams whose LayerNorm/GroupNorm parameters are the source ones: `can_step_many`).
+        chosen = {id(t): t for t in (plan.affine_param(key, source) for plan in self.plans)}
+        if len(chosen) != 1:
+            raise ValueError(f"streams in one forward pass have different parameters {key!r}")
+        return next(iter(chosen.values()))
+
 
 class BasePlan:
     """Shared bookkeeping: per-layer affine overrides and (optionally) recorded batch statistics.
@@ -168,6 +292,9 @@ class BasePlan:
         w = self.affine.get(f"{layer.layer_name}.weight", layer.weight)
         b = self.affine.get(f"{layer.layer_name}.bias", layer.bias)
         return w, b
+
+    def affine_param(self, key: str, source: Tensor) -> Tensor:
+        return self.affine.get(key, source)
 
     def _record(self, layer: AdaptiveBatchNorm2d, mean: Tensor, var_biased: Tensor) -> None:
         if self.record:

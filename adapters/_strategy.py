@@ -1,5 +1,13 @@
 """A strategy = a statistics `Normalizer` (how BN layers normalise) + an optional gradient `Updater`.
 
+Each part declares the layer kinds it adapts (`base.LayerKind`): a normaliser the kinds whose statistics
+it sets (`stat_kinds`; BatchNorm2d), an updater the kinds whose affine parameters it trains
+(`affine_kinds`; BN2d, LayerNorm, GroupNorm). `check_model` refuses a model that lacks what a strategy
+needs: the normaliser's kinds when it `requires_stats` (`norm`, `alpha_bn`, `unmix_tns`, and UnMix-TNS
+in composites), and the updater's. The test-batch statistics under `tent`, `eata`, `eta` and `sar` are
+not required: on a model without BatchNorm their LayerNorm/GroupNorm layers compute their own
+statistics (the normaliser is then "source") and only the affine parameters adapt.
+
 `source`, `norm`, `alpha_bn` and `unmix_tns` are normalisers alone; `tent`, `eata`, `eta` and `sar`
 are updaters over test-batch statistics; `unmix_tns+tent` etc. pair UnMix-TNS statistics with an
 updater. Every step is a pure function of (handle, batch, state, config).
@@ -80,6 +88,16 @@ class Normalizer(Protocol[ConfigT]):
     @property
     def min_batch_size(self) -> int: ...
 
+    @property
+    def stat_kinds(self) -> frozenset[str]:
+        """The layer kinds whose statistics this normaliser sets (empty: every layer keeps its own)."""
+        ...
+
+    @property
+    def requires_stats(self) -> bool:
+        """Whether the strategy needs the model to have a layer of `stat_kinds` (it is pointless without)."""
+        ...
+
     def init_tensors(self, handle: ModelHandle, cfg: ConfigT, seed: int) -> dict[str, Tensor]: ...
 
     def plan(
@@ -120,6 +138,11 @@ class Updater(Protocol[ConfigT]):
     @property
     def autocast_ok(self) -> bool:
         """False: the update is not validated under reduced precision, so its forwards stay float32."""
+        ...
+
+    @property
+    def affine_kinds(self) -> frozenset[str]:
+        """The layer kinds whose affine parameters this updater trains (the model needs one of them)."""
         ...
 
     def init_state(
@@ -171,6 +194,8 @@ class ComposedStrategy:
         self.normalizer: Normalizer[Any] = normalizer
         self.updater: Updater[Any] | None = updater
         self.needs_grad = updater is not None
+        self.stat_kinds = normalizer.stat_kinds
+        self.affine_kinds: frozenset[str] = updater.affine_kinds if updater is not None else frozenset()
         self.autocast_ok = updater is None or updater.autocast_ok
         self.state_version = state_version
         parts: dict[str, type[StrategyConfig]] = {normalizer.name: normalizer.config_cls}
@@ -191,9 +216,25 @@ class ComposedStrategy:
     def min_batch_size(self) -> int:
         return 2 if self.updater is not None else self.normalizer.min_batch_size
 
+    def applies_to(self, handle: ModelHandle) -> bool:
+        """Whether the model has the layer kinds this strategy adapts (`check_model` passes)."""
+        kinds = handle.layer_kinds()
+        if self.normalizer.requires_stats and not self.stat_kinds & kinds:
+            return False
+        return self.updater is None or bool(self.affine_kinds & kinds)
+
     def check_model(self, handle: ModelHandle) -> None:
-        if not handle.bn_layers:
-            raise IncompatibleModelError(f"{self.name} needs a model with BatchNorm2d layers")
+        if self.applies_to(handle):
+            return
+        counts = ", ".join(f"{kind} x {n}" for kind, n in sorted(handle.layer_counts.items())) or "none"
+        if self.normalizer.requires_stats and not self.stat_kinds & handle.layer_kinds():
+            what = f"the statistics of {'/'.join(sorted(self.stat_kinds))} layers"
+        else:
+            what = f"the affine parameters of {'/'.join(sorted(self.affine_kinds))} layers"
+        raise IncompatibleModelError(
+            f"{self.name} adapts {what}, and model {handle.model_id!r} has none it can adapt "
+            f"(its normalisation layers: {counts})"
+        )
 
     def parse_config(self, raw: Mapping[str, Any] | StrategyConfig | None) -> StrategyConfig:
         if isinstance(raw, self.config_cls):
@@ -307,6 +348,12 @@ class ComposedStrategy:
         """
         if not self.can_step_many(adapt):
             raise ValueError(f"{self.name} adapts by gradient steps; use step() for each stream")
+        if self.updater is not None and any(
+            layer.kind != "batchnorm2d" for layer in handle.trainable_layers()
+        ):
+            # Each stream has its own LayerNorm/GroupNorm parameters, which one shared forward cannot
+            # give (BN layers can: they normalise each stream's rows separately).
+            return [self.step(handle, b, s, config, adapt) for b, s in zip(batches, states, strict=True)]
         norm_cfg = self.part_config(self.normalizer, self.parse_config(config))
         for batch, state in zip(batches, states, strict=True):
             self.check_state(handle, state)

@@ -20,7 +20,7 @@ from adapters._bn import (
     normalize_with,
 )
 from adapters._strategy import ComposedStrategy
-from adapters.base import ModelHandle, StrategyConfig
+from adapters.base import STAT_KINDS, ModelHandle, StrategyConfig
 from adapters.registry import register_strategy
 
 
@@ -34,6 +34,8 @@ class AlphaStats:
     name = "alpha_bn"
     config_cls = AlphaBNConfig
     min_batch_size = 1  # a single image still gives H*W values per channel
+    stat_kinds = STAT_KINDS
+    requires_stats = True
 
     def init_tensors(self, handle: ModelHandle, cfg: AlphaBNConfig, seed: int) -> dict[str, Tensor]:
         return {}

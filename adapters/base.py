@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -22,6 +22,12 @@ class IncompatibleModelError(AdaptError):
     """The model cannot be adapted by this strategy (for example it has no BatchNorm layers)."""
 
     error_type = "incompatible_model"
+
+
+class ModelLoadError(AdaptError):
+    """A declared model cannot be built: unknown architecture, unusable weights or input size."""
+
+    error_type = "model_load_error"
 
 
 class BatchTooSmallError(AdaptError):
@@ -48,6 +54,24 @@ class StrategyConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# The kinds of normalisation layer a model may have. Statistics strategies replace the statistics of
+# "batchnorm2d" layers; gradient updaters train the affine parameters of the `AFFINE_KINDS`.
+# "batchnorm1d" layers are counted but not adapted (they keep their source statistics and parameters).
+LayerKind = Literal["batchnorm2d", "batchnorm1d", "layernorm", "groupnorm"]
+STAT_KINDS: frozenset[LayerKind] = frozenset({"batchnorm2d"})
+AFFINE_KINDS: frozenset[LayerKind] = frozenset({"batchnorm2d", "layernorm", "groupnorm"})
+
+
+@dataclass(frozen=True, eq=False)
+class AffineLayer:
+    """A normalisation layer of the base model whose affine parameters an updater may train."""
+
+    name: str
+    kind: LayerKind
+    weight: Tensor
+    bias: Tensor
+
+
 @dataclass(frozen=True, eq=False)
 class BNLayer:
     """One BatchNorm2d layer of the base model with its frozen source statistics."""
@@ -70,6 +94,10 @@ class ModelHandle:
     `source_images(n, seed)` returns n clean in-distribution images for strategies that need source
     data (EATA's Fisher); it is None when the model was declared without source data.
     `autocast_dtype`: when set, forward passes run under torch.autocast with this dtype.
+    `bn_layers` are the BatchNorm2d layers (statistics strategies adapt them); `affine_layers` every
+    normalisation layer with trainable affine parameters (BN2d, LayerNorm, GroupNorm), in module order
+    (empty: the BN layers); `layer_counts` counts the normalisation layers the forward runs, by kind.
+    `top_modules`: module-name prefixes of the top of the network, whose layers SAR leaves frozen.
     """
 
     model_id: str
@@ -83,6 +111,9 @@ class ModelHandle:
     source_images: Callable[[int, int], Tensor] | None = None
     channels_last: bool = False
     autocast_dtype: torch.dtype | None = None
+    affine_layers: tuple[AffineLayer, ...] = ()
+    layer_counts: Mapping[str, int] = field(default_factory=dict)
+    top_modules: tuple[str, ...] = ()
     _moments: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -109,14 +140,26 @@ class ModelHandle:
             self._moments[indices] = cached
         return cached
 
+    def trainable_layers(self) -> tuple[AffineLayer, ...]:
+        """The normalisation layers whose affine parameters updaters train, in module order."""
+        if self.affine_layers:
+            return self.affine_layers
+        return tuple(AffineLayer(bn.name, "batchnorm2d", bn.weight, bn.bias) for bn in self.bn_layers)
+
+    def layer_kinds(self) -> frozenset[str]:
+        """The kinds of normalisation layer (`LayerKind`) that strategies can adapt in this model."""
+        return frozenset(layer.kind for layer in self.trainable_layers()) | (
+            frozenset({"batchnorm2d"}) if self.bn_layers else frozenset()
+        )
+
     def affine_names(self) -> list[str]:
-        """State keys of every BN layer's affine parameters, in layer order."""
-        return [f"{layer.name}.{p}" for layer in self.bn_layers for p in ("weight", "bias")]
+        """State keys of every trainable normalisation layer's affine parameters, in layer order."""
+        return [f"{layer.name}.{p}" for layer in self.trainable_layers() for p in ("weight", "bias")]
 
     def source_affine(self) -> dict[str, Tensor]:
-        """The source model's BN affine parameters keyed like `affine_names()`."""
+        """The source model's affine parameters keyed like `affine_names()`."""
         out: dict[str, Tensor] = {}
-        for layer in self.bn_layers:
+        for layer in self.trainable_layers():
             out[f"{layer.name}.weight"] = layer.weight
             out[f"{layer.name}.bias"] = layer.bias
         return out

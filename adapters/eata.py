@@ -21,7 +21,7 @@ from adapters import losses
 from adapters._grad import apply_gradients, init_affine_state, leaf_params
 from adapters._optim import OptimConfig
 from adapters._strategy import ComposedStrategy, Forward, UpdateOutcome
-from adapters.base import AdaptationState, IncompatibleModelError, ModelHandle
+from adapters.base import AFFINE_KINDS, AdaptationState, IncompatibleModelError, ModelHandle
 from adapters.registry import register_strategy
 from adapters.source import BatchStats
 from adapters.unmix_tns import UnMixStats
@@ -45,6 +45,7 @@ class ETAConfig(EATAConfig):
 
 class EATAUpdater:
     autocast_ok = True
+    affine_kinds = AFFINE_KINDS
 
     def __init__(self, name: str, config_cls: type[EATAConfig]) -> None:
         self.name = name
@@ -206,13 +207,18 @@ ETA_SUMMARY = "EATA without the Fisher penalty (no source data needed)"
 @register_strategy
 def eata() -> ComposedStrategy:
     updater = EATAUpdater("eata", EATAConfig)
-    return ComposedStrategy("eata", f"{EATA_SUMMARY} (test-batch statistics)", BatchStats(), updater)
+    return ComposedStrategy(
+        "eata", f"{EATA_SUMMARY} (test-batch statistics)", BatchStats(required=False), updater
+    )
 
 
 @register_strategy
 def eta() -> ComposedStrategy:
     return ComposedStrategy(
-        "eta", f"{ETA_SUMMARY} (test-batch statistics)", BatchStats(), EATAUpdater("eta", ETAConfig)
+        "eta",
+        f"{ETA_SUMMARY} (test-batch statistics)",
+        BatchStats(required=False),
+        EATAUpdater("eta", ETAConfig),
     )
 
 

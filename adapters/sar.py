@@ -19,7 +19,7 @@ from adapters import losses
 from adapters._grad import apply_gradients, init_affine_state, leaf_params, trainable_names
 from adapters._optim import OptimConfig
 from adapters._strategy import ComposedStrategy, Forward, StatPlan, UpdateOutcome
-from adapters.base import AdaptationState, ModelHandle
+from adapters.base import AFFINE_KINDS, AdaptationState, ModelHandle
 from adapters.registry import register_strategy
 from adapters.source import BatchStats
 from adapters.unmix_tns import UnMixStats
@@ -33,8 +33,13 @@ class SARConfig(OptimConfig):
     rho: float = Field(0.05, gt=0, description="SAM neighbourhood radius")
     reset_constant: float = Field(0.2, ge=0, description="reset when the EMA of the loss falls below this")
     ema_momentum: float = Field(0.9, ge=0, lt=1)
-    frozen_layers: tuple[str, ...] = Field(
-        ("layer4",), description="BN layers whose name contains one of these stay frozen (top of the network)"
+    frozen_layers: tuple[str, ...] | None = Field(
+        None,
+        description=(
+            "normalisation layers whose name contains one of these stay frozen; default (null): the "
+            "model's declared top modules (`top_modules` of its spec; ResNets: layer4, ViTs: the last "
+            "three blocks and the final norm)"
+        ),
     )
 
 
@@ -43,11 +48,12 @@ class SARUpdater:
     config_cls = SARConfig
     # The reference keeps SAR out of mixed precision (docs/ALGORITHMS.md §6): its forwards stay float32.
     autocast_ok = False
+    affine_kinds = AFFINE_KINDS
 
     def init_state(
         self, handle: ModelHandle, cfg: SARConfig, forward: Forward, seed: int
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return init_affine_state(handle, cfg, trainable_names(handle, cfg.frozen_layers)), {
+        return init_affine_state(handle, cfg, _trainable(handle, cfg)), {
             "opt_steps": 0,
             "loss_ema": None,
         }
@@ -55,7 +61,7 @@ class SARUpdater:
     def step(
         self, handle: ModelHandle, x: Tensor, state: AdaptationState, cfg: SARConfig, forward: Forward
     ) -> UpdateOutcome:
-        names = trainable_names(handle, cfg.frozen_layers)
+        names = _trainable(handle, cfg)
         affine = {k: state.tensors[k] for k in handle.affine_names()}
         params = leaf_params(state, names)
         e0 = losses.entropy_margin(cfg.e_margin, handle.num_classes)
@@ -107,7 +113,7 @@ class SARUpdater:
         meta["loss_ema"] = ema
         if ema < cfg.reset_constant:
             # Collapse to trivial confident solutions: back to the initial parameters and optimiser.
-            tensors = init_affine_state(handle, cfg, trainable_names(handle, cfg.frozen_layers))
+            tensors = init_affine_state(handle, cfg, _trainable(handle, cfg))
             meta = {"opt_steps": 0, "loss_ema": None}
             return UpdateOutcome(
                 logits, plan, tensors, meta, used=n2, filtered=n - n2, updated=True, loss=loss, reset=True
@@ -115,9 +121,22 @@ class SARUpdater:
         return UpdateOutcome(logits, plan, tensors, meta, used=n2, filtered=n - n2, updated=True, loss=loss)
 
 
+def _trainable(handle: ModelHandle, cfg: SARConfig) -> list[str]:
+    """The affine parameters SAR trains: all but those of the top of the network (docs/ALGORITHMS.md §6)."""
+    if cfg.frozen_layers is not None:
+        return trainable_names(handle, cfg.frozen_layers)
+    return [n for n in handle.affine_names() if not _under(n, handle.top_modules)]
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 @register_strategy
 def sar() -> ComposedStrategy:
-    return ComposedStrategy("sar", f"{SUMMARY} (test-batch statistics)", BatchStats(), SARUpdater())
+    return ComposedStrategy(
+        "sar", f"{SUMMARY} (test-batch statistics)", BatchStats(required=False), SARUpdater()
+    )
 
 
 @register_strategy

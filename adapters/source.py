@@ -8,7 +8,7 @@ from torch import Tensor
 
 from adapters._bn import BatchStatsPlan, SourcePlan
 from adapters._strategy import ComposedStrategy
-from adapters.base import ModelHandle, StrategyConfig
+from adapters.base import STAT_KINDS, ModelHandle, StrategyConfig
 from adapters.registry import register_strategy
 
 
@@ -24,6 +24,8 @@ class SourceStats(_Stateless):
 
     name = "source"
     min_batch_size = 1
+    stat_kinds: frozenset[str] = frozenset()
+    requires_stats = False
 
     def plan(
         self,
@@ -39,11 +41,19 @@ class SourceStats(_Stateless):
 
 
 class BatchStats(_Stateless):
-    """Current test batch's statistics (biased variance), source affine parameters."""
+    """Current test batch's statistics (biased variance), source affine parameters.
+
+    `required=False` (under the gradient updaters): a model without BatchNorm2d is accepted, and its
+    LayerNorm/GroupNorm layers keep computing their own statistics.
+    """
 
     name = "norm"
     # A single 2-D sample still has H*W values per channel (instance normalisation, poor but defined).
     min_batch_size = 1
+    stat_kinds = STAT_KINDS
+
+    def __init__(self, required: bool = True) -> None:
+        self.requires_stats = required
 
     def plan(
         self,
@@ -64,6 +74,7 @@ class _StatelessPlan:
     def __init__(self, inner: SourcePlan | BatchStatsPlan) -> None:
         self.batch_stats = inner.batch_stats
         self.normalize = inner.normalize
+        self.affine_param = inner.affine_param
 
     def updated_tensors(self) -> dict[str, Tensor]:
         return {}

@@ -16,7 +16,7 @@ from adapters import losses
 from adapters._grad import apply_gradients, init_affine_state, leaf_params
 from adapters._optim import OptimConfig
 from adapters._strategy import ComposedStrategy, Forward, UpdateOutcome
-from adapters.base import AdaptationState, ModelHandle
+from adapters.base import AFFINE_KINDS, AdaptationState, ModelHandle
 from adapters.registry import register_strategy
 from adapters.source import BatchStats
 from adapters.unmix_tns import UnMixStats
@@ -32,6 +32,7 @@ class TentUpdater:
     name = "tent"
     config_cls = TentConfig
     autocast_ok = True
+    affine_kinds = AFFINE_KINDS
 
     def init_state(
         self, handle: ModelHandle, cfg: TentConfig, forward: Forward, seed: int
@@ -54,7 +55,9 @@ class TentUpdater:
 
 @register_strategy
 def tent() -> ComposedStrategy:
-    return ComposedStrategy("tent", f"{SUMMARY} (test-batch statistics)", BatchStats(), TentUpdater())
+    return ComposedStrategy(
+        "tent", f"{SUMMARY} (test-batch statistics)", BatchStats(required=False), TentUpdater()
+    )
 
 
 @register_strategy

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from adapters._bn import AdaptiveBatchNorm2d, BasePlan, fast_stats_ok, normalize_with
 from adapters._strategy import ComposedStrategy
-from adapters.base import BatchTooSmallError, ModelHandle, StrategyConfig
+from adapters.base import STAT_KINDS, BatchTooSmallError, ModelHandle, StrategyConfig
 from adapters.registry import register_strategy
 
 PREFIX = "unmix."
@@ -61,6 +61,8 @@ class UnMixStats:
     name = "unmix_tns"
     config_cls = UnMixTNSConfig
     min_batch_size = 1  # statistics are per instance
+    stat_kinds = STAT_KINDS
+    requires_stats = True
 
     def init_tensors(self, handle: ModelHandle, cfg: UnMixTNSConfig, seed: int) -> dict[str, Tensor]:
         """Components mu_k = mu_s + sqrt(a K/(K-1)) sigma_s xi_k, var_k = (1-a) var_s (a = 0 when K = 1)."""

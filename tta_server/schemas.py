@@ -118,6 +118,12 @@ class ModelInfo(BaseModel):
     fingerprint: str
     device: str
     default: bool
+    norm_layers: dict[str, int] = Field(
+        default_factory=dict, description="normalisation layers the forward runs, by kind (batchnorm2d, ...)"
+    )
+    strategies: list[str] = Field(
+        default_factory=list, description="the strategies that apply to this model (the others answer 422)"
+    )
 
 
 class ModelList(BaseModel):

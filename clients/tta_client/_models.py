@@ -141,6 +141,8 @@ class ModelInfo(_Wire):
     fingerprint: str
     device: str
     default: bool = False
+    norm_layers: dict[str, int] = Field(default_factory=dict)
+    strategies: list[str] = Field(default_factory=list)
 
 
 class StrategyInfo(_Wire):

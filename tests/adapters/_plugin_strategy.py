@@ -25,6 +25,7 @@ from adapters._bn import (
     check_batch_stats_possible,
     normalize_with,
 )
+from adapters.base import STAT_KINDS
 from adapters.tent import TentUpdater
 
 PREFIX = "ema."
@@ -44,6 +45,8 @@ class EMAStats:
     name = "ema_tbn"
     config_cls = EMATBNConfig
     min_batch_size = 1
+    stat_kinds = STAT_KINDS
+    requires_stats = True
 
     def init_tensors(self, handle: ModelHandle, cfg: EMATBNConfig, seed: int) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}

@@ -26,6 +26,8 @@ async def list_models(engine: EngineDep) -> ModelList:
                 fingerprint=h.fingerprint,
                 device=str(h.device),
                 default=h.model_id == pool.default_model,
+                norm_layers=dict(h.layer_counts),
+                strategies=[n for n in adapters.list_strategies() if adapters.get_strategy(n).applies_to(h)],
             )
             for h in pool.handles.values()
         ]
