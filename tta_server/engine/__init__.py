@@ -28,7 +28,7 @@ from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult,
 from tta_server.engine.observer import Observer
 from tta_server.engine.repository import CasOutcome, Prepared, StateRepository, prepare
 from tta_server.engine.scheduler import Deadline, Pending, Scheduler
-from tta_server.engine.streams import Resolved, StreamService, parse_config, strategy
+from tta_server.engine.streams import Resolved, StreamService, parse_config, strategy, validate_policy
 from tta_server.errors import (
     DeadlineExceededError,
     StateCorruptError,
@@ -122,8 +122,9 @@ class Engine:
         self.observer = Observer(metrics)
         self.scheduler = Scheduler(self.executor, settings.max_step_images, settings.max_stream_queue)
         self.repository = StateRepository(store, self.executor, metrics, settings.state_cache_size)
-        bootstrap = StreamService(store, pool, self.observer, Policy("", "", {}), False)
-        self.default_policy = bootstrap.validate(None, settings.default_strategy, settings.default_config, 0)
+        self.default_policy = validate_policy(
+            pool, None, settings.default_strategy, settings.default_config, 0
+        )
         self._store_down_since: float | None = None
         self.streams = StreamService(
             store, pool, self.observer, self.default_policy, settings.require_configured_streams

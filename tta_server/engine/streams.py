@@ -89,6 +89,17 @@ def check_runs_on(strat: ComposedStrategy, cfg: StrategyConfig, handle: ModelHan
         )
 
 
+def validate_policy(
+    pool: ModelPool, model: str | None, strategy_name: str, config: dict[str, Any] | None, seed: int
+) -> Policy:
+    """The policy a PUT asks for, fully checked against its model (no incarnation yet)."""
+    handle = pool.get(model)
+    strat = strategy(strategy_name)
+    cfg = parse_config(strat, config)
+    check_runs_on(strat, cfg, handle)
+    return Policy(handle.model_id, strategy_name, cfg.model_dump(mode="json"), seed)
+
+
 class StreamService:
     def __init__(
         self,
@@ -107,11 +118,7 @@ class StreamService:
     def validate(
         self, model: str | None, strategy_name: str, config: dict[str, Any] | None, seed: int
     ) -> Policy:
-        handle = self.pool.get(model)
-        strat = strategy(strategy_name)
-        cfg = parse_config(strat, config)
-        check_runs_on(strat, cfg, handle)
-        return Policy(handle.model_id, strategy_name, cfg.model_dump(mode="json"), seed)
+        return validate_policy(self.pool, model, strategy_name, config, seed)
 
     # ------------------------------------------------------------------ reads
     async def resolve(
