@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--warmup-epochs", type=float, default=1.0, help="linear learning-rate warm-up before the cosine decay"
+    )
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--groups", type=int, default=8)
@@ -77,7 +80,13 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     )
     per_epoch = max(1, math.ceil(len(order) / args.batch_size))
     total = per_epoch * args.epochs if args.steps is None else min(args.steps, per_epoch * args.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    warmup = max(1, round(args.warmup_epochs * per_epoch))
+
+    def lr_factor(s: int) -> float:
+        # GroupNorm nets diverge at the full rate from random weights: ramp up first.
+        return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / total))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(args.seed)
     step, correct, seen, loss_sum, start = 0, 0, 0, 0.0, time.time()
     net.train()
