@@ -36,14 +36,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data", type=Path, default=DEFAULT_DATA, help="JPEG npz archive (see ../shared/README.md)"
     )
     p.add_argument("--out", type=Path, required=True, help="weights file to write (.pt or .safetensors)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument(
         "--warmup-epochs", type=float, default=1.0, help="linear learning-rate warm-up before the cosine decay"
     )
-    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--width", type=int, default=16)
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

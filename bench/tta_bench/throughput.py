@@ -82,7 +82,14 @@ class BenchError(RuntimeError):
 # --------------------------------------------------------------------------------------------- args
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tta-bench throughput", description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=("wrn", "resnet50"), default="wrn", help="wrn = models.yaml default")
+    p.add_argument(
+        "--model",
+        default="wrn",
+        help=(
+            "wrn = the models.yaml default; a models.yaml id; resnet50 or torchvision:<name> = that "
+            "ImageNet architecture with seeded random weights at 224x224"
+        ),
+    )
     p.add_argument("--models-config", type=Path, default=MODELS_CONFIG)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -155,13 +162,22 @@ def strategy_configs(raw: list[str]) -> dict[str, dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------ model
 def resolve_spec(args: argparse.Namespace) -> ModelSpec:
+    """The model to measure: the speed of a step depends on the architecture, not on trained weights, so
+    ImageNet architectures run with seeded random weights (no download)."""
     if args.model == "resnet50":
         return RESNET50
+    if args.model.startswith("torchvision:"):
+        name = args.model.partition(":")[2]
+        return ModelSpec.model_validate({**RESNET50.model_dump(), "id": name, "arch": args.model})
     from tta_server.model_pool import read_models_file
 
     cfg = read_models_file(args.models_config)
-    default = cfg.default_model or cfg.models[0].id
-    return next(m for m in cfg.models if m.id == default)
+    wanted = (cfg.default_model or cfg.models[0].id) if args.model == "wrn" else args.model
+    for m in cfg.models:
+        if m.id == wanted:
+            return m
+    known = ", ".join(m.id for m in cfg.models)
+    raise SystemExit(f"--model {args.model!r}: not in {args.models_config} (known: {known})")
 
 
 def build_bare(spec: ModelSpec, device: torch.device, channels_last: bool) -> nn.Module:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters.models import ModelSpec
 from tests.conftest import CIFAR_WEIGHTS, require_redis_server
 from tta_bench import cli, throughput
 
@@ -83,6 +84,24 @@ def test_multipart_body_is_parsed_as_files() -> None:
     boundary = ctype.split("boundary=", 1)[1]
     assert body.count(b'name="files"') == 3
     assert body.endswith(f"--{boundary}--\r\n".encode())
+
+
+def test_model_names_resolve_to_specs() -> None:
+    def spec(name: str) -> ModelSpec:
+        return throughput.resolve_spec(throughput.parse_args(["--model", name]))
+
+    mobilenet = spec("torchvision:mobilenet_v3_large")
+    assert (mobilenet.arch, mobilenet.id, mobilenet.input_size) == (
+        "torchvision:mobilenet_v3_large",
+        "mobilenet_v3_large",
+        (224, 224),
+    )
+    assert spec("wrn").id == "cifar10_wrn40_2"
+    assert spec("cifar10_wrn40_2").arch == "wide_resnet"
+    with pytest.raises(SystemExit, match="not in"):
+        spec("no_such_model")
+    with pytest.raises(ValueError, match="no_such_net"):
+        spec("torchvision:no_such_net")
 
 
 def test_bad_arguments_are_refused() -> None:
