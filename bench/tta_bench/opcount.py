@@ -182,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec.model_copy(update={"precision": args.precision})
     handle = build_handle(spec, device)
     batch = tp.to_input(tp.input_images(spec, args.batch_size), device, "nhwc")
-    net = tp.build_bare(spec, device, handle.channels_last).requires_grad_(True)
-    fwd, train = tp.bare_workloads(net, [batch], handle)
-    calls: dict[str, Any] = {"bare forward": fwd.fn, "bare fwd+bwd": train.fn}
+    fwd, train, affine = tp.bare_workloads(*tp.bare_nets(spec, device, handle.channels_last), [batch], handle)
+    calls: dict[str, Any] = {
+        "bare forward": fwd.fn,
+        "bare fwd+bwd": train.fn,
+        "bare fwd+bwd affine": affine.fn,
+    }
     configs = tp.strategy_configs(args.strategy_config)
     for name in [n.strip() for n in args.strategies.split(",") if n.strip()]:
         strategy = adapters.get_strategy(name)

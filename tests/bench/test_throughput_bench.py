@@ -40,6 +40,7 @@ def test_tiny_throughput_run_writes_the_documented_json(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert _positive(report["bare_forward_ips"])
     assert _positive(report["bare_train_ips"])
+    assert _positive(report["bare_train_affine_ips"])
     assert isinstance(report["device"], str) and report["device"].startswith("cpu")
     assert set(report["strategies"]) == {"source", "norm"}
     for row in report["strategies"].values():
@@ -116,7 +117,9 @@ def test_ops_command_counts_kernels_and_syncs_per_call(tmp_path: Path) -> None:
     argv = ["ops", "--batch-size", "4", "--strategies", "source,sar", "--device", "cpu", "--json", str(out)]
     assert cli.main(argv) == 0
     ops = json.loads(out.read_text())["ops"]
-    assert set(ops) == {"bare forward", "bare fwd+bwd", "source", "sar"}
+    assert set(ops) == {"bare forward", "bare fwd+bwd", "bare fwd+bwd affine", "source", "sar"}
+    # Gradients for the normalisation affine parameters only skip every convolution's weight gradient.
+    assert ops["bare fwd+bwd affine"]["kernels"] < ops["bare fwd+bwd"]["kernels"]
     assert ops["bare forward"]["host_syncs"] == 0
     assert ops["source"]["host_syncs"] == 1  # the result
     assert ops["sar"]["host_syncs"] == 3  # the result and one per filter
