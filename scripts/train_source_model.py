@@ -36,17 +36,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data", type=Path, default=DEFAULT_DATA, help="JPEG npz archive (see ../shared/README.md)"
     )
     p.add_argument("--out", type=Path, required=True, help="weights file to write (.pt or .safetensors)")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument(
-        "--warmup-epochs", type=float, default=1.0, help="linear learning-rate warm-up before the cosine decay"
+        "--warmup-epochs",
+        type=float,
+        default=1.0,
+        help="linear learning-rate warm-up before the cosine decay",
     )
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--limit", type=int, default=None, help="train on the first N images of a seeded shuffle")
     p.add_argument("--steps", type=int, default=None, help="stop after this many optimiser steps")
@@ -66,6 +70,8 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train(args: argparse.Namespace) -> dict[str, float]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     ds = load_jpeg_npz(args.data)
     order = np.random.default_rng(args.seed).permutation(len(ds))
