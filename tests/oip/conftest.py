@@ -1,0 +1,107 @@
+"""A real server for the Open Inference Protocol tests: `python -m tta_server` in a subprocess, HTTP and
+gRPC on free loopback ports, shared by the suite's modules (one model load).
+
+A subprocess, not a thread: the clients under test (tritonclient) register their own copy of the
+protocol's `inference.*` protobuf messages in this process, where the server's would collide with them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import MODELS_YAML, REPO
+
+MODEL = "cifar10_wrn40_2"
+
+
+@dataclass(frozen=True)
+class OipServer:
+    http_url: str  # http://127.0.0.1:port
+    http_host: str  # 127.0.0.1:port (tritonclient's form)
+    grpc_host: str  # 127.0.0.1:port
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def oip_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OipServer]:
+    http_port, grpc_port = _free_port(), _free_port()
+    log = tmp_path_factory.mktemp("oip_server") / "server.log"
+    env = {
+        **os.environ,
+        "TTA_GRPC_PORT": str(grpc_port),
+        "TTA_LOG_LEVEL": "WARNING",
+        "TTA_TORCH_THREADS": "1",
+        "TTA_DEVICE": "cpu",
+    }
+    env.pop("TTA_API_KEYS", None)
+    env.pop("TTA_REDIS_URL", None)
+    cmd = [sys.executable, "-m", "tta_server", "--host", "127.0.0.1", "--port", str(http_port)]
+    cmd += ["--config", str(MODELS_YAML)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after 180 s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield OipServer(url, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def images(n: int = 8, seed: int = 0) -> np.ndarray:
+    """n random 32x32 RGB uint8 images (NHWC)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def jpegs(arr: np.ndarray) -> list[bytes]:
+    from PIL import Image
+
+    out = []
+    for img in arr:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def put_policy(server: OipServer, stream: str, strategy: str, **config: object) -> dict[str, object]:
+    r = httpx.put(f"{server.http_url}/v1/streams/{stream}", json={"strategy": strategy, "config": config})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def read_stream(server: OipServer, stream: str) -> dict[str, object]:
+    r = httpx.get(f"{server.http_url}/v1/streams/{stream}")
+    assert r.status_code == 200, r.text
+    return dict(r.json())
