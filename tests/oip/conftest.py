@@ -7,6 +7,7 @@ protocol's `inference.*` protobuf messages in this process, where the server's w
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -38,19 +40,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def oip_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OipServer]:
+@contextlib.contextmanager
+def spawn_server(log: Path, **env_overrides: str) -> Iterator[OipServer]:
+    """`python -m tta_server` with HTTP and gRPC on free loopback ports, until ready; stopped on exit."""
     http_port, grpc_port = _free_port(), _free_port()
-    log = tmp_path_factory.mktemp("oip_server") / "server.log"
-    env = {
-        **os.environ,
-        "TTA_GRPC_PORT": str(grpc_port),
-        "TTA_LOG_LEVEL": "WARNING",
-        "TTA_TORCH_THREADS": "1",
-        "TTA_DEVICE": "cpu",
-    }
-    env.pop("TTA_API_KEYS", None)
-    env.pop("TTA_REDIS_URL", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTA_")}
+    env |= {"TTA_GRPC_PORT": str(grpc_port), "TTA_LOG_LEVEL": "WARNING", "TTA_TORCH_THREADS": "1"}
+    env |= {"TTA_DEVICE": "cpu", **env_overrides}
     cmd = [sys.executable, "-m", "tta_server", "--host", "127.0.0.1", "--port", str(http_port)]
     cmd += ["--config", str(MODELS_YAML)]
     with log.open("wb") as out:
@@ -77,6 +73,13 @@ def oip_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OipServer]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def oip_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OipServer]:
+    """The suite's server: no API keys, in-process state store."""
+    with spawn_server(tmp_path_factory.mktemp("oip_server") / "server.log") as server:
+        yield server
 
 
 def images(n: int = 8, seed: int = 0) -> np.ndarray:

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from tta_server.admission import Admission
 from tta_server.api.deps import EngineDep, NamespaceDep, SettingsDep
 from tta_server.api.streams import _still_wanted
 from tta_server.errors import InvalidImageError, ValidationError
@@ -75,14 +76,19 @@ async def infer(
     req = parse_request(model, version, body, request.headers.get(HEADER_LENGTH))
     req.stream_header = request.headers.get(core.STREAM_HEADER)
     deadline = request.state.deadline
-    out = await core.infer(
-        engine,
-        settings,
-        ns,
-        request.state.ticket,
-        req,
-        lambda stage: _still_wanted(request, deadline, stage),
-    )
+    ticket = getattr(request.state, "ticket", None)  # the edge middleware admitted the request
+    admission: Admission | None = None
+    if ticket is None:  # a path the middleware's pattern did not see as infer (never, by construction)
+        admission = request.app.state.admission
+        ticket = admission.admit(deadline)
+    try:
+        out = await core.infer(
+            engine, settings, ns, ticket, req, lambda stage: _still_wanted(request, deadline, stage)
+        )
+    finally:
+        if admission is not None:
+            ticket.close()
+            admission.leave()
     return render_response(out, req)
 
 
