@@ -177,6 +177,18 @@ def test_every_error_type_has_a_grpc_status() -> None:
     assert core.GRPC_STATUS["unauthorized"] == "UNAUTHENTICATED"
 
 
+def test_the_api_doc_lists_every_grpc_status() -> None:
+    import re
+
+    doc = (REPO / "docs" / "API.md").read_text()
+    section = doc[doc.index("## Open Inference Protocol") :]
+    documented = {}
+    for types, code in re.findall(r"^\| ((?:`[a-z_]+`(?:, )?)+) \| `([A-Z_]+)` \|$", section, flags=re.M):
+        for t in re.findall(r"`([a-z_]+)`", types):
+            documented[t] = code
+    assert documented == core.GRPC_STATUS
+
+
 def test_api_keys_guard_both_transports(tmp_path: Path) -> None:
     """Probes need no key; infer and metadata do, over HTTP and gRPC alike (raw gRPC calls: the
     server's own stubs may not be imported in this process, see conftest)."""
