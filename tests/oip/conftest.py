@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +41,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _coverage_run() -> list[str]:
+    """When this run measures coverage (scripts/test), the server measures itself too: a parallel data
+    file beside this process's, which pytest-cov combines at the end (the gRPC service runs only there)."""
+    import coverage
+
+    cov = coverage.Coverage.current()
+    if cov is None:
+        return []
+    data_file = str(Path(cov.config.data_file).resolve())
+    return ["-m", "coverage", "run", "--parallel-mode", f"--data-file={data_file}", "--source=tta_server"]
+
+
 @contextlib.contextmanager
 def spawn_server(log: Path, **env_overrides: str) -> Iterator[OipServer]:
     """`python -m tta_server` with HTTP and gRPC on free loopback ports, until ready; stopped on exit."""
@@ -47,7 +60,16 @@ def spawn_server(log: Path, **env_overrides: str) -> Iterator[OipServer]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TTA_")}
     env |= {"TTA_GRPC_PORT": str(grpc_port), "TTA_LOG_LEVEL": "WARNING", "TTA_TORCH_THREADS": "1"}
     env |= {"TTA_DEVICE": "cpu", **env_overrides}
-    cmd = [sys.executable, "-m", "tta_server", "--host", "127.0.0.1", "--port", str(http_port)]
+    cmd = [
+        sys.executable,
+        *_coverage_run(),
+        "-m",
+        "tta_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http_port),
+    ]
     cmd += ["--config", str(MODELS_YAML)]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -67,7 +89,9 @@ def spawn_server(log: Path, **env_overrides: str) -> Iterator[OipServer]:
             time.sleep(0.2)
         yield OipServer(url, f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
     finally:
-        proc.terminate()
+        # SIGINT, not SIGTERM: uvicorn re-raises the signal after its shutdown, and a KeyboardInterrupt
+        # still runs the exit handlers (the coverage data of _coverage_run is saved).
+        proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
