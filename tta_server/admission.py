@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from tta_server.errors import (
     DeadlineExceededError,
@@ -30,6 +31,7 @@ from tta_server.errors import (
 )
 
 TIMEOUT_HEADER = "x-request-timeout"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,14 @@ class Ticket:
         """Charge `pixels` decoded pixels to this request before decoding them: 413 over the per-request
         budget, 503 `overloaded` while the replica's budget is taken by other requests."""
         self.admission.reserve(self, pixels)
+
+    async def decode(self, pixels: int, work: Callable[[], Awaitable[T]]) -> T:
+        """Charge `pixels`, then run `work()` (a decode in a thread) and hold them until it has finished,
+        even if the request is cancelled meanwhile (the decode is shielded from the cancellation)."""
+        self.charge(pixels)
+        future = asyncio.ensure_future(work())
+        self.hold_until(future)
+        return await asyncio.shield(future)
 
     def hold_until(self, work: asyncio.Future[Any]) -> None:
         """Keep the pixels charged until `work` (a decode running in a thread) has finished, even if the

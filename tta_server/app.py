@@ -40,6 +40,7 @@ from tta_server.errors import (
 )
 from tta_server.metrics import Metrics
 from tta_server.model_pool import ModelPool, resolve_device
+from tta_server.oip import rest as oip_rest
 from tta_server.records import CorruptRecordError
 from tta_server.settings import Settings, get_settings
 from tta_server.state_store import InMemoryStateStore, RedisStateStore, StateStore
@@ -78,10 +79,20 @@ def create_app(settings: Settings | None = None, pool: ModelPool | None = None) 
             metrics.store_up.set(0)
             log.warning("state store not reachable at start-up (%s); /readyz reports it", exc)
         app.state.engine = Engine(settings, models, store, metrics)
+        grpc_server = None
+        if settings.grpc_port is not None:
+            # Imported here: its generated protobuf module is loaded only when the service is on.
+            from tta_server.oip import grpc_server as oip_grpc
+
+            grpc_server = await oip_grpc.start(
+                app.state.engine, settings, app.state.admission, app.state.rate_limiter, metrics
+            )
         log.info("ready: models %s, store %s", list(models.handles), type(store).__name__)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=5)
             app.state.engine.close()
             await store.close()
 
@@ -97,6 +108,7 @@ def create_app(settings: Settings | None = None, pool: ModelPool | None = None) 
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     app.include_router(streams.router)
     app.include_router(info.router)
+    app.include_router(oip_rest.router)
     _install_error_handlers(app, metrics)
     app.add_middleware(
         BodyLimitMiddleware,
@@ -236,11 +248,13 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-PREDICT_PATH = re.compile(r"/v1/streams/[^/]+/predict")
+# Admitted like predict: /v1 predict and Open Inference Protocol infer.
+PREDICT_PATH = re.compile(r"/v1/streams/[^/]+/predict|/v2/models/[^/]+(/versions/[^/]+)?/infer")
 PREDICT_ROUTE = "/v1/streams/{stream_id}/predict"
-ALWAYS_PUBLIC = frozenset({"/healthz", "/readyz"})
+V2_INFER_ROUTE = "/v2/models/{model}/infer"
+ALWAYS_PUBLIC = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 DISCOVERY = frozenset(
-    {"/v1/models", "/v1/strategies", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    {"/v1/models", "/v1/strategies", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/v2"}
 )
 
 
@@ -288,7 +302,8 @@ class EdgeMiddleware:
             if predict:
                 ticket = self.admission.admit(deadline)
         except TTAError as exc:
-            self._count(PREDICT_ROUTE if predict else "unmatched", exc)
+            route = (V2_INFER_ROUTE if path.startswith("/v2/") else PREDICT_ROUTE) if predict else "unmatched"
+            self._count(route, exc)
             extra = {"connection": "close"} if has_body else {}
             await _error_response(exc.status_code, exc.body(), {**(exc.headers or {}), **extra})(
                 scope, receive, send

@@ -87,6 +87,7 @@ IncompatibleModelError = _kind("IncompatibleModelError", "incompatible_model")
 OverloadedError = _kind("OverloadedError", "overloaded")
 DeadlineExceededError = _kind("DeadlineExceededError", "deadline_exceeded")
 RequestTimeoutError = _kind("RequestTimeoutError", "request_timeout")
+NotFoundError = _kind("NotFoundError", "not_found")
 
 
 def to_http(exc: BaseException) -> TTAError | None:

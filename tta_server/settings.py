@@ -16,6 +16,12 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="port of the Open Inference Protocol gRPC service (on `host`, beside HTTP); unset: off",
+    )
     models_config: Path = Field(
         Path("models.yaml"),
         description="YAML file declaring the served models (relative: to the working dir)",

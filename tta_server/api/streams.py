@@ -137,11 +137,8 @@ async def _read_batch(
             f"unsupported content type {ctype or 'none'!r}; send multipart/form-data `files` or application/x-npy"
         )
     await _still_wanted(request, ticket.deadline, "before decoding")
-    ticket.charge(pixels)
-    # Shielded: a cancelled request still holds its pixels until the decode thread has finished.
-    work = asyncio.ensure_future(engine.decode(decode))
-    ticket.hold_until(work)
-    batch = await asyncio.shield(work)
+    # A cancelled request still holds its pixels until the decode thread has finished.
+    batch = await ticket.decode(pixels, lambda: engine.decode(decode))
     await _still_wanted(request, ticket.deadline, "after decoding")
     return batch
 
