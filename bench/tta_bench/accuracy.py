@@ -463,7 +463,7 @@ def dataset_source(
     domains = {}
     for name in corruptions:
         try:
-            domain = load_domain(args.dataset, name, args.severity, layout, size=tuple(size))
+            domain = load_domain(args.dataset, name, args.severity, layout, size=(int(size[0]), int(size[1])))
             domain_stream(domain, args.n, args.order, args.delta, args.seed, args.batch_size)
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(f"--dataset {args.dataset}: {exc}") from None
