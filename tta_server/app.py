@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import adapters
-from tta_server import __version__
+from tta_server import __version__, docs_assets
 from tta_server.admission import TIMEOUT_HEADER, Admission, Deadline, Ticket, request_timeout
 from tta_server.api import info, streams
 from tta_server.api.deps import RateLimiter, authenticate, match_secret, presented_key, presents_credentials
@@ -101,7 +101,10 @@ def create_app(settings: Settings | None = None, pool: ModelPool | None = None) 
         version=__version__,
         summary="Test-time adapted predictions per client stream",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc are docs_assets' pages, with their assets served here
+        redoc_url=None,
     )
+    docs_assets.install(app)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.key_namespaces = settings.key_namespaces()
@@ -253,9 +256,8 @@ PREDICT_PATH = re.compile(r"/v1/streams/[^/]+/predict|/v2/models/[^/]+(/versions
 PREDICT_ROUTE = "/v1/streams/{stream_id}/predict"
 V2_INFER_ROUTE = "/v2/models/{model}/infer"
 ALWAYS_PUBLIC = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
-DISCOVERY = frozenset(
-    {"/v1/models", "/v1/strategies", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/v2"}
-)
+DISCOVERY = frozenset({"/v1/models", "/v1/strategies", "/openapi.json", "/v2"}) | docs_assets.DOCS_PATHS
+DISCOVERY_PREFIXES = (docs_assets.ASSETS_PATH + "/",)  # the docs pages' scripts, styles and icon
 
 
 class EdgeMiddleware:
@@ -264,7 +266,7 @@ class EdgeMiddleware:
     1. Authentication before any body byte is read: a protected path without a valid key is answered
        401. A credential that is presented must be valid on every path, public ones included (401).
        Public without a key: /healthz, /readyz; /metrics unless `metrics_token` is set (then it needs
-       that token); the discovery paths (models, strategies, API docs) with `public_discovery`.
+       that token); the discovery paths (models, strategies, API docs and their assets) with `public_discovery`.
     2. The request's `Deadline` (`request.state.deadline`), from `X-Request-Timeout` (422 if invalid).
     3. Predict requests are admitted (at most `max_pending_requests`, else 503 `overloaded` with
        Retry-After) and get a `Ticket` (`request.state.ticket`) that is closed when the request is over,
@@ -281,6 +283,7 @@ class EdgeMiddleware:
             {settings.metrics_token.get_secret_value(): "metrics"} if settings.metrics_token else {}
         )
         self.public = ALWAYS_PUBLIC | (DISCOVERY if settings.public_discovery else frozenset())
+        self.public_prefixes: tuple[str, ...] = DISCOVERY_PREFIXES if settings.public_discovery else ()
         self.request_timeout = settings.request_timeout_seconds
         self.admission = admission
         self.metrics = metrics
@@ -333,7 +336,11 @@ class EdgeMiddleware:
             return None
         if not self.keys:
             return None
-        public = path in self.public or (path == "/metrics" and not self.metrics_token)
+        public = (
+            path in self.public
+            or path.startswith(self.public_prefixes)
+            or (path == "/metrics" and not self.metrics_token)
+        )
         if public and not presents_credentials(headers):
             return None
         try:

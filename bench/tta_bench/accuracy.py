@@ -10,6 +10,13 @@ Output: a markdown table (rows strategies, columns corruptions + mean, error % =
 per-strategy wall time on stdout, a progress bar on stderr, and with ``--json FILE``
 ``{"results": {strategy: {corruption: error, ..., "mean": error}}, "config": {option: value}}``.
 
+Data: by default the CIFAR-10 test archive, corrupted here (``--corruptions``, ``--severity``, seeded).
+With ``--dataset DIR`` the images of a downloaded dataset folder instead (``tta_data.layouts``): the
+published CIFAR-10-C / CIFAR-100-C ``.npy`` files (``<corruption>.npy``, ``labels.npy``; ``--severity``
+picks the rows), ImageNet-C style folders (``<corruption>/<severity>/<class>/*``) or plain class folders
+(``<class>/*``, one clean domain ``none``); ``--corruptions`` then names the folder's corruptions
+(``all``: every one it holds), and the same subset and order options apply.
+
 A trailing batch smaller than a strategy's ``min_batch_size`` is predicted without adaptation
 (``adapt=False``); a strategy whose ``min_batch_size`` exceeds ``--batch-size`` is skipped with a note.
 """
@@ -21,7 +28,7 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="folder of test_jpeg.npz (default: $TTA_DATA_DIR or <repo>/../shared/data/cifar10)",
+    )
+    p.add_argument(
+        "--dataset",
+        type=Path,
+        default=None,
+        help="a dataset folder to read instead of the CIFAR-10 archive: CIFAR-10-C .npy files, "
+        "ImageNet-C folders or class folders (see --layout)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=("auto", "cifar-c", "imagenet-c", "folders"),
+        default="auto",
+        help="layout of --dataset (default: detected)",
     )
     p.add_argument(
         "--corruptions",
@@ -108,7 +128,17 @@ def resolve_strategies(raw: str) -> list[str]:
     )
 
 
-def resolve_corruptions(raw: str) -> list[str]:
+def resolve_corruptions(raw: str, dataset: Path | None = None, layout: str = "auto") -> list[str]:
+    if dataset is not None:
+        from tta_data.layouts import list_domains
+
+        try:
+            held = list_domains(dataset, None if layout == "auto" else layout)  # type: ignore[arg-type]
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        return _resolve_names(
+            raw, "--corruptions", "corruption", held, held, f"{dataset} holds: {', '.join(held)}"
+        )
     from tta_data import CORRUPTIONS
 
     valid = (CLEAN, *CORRUPTIONS)
@@ -200,13 +230,25 @@ def load_handle(
 
 
 class StreamCache:
-    """Each corruption's batches, decoded and corrupted on first use and kept in memory."""
+    """Each corruption's batches, decoded and corrupted on first use and kept in memory.
+
+    ``source`` (corruption -> its ``StreamBatch`` iterator) replaces the corrupted CIFAR-10 archive, e.g.
+    the domains of a ``--dataset`` folder."""
 
     def __init__(
-        self, dataset: Any, severity: int, n: int, order: str, delta: float, seed: int, bs: int
+        self,
+        dataset: Any,
+        severity: int,
+        n: int,
+        order: str,
+        delta: float,
+        seed: int,
+        bs: int,
+        source: Callable[[str], Iterable[Any]] | None = None,
     ) -> None:
         self.dataset, self.severity, self.n, self.order = dataset, severity, n, order
         self.delta, self.seed, self.batch_size = delta, seed, bs
+        self.source = source
         self._batches: dict[str, list[CachedBatch]] = {}
 
     def num_batches(self) -> int:
@@ -219,15 +261,19 @@ class StreamCache:
 
             from tta_data import build_stream
 
-            stream = build_stream(
-                self.dataset,
-                [corruption],
-                severity=self.severity,
-                n_per_corruption=self.n,
-                order=self.order,  # type: ignore[arg-type]
-                delta=self.delta,
-                seed=self.seed,
-                batch_size=self.batch_size,
+            stream = (
+                self.source(corruption)
+                if self.source is not None
+                else build_stream(
+                    self.dataset,
+                    [corruption],
+                    severity=self.severity,
+                    n_per_corruption=self.n,
+                    order=self.order,  # type: ignore[arg-type]
+                    delta=self.delta,
+                    seed=self.seed,
+                    batch_size=self.batch_size,
+                )
             )
             cached = [
                 CachedBatch(
@@ -326,7 +372,7 @@ def select_runnable(strategies: Sequence[str], batch_size: int) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     check_options(args)
     strategies = resolve_strategies(args.strategies)
-    corruptions = resolve_corruptions(args.corruptions)
+    corruptions = resolve_corruptions(args.corruptions, args.dataset, args.layout)
     overrides = parse_overrides(args.config, strategies)
 
     configs = parse_configs(strategies, overrides)
@@ -339,17 +385,25 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     handle = load_handle(args.models_config, args.model, args.device, args.precision)
-    try:
-        dataset = load_jpeg_npz(cifar10_archive("test", args.data_dir))
-    except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
-    cache = StreamCache(dataset, args.severity, args.n, args.order, args.delta, args.seed, args.batch_size)
-    try:  # checks the subset / order arguments before any model work (e.g. Dirichlet with too few images)
-        from tta_data import stream_indices
+    if args.dataset is not None:
+        cache = StreamCache(
+            None, args.severity, args.n, args.order, args.delta, args.seed, args.batch_size,
+            source=dataset_source(args, handle.input_size, corruptions),
+        )  # fmt: skip
+    else:
+        try:
+            dataset = load_jpeg_npz(cifar10_archive("test", args.data_dir))
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        cache = StreamCache(
+            dataset, args.severity, args.n, args.order, args.delta, args.seed, args.batch_size
+        )
+        try:  # checks the subset / order arguments before any model work (e.g. Dirichlet with too few images)
+            from tta_data import stream_indices
 
-        stream_indices(dataset.labels, args.n, args.order, args.delta, args.seed)
-    except ValueError as exc:
-        raise UsageError(f"cannot build the stream: {exc}") from None
+            stream_indices(dataset.labels, args.n, args.order, args.delta, args.seed)
+        except ValueError as exc:
+            raise UsageError(f"cannot build the stream: {exc}") from None
 
     runnable = select_runnable(strategies, args.batch_size)
 
@@ -398,6 +452,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def dataset_source(
+    args: argparse.Namespace, size: tuple[int, int], corruptions: Sequence[str]
+) -> Callable[[str], Iterator[Any]]:
+    """Corruption -> its batches from the ``--dataset`` folder; every corruption is opened (and its stream
+    arguments checked) now, before any model work."""
+    from tta_data.layouts import domain_stream, load_domain
+
+    layout = None if args.layout == "auto" else args.layout
+    domains = {}
+    for name in corruptions:
+        try:
+            domain = load_domain(args.dataset, name, args.severity, layout, size=(int(size[0]), int(size[1])))
+            domain_stream(domain, args.n, args.order, args.delta, args.seed, args.batch_size)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"--dataset {args.dataset}: {exc}") from None
+        domains[name] = domain
+
+    def source(name: str) -> Iterator[Any]:
+        return domain_stream(domains[name], args.n, args.order, args.delta, args.seed, args.batch_size)
+
+    return source
+
+
 def write_json(path: Path, results: dict[str, dict[str, float]], config: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -416,6 +493,8 @@ def config_dict(
         "model": handle.model_id,
         "models_config": str(args.models_config),
         "data_dir": str(args.data_dir) if args.data_dir is not None else None,
+        "dataset": str(args.dataset) if args.dataset is not None else None,
+        "layout": args.layout if args.dataset is not None else None,
         "strategies": list(strategies),
         "corruptions": list(corruptions),
         "severity": args.severity,

@@ -8,6 +8,14 @@ last is cut to its first K batches: a drift after K batches. The file format is
 
     tta-bench stream --streams 4 --corruptions gaussian_noise --n 2000 --out gn5.npz
     tta replay gn5.npz --strategy alpha_bn --reset-first
+
+With ``--dataset DIR`` the streams are drawn from a downloaded dataset folder instead of corrupting the
+CIFAR-10 archive (``tta_data.layouts``: CIFAR-10-C / CIFAR-100-C ``.npy`` files, ImageNet-C folders,
+class folders; ``--layout`` if detection is not enough, ``--image-size H,W`` for folders of other sizes):
+
+    tta-bench stream --dataset ~/data/CIFAR-10-C --corruptions gaussian_noise,fog --severity 3 --out c10c.npz
+
+(``tta replay`` reads replay files only: the client imports nothing of ``tta_data``.)
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Any
 
 from tta_bench.paths import cifar10_archive
 
-__all__ = ["cifar_streams", "main"]
+__all__ = ["cifar_streams", "dataset_streams", "main"]
 
 
 def cifar_streams(
@@ -66,6 +74,49 @@ def cifar_streams(
     return batches
 
 
+def dataset_streams(
+    root: Path,
+    corruptions: Sequence[str] | None,
+    *,
+    layout: str | None = None,
+    severity: int = 5,
+    n: int | None = 2000,
+    batch_size: int = 64,
+    order: str = "iid",
+    delta: float = 0.1,
+    seed: int = 0,
+    switch_after: int | None = None,
+    size: tuple[int, int] | None = None,
+) -> tuple[Callable[[int], Iterator[Any]], list[str]]:
+    """Like :func:`cifar_streams`, from the domains of a dataset folder (``corruptions`` None: all it
+    holds). Returns the source and the corruptions used; every domain is opened and checked now."""
+    from tta_data.layouts import domain_stream, list_domains, load_domain
+
+    kind: Any = layout
+    held = list_domains(root, kind)
+    names = list(held if corruptions is None else corruptions)
+    missing = [c for c in names if c not in held]
+    if not names or missing:
+        raise ValueError(f"{root} holds {', '.join(held)}; not {', '.join(missing) or 'nothing'}")
+    if switch_after is not None and (switch_after < 1 or len(names) < 2):
+        raise ValueError("switch_after needs a value >= 1 and at least two corruptions")
+    domains = {c: load_domain(root, c, severity, kind, size=size) for c in names}
+
+    def part(c: str, i: int) -> Iterator[Any]:
+        return domain_stream(domains[c], n, order, delta, seed + i, batch_size)  # type: ignore[arg-type]
+
+    for c in names:
+        part(c, 0)  # checks n / order against each domain's labels
+
+    def batches(i: int) -> Iterator[Any]:
+        if switch_after is None:
+            return itertools.chain(*(part(c, i) for c in names))
+        *head, last = names
+        return itertools.chain(*(itertools.islice(part(c, i), switch_after) for c in head), part(last, i))
+
+    return batches, names
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tta-bench stream", description="Write corrupted CIFAR-10 test streams to a `tta replay` file."
@@ -85,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="folder of test_jpeg.npz (default: $TTA_DATA_DIR or ../shared/data/cifar10)",
     )
+    p.add_argument(
+        "--dataset",
+        type=Path,
+        help="draw the streams from this dataset folder (CIFAR-10-C .npy files, ImageNet-C folders or "
+        "class folders) instead of corrupting the CIFAR-10 archive; --corruptions 'all' = all it holds",
+    )
+    p.add_argument(
+        "--layout", choices=["auto", "cifar-c", "imagenet-c", "folders"], default="auto", help="of --dataset"
+    )
+    p.add_argument(
+        "--image-size", help="H,W to bring --dataset folder images to (default: they must share a size)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -98,20 +161,44 @@ def run(args: argparse.Namespace) -> Path:
     if args.streams < 1:
         raise ValueError(f"--streams must be >= 1, got {args.streams}")
     corruptions = tuple(c.strip() for c in args.corruptions.split(",") if c.strip())
-    dataset = load_jpeg_npz(cifar10_archive("test", args.data_dir))
-    source = cifar_streams(
-        dataset,
-        corruptions,
-        severity=args.severity,
-        n=args.n,
-        batch_size=args.batch_size,
-        order=args.order,
-        delta=args.delta,
-        seed=args.seed,
-        switch_after=args.switch_after,
-    )
+    if args.dataset is not None:
+        size = None
+        if args.image_size:
+            try:
+                h, w = (int(v) for v in args.image_size.split(","))
+            except ValueError:
+                raise ValueError(f"--image-size must be H,W, got {args.image_size!r}") from None
+            size = (h, w)
+        source, names = dataset_streams(
+            args.dataset,
+            None if corruptions == ("all",) else corruptions,
+            layout=None if args.layout == "auto" else args.layout,
+            severity=args.severity,
+            n=args.n,
+            batch_size=args.batch_size,
+            order=args.order,
+            delta=args.delta,
+            seed=args.seed,
+            switch_after=args.switch_after,
+            size=size,
+        )
+        corruptions, origin = tuple(names), f"dataset:{args.dataset}"
+    else:
+        dataset = load_jpeg_npz(cifar10_archive("test", args.data_dir))
+        source = cifar_streams(
+            dataset,
+            corruptions,
+            severity=args.severity,
+            n=args.n,
+            batch_size=args.batch_size,
+            order=args.order,
+            delta=args.delta,
+            seed=args.seed,
+            switch_after=args.switch_after,
+        )
+        origin = "cifar10-test"
     meta = {
-        "source": "cifar10-test",
+        "source": origin,
         "corruptions": list(corruptions),
         "switch_after": args.switch_after,
         "severity": args.severity,

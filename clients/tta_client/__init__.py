@@ -1,6 +1,8 @@
 """Python client for the TTA inference service: ``Client``, ``AsyncClient``, wire models and errors.
 
-Depends on httpx and pydantic only (numpy is imported when ``predict_array`` is called).
+Depends on httpx and pydantic only (numpy is imported when ``predict_array`` is called). Settings not
+passed to a client come from ``TTA_URL``, ``TTA_API_KEY``, ``TTA_TIMEOUT`` and ``TTA_MAX_RETRIES``;
+failed requests are retried with backoff where that is safe (``Retry``).
 """
 
 from tta_client._client import DEFAULT_TIMEOUT, DEFAULT_URL, AsyncClient, Client, ImageInput
@@ -45,6 +47,7 @@ from tta_client._models import (
     StreamPublic,
     TopK,
 )
+from tta_client._retry import Retry
 from tta_client._version import __version__
 
 __all__ = [
@@ -70,6 +73,7 @@ __all__ = [
     "Prediction",
     "RateLimitedError",
     "RequestTimeoutError",
+    "Retry",
     "ServerError",
     "StateCorruptError",
     "StateMismatchError",

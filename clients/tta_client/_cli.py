@@ -22,6 +22,7 @@ import pydantic
 from tta_client._client import DEFAULT_TIMEOUT, DEFAULT_URL, AsyncClient, Client
 from tta_client._exceptions import APIError, RateLimitedError, TransportError
 from tta_client._format import format_predictions, format_stream, format_table
+from tta_client._retry import ENV_TIMEOUT, env_float
 from tta_client._version import __version__
 
 __all__ = ["build_parser", "main"]
@@ -44,13 +45,14 @@ class _Context:
     def client(self) -> Client:
         return Client(self.url, api_key=self.api_key, timeout=self.timeout, transport=self.transport)
 
-    def async_client(self, max_connections: int = 100) -> AsyncClient:
+    def async_client(self, max_connections: int = 100, retry: int | None = None) -> AsyncClient:
         return AsyncClient(
             self.url,
             api_key=self.api_key,
             timeout=self.timeout,
             transport=self.transport,
             max_connections=max_connections,
+            retry=retry,
         )
 
     def print(self, text: str = "") -> None:
@@ -222,7 +224,8 @@ def _cmd_replay(ctx: _Context) -> int:
     data = {"file": str(a.file), "file_streams": stream_file.num_streams, **stream_file.meta}
 
     async def go() -> replay.ReplayResult:
-        async with ctx.async_client(max_connections=cfg.concurrency or cfg.streams) as client:
+        # No client retries: replay counts every failed request and waits out rate limits itself.
+        async with ctx.async_client(max_connections=cfg.concurrency or cfg.streams, retry=0) as client:
             return await replay.run_replay(client, cfg, stream_file, progress=not a.no_progress, data=data)
 
     result = asyncio.run(go())
@@ -251,7 +254,7 @@ def _global_options(with_json: bool = True) -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=argparse.SUPPRESS,
-        help=f"seconds per request (default {DEFAULT_TIMEOUT:g})",
+        help=f"seconds per request (env TTA_TIMEOUT, default {DEFAULT_TIMEOUT:g})",
     )
     if with_json:
         g.add_argument(
@@ -356,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _context(args: argparse.Namespace, out: TextIO, transport: httpx.MockTransport | None) -> _Context:
     timeout = getattr(args, "timeout", None)
+    if timeout is None:
+        timeout = env_float(ENV_TIMEOUT)
     return _Context(
         args=args,
         url=getattr(args, "url", None) or os.environ.get("TTA_URL") or DEFAULT_URL,
@@ -386,7 +391,11 @@ def main(argv: Sequence[str] | None = None, *, transport: httpx.MockTransport | 
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help/--version
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    ctx = _context(args, sys.stdout, transport)
+    try:
+        ctx = _context(args, sys.stdout, transport)
+    except ValueError as exc:  # a bad TTA_TIMEOUT
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return int(args.handler(ctx))
     except APIError as exc:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import io
+import itertools
 import mimetypes
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Generic, Self, TypeAlias, TypeV
 import httpx
 import pydantic
 
-from tta_client._exceptions import APIError, TransportError, raise_for_error
+from tta_client._exceptions import APIError, TransportError, parse_retry_after, raise_for_error
 from tta_client._models import (
     ModelInfo,
     PredictResponse,
@@ -24,12 +28,13 @@ from tta_client._models import (
     StreamPolicy,
     StreamPublic,
 )
+from tta_client._retry import ENV_API_KEY, ENV_TIMEOUT, ENV_URL, Retry, RetryKind, env_float
 from tta_client._version import __version__
 
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["DEFAULT_TIMEOUT", "DEFAULT_URL", "AsyncClient", "Client", "ImageInput"]
+__all__ = ["DEFAULT_TIMEOUT", "DEFAULT_URL", "AsyncClient", "Client", "ImageInput", "Retry"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: Seconds; an adapting batch on a CPU server can take a while, so this is well above httpx's 5 s.
@@ -52,6 +57,17 @@ _EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp",
 T = TypeVar("T")
 
 
+class _Unset(enum.Enum):
+    UNSET = enum.auto()
+
+
+#: "Not given": the environment (``TTA_TIMEOUT``) or the default decides.
+UNSET = _Unset.UNSET
+# Looked up at call time, so tests can make the waits instantaneous.
+_sleep = time.sleep
+_async_sleep = asyncio.sleep
+
+
 @dataclass(frozen=True)
 class _Call(Generic[T]):
     """One HTTP request and how to turn its response into a result."""
@@ -64,6 +80,7 @@ class _Call(Generic[T]):
     content: bytes | None = None
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None
     headers: dict[str, str] | None = None
+    retry: RetryKind = RetryKind.IDEMPOTENT
 
 
 def guess_content_type(data: bytes, name: str | None = None) -> str:
@@ -150,22 +167,45 @@ def _readiness(response: httpx.Response) -> dict[str, Any]:
     return result
 
 
+def _resolve_timeout(timeout: float | httpx.Timeout | _Unset | None) -> httpx.Timeout:
+    if timeout is UNSET:
+        from_env = env_float(ENV_TIMEOUT)
+        timeout = DEFAULT_TIMEOUT if from_env is None else from_env
+    return timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+
+
+def _resolve_retry(retry: Retry | int | None) -> Retry:
+    if retry is None:
+        return Retry.from_env()
+    if isinstance(retry, Retry):
+        return retry
+    return Retry(max_retries=retry)
+
+
 class _BaseClient:
-    """Configuration and request building shared by ``Client`` and ``AsyncClient``."""
+    """Configuration and request building shared by ``Client`` and ``AsyncClient``.
+
+    Arguments not given come from the environment: ``base_url`` from ``TTA_URL`` (default
+    ``DEFAULT_URL``), ``api_key`` from ``TTA_API_KEY``, ``timeout`` (seconds, ``None`` = no timeout) from
+    ``TTA_TIMEOUT`` (default ``DEFAULT_TIMEOUT``), ``retry`` from ``TTA_MAX_RETRIES`` (default 2 retries;
+    an int sets the number, a ``Retry`` everything; which requests are retried: ``tta_client._retry``).
+    """
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: str | None = None,
         api_key: str | None = None,
-        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        timeout: float | httpx.Timeout | _Unset | None = UNSET,
         headers: dict[str, str] | None = None,
+        retry: Retry | int | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self.base_url = (base_url or os.environ.get(ENV_URL) or DEFAULT_URL).rstrip("/")
+        self.api_key = api_key or os.environ.get(ENV_API_KEY) or None
+        self.timeout = _resolve_timeout(timeout)
+        self.retry = _resolve_retry(retry)
         self.headers = {"Accept": "application/json", "User-Agent": f"tta-client/{__version__}"}
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
+        if self.api_key:
+            self.headers["Authorization"] = f"Bearer {self.api_key}"
         self.headers.update(headers or {})
 
     def __repr__(self) -> str:
@@ -201,6 +241,7 @@ class _BaseClient:
             _parser(PredictResponse),
             params={"adapt": adapt, "top_k": top_k},
             files=files,
+            retry=RetryKind.UNPROCESSED if adapt else RetryKind.IDEMPOTENT,
         )
 
     def _predict_array(
@@ -213,6 +254,7 @@ class _BaseClient:
             params={"adapt": adapt, "top_k": top_k},
             content=encode_npy(images),
             headers={"Content-Type": NPY_CONTENT_TYPE},
+            retry=RetryKind.UNPROCESSED if adapt else RetryKind.IDEMPOTENT,
         )
 
     def _models(self) -> _Call[list[ModelInfo]]:
@@ -229,6 +271,18 @@ class _BaseClient:
 
     def _ready(self) -> _Call[dict[str, Any]]:
         return _Call("GET", "/readyz", _readiness)
+
+    def _wait_after(
+        self, call: _Call[Any], attempt: int, outcome: httpx.Response | httpx.TransportError
+    ) -> float | None:
+        """Seconds to wait before sending ``call`` again after ``outcome``; None: do not retry."""
+        if isinstance(outcome, httpx.TransportError):
+            if not self.retry.should_retry_error(call.retry, outcome):
+                return None
+            return self.retry.delay(attempt, None)
+        if not self.retry.should_retry_response(call.retry, outcome):
+            return None
+        return self.retry.delay(attempt, parse_retry_after(outcome.headers.get("Retry-After")))
 
     def _request_kwargs(self, call: _Call[Any]) -> dict[str, Any]:
         return {
@@ -267,23 +321,32 @@ class Client(_BaseClient):
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: str | None = None,
         api_key: str | None = None,
-        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        timeout: float | httpx.Timeout | _Unset | None = UNSET,
         transport: httpx.BaseTransport | None = None,
         headers: dict[str, str] | None = None,
+        retry: Retry | int | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, timeout, headers)
+        super().__init__(base_url, api_key, timeout, headers, retry)
         self._http = httpx.Client(
             base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
         )
 
     def _send(self, call: _Call[T]) -> T:
-        try:
-            response = self._http.request(call.method, call.path, **self._request_kwargs(call))
-        except httpx.TransportError as exc:
-            raise TransportError(f"{call.method} {self.base_url}{call.path} failed: {exc!r}") from exc
-        return call.parse(response)
+        for attempt in itertools.count():
+            outcome: httpx.Response | httpx.TransportError
+            try:
+                outcome = self._http.request(call.method, call.path, **self._request_kwargs(call))
+            except httpx.TransportError as exc:
+                outcome = exc
+            wait = self._wait_after(call, attempt, outcome)
+            if wait is None:
+                break
+            _sleep(wait)
+        if isinstance(outcome, httpx.TransportError):
+            raise TransportError(f"{call.method} {self.base_url}{call.path} failed: {outcome!r}") from outcome
+        return call.parse(outcome)
 
     def set_policy(
         self,
@@ -358,14 +421,15 @@ class AsyncClient(_BaseClient):
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: str | None = None,
         api_key: str | None = None,
-        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        timeout: float | httpx.Timeout | _Unset | None = UNSET,
         transport: httpx.AsyncBaseTransport | None = None,
         headers: dict[str, str] | None = None,
         max_connections: int = 100,
+        retry: Retry | int | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, timeout, headers)
+        super().__init__(base_url, api_key, timeout, headers, retry)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=self.headers,
@@ -375,11 +439,19 @@ class AsyncClient(_BaseClient):
         )
 
     async def _send(self, call: _Call[T]) -> T:
-        try:
-            response = await self._http.request(call.method, call.path, **self._request_kwargs(call))
-        except httpx.TransportError as exc:
-            raise TransportError(f"{call.method} {self.base_url}{call.path} failed: {exc!r}") from exc
-        return call.parse(response)
+        for attempt in itertools.count():
+            outcome: httpx.Response | httpx.TransportError
+            try:
+                outcome = await self._http.request(call.method, call.path, **self._request_kwargs(call))
+            except httpx.TransportError as exc:
+                outcome = exc
+            wait = self._wait_after(call, attempt, outcome)
+            if wait is None:
+                break
+            await _async_sleep(wait)
+        if isinstance(outcome, httpx.TransportError):
+            raise TransportError(f"{call.method} {self.base_url}{call.path} failed: {outcome!r}") from outcome
+        return call.parse(outcome)
 
     async def set_policy(
         self,

@@ -225,6 +225,11 @@ def load_stream_file(path: str | os.PathLike[str], batch_size: int = 64) -> Stre
     import numpy as np
 
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is a folder; tta replay reads replay files. Write one from a dataset folder (CIFAR-10-C "
+            f".npy files, ImageNet-C or class folders) with: tta-bench stream --dataset {path} --out stream.npz"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"replay file not found: {path}")
     if batch_size < 1:

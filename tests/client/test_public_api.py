@@ -36,6 +36,7 @@ EXPECTED = {
     "StoreFullError",
     "UnavailableError",
     "RequestTimeoutError",
+    "Retry",
     "StrategyInfo",
     "StreamDrift",
     "StreamNotFoundError",

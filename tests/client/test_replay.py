@@ -332,6 +332,8 @@ def test_a_file_of_bare_images_and_labels_is_one_stream_cut_into_batches(tmp_pat
 def test_files_that_are_no_stream_file_are_refused(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="replay file not found"):
         rp.load_stream_file(tmp_path / "absent.npz")
+    with pytest.raises(FileNotFoundError, match=r"is a folder.*tta-bench stream --dataset"):
+        rp.load_stream_file(tmp_path)  # a dataset folder: the error says how to make a replay file of it
     np.savez(tmp_path / "nolabels.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="labels"):
         rp.load_stream_file(tmp_path / "nolabels.npz")

@@ -1,6 +1,7 @@
 """Property-based fuzzing: schemathesis over every operation of the OpenAPI schema (positive and
-negative generation), plus Hypothesis over the prediction bodies the schema does not describe
-(multipart images and .npy arrays). The property everywhere: no 5xx.
+negative generation), predict included (its document describes both bodies, multipart `files` and
+application/x-npy, so schemathesis sends real images and arrays), plus Hypothesis over malformed
+prediction bodies (random bytes, forged .npy headers, mutated images). The property everywhere: no 5xx.
 
 Bounded by default (TTA_FUZZ_EXAMPLES examples per operation / property, default 12); raise it for a
 long run, e.g. `TTA_FUZZ_EXAMPLES=200 pytest tests/reliability/test_fuzz.py`. With TTA_FUZZ_REPORT=FILE
@@ -23,7 +24,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 from schemathesis.checks import not_a_server_error
 
-from tests.conftest import MODELS_YAML
+from tests.conftest import MODELS_YAML, npy_bytes
 from tests.reliability.conftest import jpeg_bytes
 from tta_server.app import create_app
 from tta_server.settings import Settings
@@ -55,6 +56,26 @@ def _report():
             )
 
 
+PREDICT_PATH = "/v1/streams/{stream_id}/predict"
+
+
+def _npy_bodies() -> st.SearchStrategy[bytes]:
+    """Bodies for application/x-npy: mostly well-formed uint8 batches at the model's size (so generated
+    predicts get answers, not only 400s), some of other shapes, and bytes that are no array at all."""
+    valid = st.builds(
+        lambda n, seed: npy_bytes(
+            np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        ),
+        st.integers(1, 4),
+        st.integers(0, 2**16),
+    )
+    shaped = hnp.arrays(np.uint8, hnp.array_shapes(min_dims=1, max_dims=4, max_side=8)).map(npy_bytes)
+    return st.one_of(valid, valid, shaped, st.binary(max_size=256))
+
+
+# schemathesis knows no generator for this media type; register one (used for every schema below).
+schemathesis.openapi.media_type("application/x-npy", _npy_bodies())
+
 # The schema is built at import from the app's own OpenAPI document (no lifespan needed for that); the
 # app loads its model in the lifespan that schemathesis runs around each operation's test.
 APP = create_app(_settings())
@@ -69,13 +90,50 @@ def test_no_operation_answers_5xx(case) -> None:
     response = case.call()
     SEEN[f"status:{response.status_code}"] += 1
     SEEN[f"op:{case.operation.label}"] += 1
+    if case.operation.path == PREDICT_PATH and case.body is not None:
+        SEEN[f"predict-body:{case.media_type}:{response.status_code}"] += 1
     case.validate_response(response, checks=[not_a_server_error])
     if response.status_code >= 400:
         body = response.json()
         assert isinstance(body.get("error"), str) and isinstance(body.get("error_type"), str), body
 
 
-# ------------------------------------------------------------------ prediction bodies
+def test_the_schema_documents_both_predict_bodies() -> None:
+    body = APP.openapi()["paths"][PREDICT_PATH]["post"]["requestBody"]
+    assert body["required"] is True
+    assert set(body["content"]) == {"multipart/form-data", "application/x-npy"}
+    files = body["content"]["multipart/form-data"]["schema"]["properties"]["files"]
+    assert files["type"] == "array" and files["items"]["format"] == "binary"
+
+
+def test_generated_predict_calls_carry_both_bodies_and_get_predictions(pool) -> None:
+    """schemathesis' own cases for predict (what the fuzz test above sends): they carry bodies of both
+    media types, and some are real predictions (200), not only refusals."""
+    from fastapi.testclient import TestClient
+
+    app = create_app(_settings(), pool=pool)
+    predict_schema = schemathesis.openapi.from_dict(app.openapi())
+    predict_schema.app = app
+    operation = predict_schema[PREDICT_PATH]["POST"]
+    seen: Counter[tuple[str, int]] = Counter()
+
+    @settings(FUZZ_SETTINGS, max_examples=max(EXAMPLES, 12))
+    @given(case=operation.as_strategy())
+    def send(case) -> None:
+        response = case.call()
+        assert response.status_code < 500, response.text[:300]
+        if case.body is not None:
+            seen[(case.media_type, response.status_code)] += 1
+
+    with TestClient(app):  # the lifespan (engine, store) for the cases' calls
+        send()
+    for media in ("multipart/form-data", "application/x-npy"):
+        assert sum(n for (m, _), n in seen.items() if m == media) > 0, (media, seen)
+        assert seen[(media, 200)] > 0, (media, seen)
+    SEEN.update({f"predict-body:{m}:{status}": n for (m, status), n in seen.items()})
+
+
+# ------------------------------------------------------------------ malformed prediction bodies
 @pytest.fixture(scope="module")
 def client(pool):
     from fastapi.testclient import TestClient

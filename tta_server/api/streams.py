@@ -36,6 +36,43 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 router = APIRouter(prefix="/v1", tags=["streams"], responses=ERRORS)
 
+#: The predict body in the OpenAPI document. The route reads the body itself (`_read_batch`: it must be
+#: admitted and charged before anything is parsed), so FastAPI cannot infer it; this describes what
+#: `_read_batch` accepts, for generated clients and schema fuzzers.
+PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "The batch: encoded images as multipart `files` parts (JPEG, PNG, WebP; one part per image), or "
+            "one uint8 array of shape (N, H, W, 3) (or (H, W, 3) for one image) in NumPy's `.npy` format, "
+            "RGB, without pickled objects. Encoded images are resized to the model's input size; arrays "
+            "must have it (`input_size` in GET /v1/models)."
+        ),
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one encoded image per part",
+                        }
+                    },
+                },
+                "encoding": {"files": {"contentType": "image/jpeg, image/png, image/webp"}},
+            },
+            "application/x-npy": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "`numpy.save` of a uint8 NHWC RGB array (`allow_pickle=False`); "
+                "`application/octet-stream` is read the same way",
+            },
+        },
+    }
+}
+
 
 def _public(stream: str, view: StreamView) -> StreamPublic:
     policy, meta = view.policy, view.meta
@@ -150,7 +187,7 @@ async def _still_wanted(request: Request, deadline: Deadline, stage: str) -> Non
         raise ClientDisconnect(f"client went away {stage}")
 
 
-@router.post("/streams/{stream_id}/predict", response_model=PredictResponse)
+@router.post("/streams/{stream_id}/predict", response_model=PredictResponse, openapi_extra=PREDICT_BODY)
 async def predict(
     stream_id: StreamId,
     request: Request,
