@@ -49,7 +49,13 @@ log = logging.getLogger("tta_server")
 
 def build_store(settings: Settings) -> StateStore:
     if settings.redis_url:
-        return RedisStateStore(settings.redis_url, settings.state_ttl_seconds, settings.store_timeout_seconds)
+        return RedisStateStore(
+            settings.redis_url,
+            settings.state_ttl_seconds,
+            settings.store_timeout_seconds,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
+        )
     return InMemoryStateStore(settings.state_ttl_seconds)
 
 
