@@ -41,7 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument(
-        "--warmup-epochs", type=float, default=1.0, help="linear learning-rate warm-up before the cosine decay"
+        "--warmup-epochs",
+        type=float,
+        default=1.0,
+        help="linear learning-rate warm-up before the cosine decay",
     )
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--blocks", type=int, default=2)

@@ -51,7 +51,6 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
 from tta_server.errors import StateCorruptError, StoreFullError, StoreUnavailableError
@@ -115,20 +114,7 @@ def parse_store_url(url: str) -> StoreUrl:
             f"redis_url scheme {scheme!r} is not one of redis, rediss, unix, redis+cluster, redis+sentinel"
         )
     parts = urlsplit("x://" + rest)
-    netloc = parts.netloc
-    userinfo, at, hosts = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, pw = userinfo.partition(":")
-        username, password = (unquote(user) or None), (unquote(pw) if colon else None)
-        if not colon:  # `password@host` as redis:// allows
-            username, password = None, unquote(user)
-    nodes = []
-    for item in hosts.split(","):
-        host, colon, port = item.strip().rpartition(":")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"redis_url {url!r}: {item!r} is not host:port")
-        nodes.append((host.strip("[]"), int(port)))
+    username, password, nodes = _userinfo_and_nodes(url, parts.netloc)
     path = [p for p in parts.path.split("/") if p]
     if parts.query or parts.fragment:
         raise ValueError(f"redis_url {url!r}: query options are not supported for {scheme}")
@@ -142,6 +128,23 @@ def parse_store_url(url: str) -> StoreUrl:
         raise ValueError(f"redis_url {url!r}: the database {path[1]!r} is not a number")
     db = int(path[1]) if len(path) == 2 else 0
     return StoreUrl("sentinel", url, tuple(nodes), unquote(path[0]), db, username, password)
+
+
+def _userinfo_and_nodes(url: str, netloc: str) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username, password = (unquote(user) or None), (unquote(pw) if colon else None)
+        if not colon:  # `password@host`, as redis:// allows
+            username, password = None, unquote(user)
+    nodes = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"redis_url {url!r}: {item!r} is not host:port")
+        nodes.append((host.strip("[]"), int(port)))
+    return username, password, nodes
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 __all__ = [
     "PrivateCluster",
@@ -29,6 +30,7 @@ __all__ = [
     "free_port",
     "redis_cli_binary",
     "redis_server_binary",
+    "sync_client",
 ]
 
 
@@ -301,7 +303,9 @@ class PrivateSentinel:
         self.primary = PrivateRedis(appendonly=False, parent=self.root)
         self.replicas = [
             PrivateRedis(
-                appendonly=False, parent=self.root, extra_args=["--replicaof", "127.0.0.1", str(self.primary.port)]
+                appendonly=False,
+                parent=self.root,
+                extra_args=["--replicaof", "127.0.0.1", str(self.primary.port)],
             )
             for _ in range(replicas)
         ]
@@ -357,7 +361,7 @@ class PrivateSentinel:
         for port in self.sentinel_ports:
             client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=1)
             try:
-                addr = client.sentinel_get_master_addr_by_name(self.service)
+                addr: Any = client.sentinel_get_master_addr_by_name(self.service)
             except redis.RedisError:
                 continue
             finally:
@@ -382,7 +386,7 @@ class PrivateSentinel:
             for port in self.sentinel_ports:
                 client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
                 try:
-                    master = client.sentinel_master(self.service)
+                    master: Any = client.sentinel_master(self.service)
                 except redis.RedisError:
                     return False
                 finally:
@@ -423,3 +427,25 @@ class PrivateSentinel:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def sync_client(url: str, timeout: float = 5.0) -> Any:
+    """A synchronous redis-py client for any store URL the service takes (``redis://``,
+    ``redis+cluster://``, ``redis+sentinel://``): a Redis, a RedisCluster or the Sentinel primary's Redis.
+    For inspecting and preparing our own servers in tests and benches."""
+    import redis
+    from redis.cluster import ClusterNode, RedisCluster
+    from redis.sentinel import Sentinel
+
+    from tta_server.state_store import parse_store_url
+
+    target = parse_store_url(url)
+    user, password = target.username, target.password
+    if target.kind == "cluster":
+        nodes = [ClusterNode(h, p) for h, p in target.nodes]
+        return RedisCluster(startup_nodes=nodes, socket_timeout=timeout, username=user, password=password)
+    if target.kind == "sentinel":
+        assert target.service is not None
+        sentinel = Sentinel(list(target.nodes), socket_timeout=timeout, username=user, password=password)
+        return sentinel.master_for(target.service, db=target.db)
+    return redis.Redis.from_url(url, socket_timeout=timeout)
