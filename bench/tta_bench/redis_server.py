@@ -51,6 +51,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free loopback port P <= 55535 whose cluster bus port P + 10000 is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        with contextlib.ExitStack() as stack:
+            try:
+                for p in (port, port + 10000):
+                    s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    s.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port pair for a cluster node")
+
+
 class PrivateRedis:
     """A redis-server of our own on 127.0.0.1 and a free port, in a temporary folder; :meth:`close` removes it.
 
@@ -66,9 +83,11 @@ class PrivateRedis:
         appendonly: bool = True,
         extra_args: Sequence[str] = (),
         parent: Path | None = None,
+        new_port: Callable[[], int] = free_port,
     ) -> None:
         self._fixed_port = port is not None
-        self.port = port or free_port()
+        self._new_port = new_port
+        self.port = port or new_port()
         self.appendonly = appendonly
         self.extra_args = list(extra_args)
         self.dir = Path(tempfile.mkdtemp(prefix="tta-redis-", dir=parent))
@@ -108,7 +127,7 @@ class PrivateRedis:
             self.kill()
             if self._fixed_port or attempt == 2:
                 break
-            self.port = free_port()  # another process took the port between free_port() and the bind
+            self.port = self._new_port()  # another process took the port between free_port() and the bind
         log = self.dir / "redis.log"
         tail = log.read_text(errors="replace")[-1000:] if log.is_file() else ""
         raise RuntimeError(f"redis-server on 127.0.0.1:{self.port} did not start:\n{tail}")
@@ -204,7 +223,7 @@ class PrivateCluster:
             "--cluster-node-timeout", str(node_timeout_ms),
         ]  # fmt: skip
         self.nodes = [
-            PrivateRedis(appendonly=False, extra_args=args, parent=self.root)
+            PrivateRedis(appendonly=False, extra_args=args, parent=self.root, new_port=free_cluster_port)
             for _ in range(primaries * (1 + replicas))
         ]
 
