@@ -125,6 +125,7 @@ def create_app(settings: Settings | None = None, pool: ModelPool | None = None) 
         return response
 
     app.state.admission = Admission.from_settings(settings)
+    metrics.pending_requests.set_function(lambda: app.state.admission.pending)
     app.add_middleware(EdgeMiddleware, settings=settings, admission=app.state.admission, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
