@@ -108,9 +108,9 @@ def parse_store_url(url: str) -> StoreUrl:
             aioredis.connection.parse_url(url)
         except ValueError as exc:
             raise ValueError(f"redis_url {url!r}: {exc}") from exc
-        db = urlsplit(url).path.strip("/")
-        if scheme != "unix" and db and not db.isdigit():
-            raise ValueError(f"redis_url {url!r}: the database {db!r} is not a number")
+        db_path = urlsplit(url).path.strip("/")
+        if scheme != "unix" and db_path and not db_path.isdigit():
+            raise ValueError(f"redis_url {url!r}: the database {db_path!r} is not a number")
         return StoreUrl("standalone", url)
     if scheme not in ("redis+cluster", "redis+sentinel"):
         raise ValueError(

@@ -4,7 +4,8 @@ Starts a Redis Cluster (3 primaries + 3 replicas) or a Sentinel setup (a primary
 sentinels) on loopback ports (`--store`), `--replicas` `python -m tta_server` processes on it, and the
 proxy of `tta_bench.proxy` in front of them (`--mode hash`: consistent hashing on the stream id;
 `round-robin`: no affinity). Drives `--streams` streams (one request loop each) through the proxy for
-`--duration` seconds; optionally SIGKILLs a Redis primary (`--kill-primary-at S`) and a server replica
+`--duration` seconds (`--per-stream` request loops per stream, so a stream has concurrent requests);
+optionally SIGKILLs a Redis primary (`--kill-primary-at S`) and a server replica
 (`--kill-replica-at S`) mid-run. Nothing is restarted.
 
 Checks and figures (the exit status is 1 when a check fails):
@@ -56,6 +57,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--store", choices=["cluster", "sentinel"], default="cluster")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--streams", type=int, default=64)
+    p.add_argument("--per-stream", type=int, default=2, help="concurrent request loops per stream")
+    p.add_argument(
+        "--commit-latency",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the run: time N state commits straight to the store (no server), --wait-replicas applies",
+    )
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--mode", choices=["hash", "round-robin"], default="hash")
     p.add_argument("--kill-primary-at", type=float, default=None, metavar="S")
@@ -113,7 +122,8 @@ async def _run(args: argparse.Namespace, topo: PrivateCluster | PrivateSentinel,
     env = {
         "TTA_REDIS_WAIT_REPLICAS": str(args.wait_replicas),
         "TTA_REDIS_WAIT_TIMEOUT_MS": str(args.wait_timeout_ms),
-        "TTA_MAX_PENDING_REQUESTS": str(args.streams + 8),
+        "TTA_MAX_PENDING_REQUESTS": str(args.streams * args.per_stream + 8),
+        "TTA_MAX_STREAM_QUEUE": str(args.per_stream + 8),
         "TTA_REQUEST_TIMEOUT_SECONDS": str(args.request_timeout),
         "TTA_STORE_GRACE_SECONDS": "30",
     }
@@ -137,7 +147,7 @@ async def _run(args: argparse.Namespace, topo: PrivateCluster | PrivateSentinel,
         front = [f"http://127.0.0.1:{proxy_port}"]
         images = load_images("auto", seed=args.seed)
         streams = [f"mn-{i:03d}" for i in range(args.streams)]
-        limits = httpx.Limits(max_connections=4 * args.streams, keepalive_expiry=2.0)
+        limits = httpx.Limits(max_connections=4 * args.streams * args.per_stream, keepalive_expiry=2.0)
         async with httpx.AsyncClient(timeout=args.request_timeout, limits=limits) as client:
             for s in streams:
                 (
@@ -164,7 +174,7 @@ async def _run(args: argparse.Namespace, topo: PrivateCluster | PrivateSentinel,
             budget = [10**9]
             loops = [
                 drive_stream(client, front, s, images, args, run, budget, args.duration, args.seed * 7919 + k)
-                for k, s in enumerate(streams)
+                for k, s in enumerate(streams * args.per_stream)
             ]
             await asyncio.gather(*loops, *side)
             elapsed = run.elapsed()
@@ -256,6 +266,33 @@ def _report(
     }
 
 
+async def commit_latency(url: str, n: int, wait_replicas: int, wait_timeout_ms: int) -> dict[str, Any]:
+    """Time `n` sequential compare-and-set commits of a 64 KiB state (one stream) on the store at `url`."""
+    from tta_server.state_store import RedisStateStore
+
+    store = RedisStateStore(url, 600, 2.0, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms)
+    blob = os.urandom(64 * 1024)
+    try:
+        await store.replace("bench", "lat", "inc", b"{}")
+        times = []
+        for version in range(n):
+            t0 = time.perf_counter()
+            assert await store.cas("bench", "lat", "inc", version, blob, b"{}", b"{}", 0.1) == version + 1
+            times.append(time.perf_counter() - t0)
+        await store.delete("bench", "lat")
+    finally:
+        await store.close()
+    times.sort()
+    return {
+        "commits": n,
+        "wait_replicas": wait_replicas,
+        "p50_ms": round(1000 * times[len(times) // 2], 3),
+        "p99_ms": round(1000 * times[int(len(times) * 0.99)], 3),
+        "mean_ms": round(1000 * sum(times) / len(times), 3),
+        "wait_shortfalls": store.wait_shortfalls,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -268,7 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     with topo:
         log(f"own {args.store} up: {topo.url}")
-        report = asyncio.run(_run(args, topo, log))
+        if args.commit_latency:
+            report = asyncio.run(
+                commit_latency(topo.url, args.commit_latency, args.wait_replicas, args.wait_timeout_ms)
+            )
+            report["store"] = args.store
+            report["passed"] = True
+        else:
+            report = asyncio.run(_run(args, topo, log))
     text = json.dumps(report, indent=1, default=str)
     if args.json:
         args.json.write_text(text)
