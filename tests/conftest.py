@@ -1,10 +1,15 @@
 """Shared fixtures and helpers: a tiny seeded BatchNorm CNN, the real CIFAR-10 WRN-40-2 model, and the suite's
 own redis-server.
 
-Redis: the session starts one redis-server on a free loopback port (`redis_server`); tests flush databases
-of that server only (`redis_url`). Tests that kill or stop a server get one of their own (`private_redis`).
-No test connects to a Redis it did not start. Without the `redis-server` binary those tests are skipped on a
-developer machine and fail under CI=true; every test that needs it is marked `redis`.
+Redis: the session starts, once each and only when a test needs it, a redis-server (`redis_server`), a
+Redis Cluster of 3 primaries and 3 replicas (`redis_cluster`) and a Sentinel setup (`redis_sentinel`: a
+primary, a replica, 3 sentinels), all on free loopback ports. Every test that takes `redis_url` runs once
+against each kind (`redis_kind`: standalone, cluster, sentinel) and gets that store empty: its suite's
+database of the standalone server or the Sentinel primary, flushed before and after; under Cluster (one
+database only) the cluster's primaries, flushed before and after. Tests run one at a time, and every
+server flushed is one the session started. Tests that kill or stop a server get one of their own
+(`private_redis`). No test connects to a Redis it did not start. Without the `redis-server` binary those
+tests are skipped on a developer machine and fail under CI=true; every test that needs it is marked `redis`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +29,14 @@ from adapters.base import ModelHandle
 from adapters.models import ModelSpec, build_handle
 from adapters.models.wide_resnet import WideResNet
 from tta_bench.paths import CIFAR10_DIR, MODELS_CONFIG, REPO_ROOT, SHARED_DIR
-from tta_bench.redis_server import PrivateRedis, redis_server_binary
+from tta_bench.redis_server import (
+    PrivateCluster,
+    PrivateRedis,
+    PrivateSentinel,
+    redis_cli_binary,
+    redis_server_binary,
+    sync_client,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -51,9 +63,20 @@ def stored_field(r: redis.Redis, key: str, field: str) -> bytes:
     return value
 
 
-def stored_keys(r: redis.Redis, pattern: str) -> set[str]:
-    """The names of the keys that match `pattern`."""
-    keys = r.keys(pattern)
+def store_client(url: str) -> Any:
+    """A synchronous client of the store behind `url` (any of the three kinds) to inspect or damage it."""
+    return sync_client(url)
+
+
+def stored_keys(r: Any, pattern: str) -> set[str]:
+    """The names of the keys that match `pattern` (on every primary of a cluster)."""
+    from redis.cluster import RedisCluster
+
+    keys = (
+        r.keys(pattern, target_nodes=RedisCluster.PRIMARIES)
+        if isinstance(r, RedisCluster)
+        else r.keys(pattern)
+    )
     assert isinstance(keys, list)
     names = set()
     for k in keys:
@@ -86,9 +109,10 @@ def app_clients(pool: Any, models_yaml: Path, **defaults: Any) -> Iterator[Calla
             c.__exit__(None, None, None)
 
 
-def require_redis_server() -> None:
-    """Skip without the redis-server binary on a developer machine; under CI=true its absence is a failure."""
-    if redis_server_binary() is not None:
+def require_redis_server(*, cli: bool = False) -> None:
+    """Skip without the redis-server binary (and, with `cli`, redis-cli) on a developer machine; under
+    CI=true their absence is a failure."""
+    if redis_server_binary() is not None and (not cli or redis_cli_binary() is not None):
         return
     if os.environ.get("CI") == "true":
         pytest.fail("redis-server is required when CI=true (Debian: apt-get install redis-server)")
@@ -96,7 +120,18 @@ def require_redis_server() -> None:
 
 
 #: Fixtures that start (or use) a redis-server: a test that requests one is marked `redis`.
-REDIS_FIXTURES = frozenset({"redis_server", "redis_url", "private_redis"})
+REDIS_FIXTURES = frozenset(
+    {"redis_server", "redis_url", "private_redis", "redis_cluster", "redis_sentinel", "redis_kind"}
+)
+#: The kinds of store every `redis_url` test runs against.
+REDIS_KINDS = ("standalone", "cluster", "sentinel")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_url" in metafunc.fixturenames and not any(
+        "redis_kind" in m.args[0] for m in metafunc.definition.iter_markers("parametrize")
+    ):
+        metafunc.parametrize("redis_kind", REDIS_KINDS)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -113,25 +148,65 @@ def redis_server() -> Iterator[PrivateRedis]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[PrivateCluster]:
+    """The suite's Redis Cluster (3 primaries, 3 replicas): started once, removed at the end."""
+    require_redis_server(cli=True)
+    with PrivateCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[PrivateSentinel]:
+    """The suite's Sentinel setup (a primary, a replica, 3 sentinels): started once, removed at the end."""
+    require_redis_server()
+    with PrivateSentinel(replicas=1) as setup:
+        yield setup
+
+
+@pytest.fixture
+def redis_kind() -> str:
+    """The kind of store of `redis_url` (tests taking `redis_url` are parametrised over REDIS_KINDS)."""
+    return "standalone"
+
+
 @pytest.fixture
 def suite_redis_db() -> int:
     """The database of `redis_server` a test suite uses; suites override it with their own."""
     return 1
 
 
-@pytest.fixture
-def redis_url(redis_server: PrivateRedis, suite_redis_db: int) -> Iterator[str]:
-    """A database of the suite's own redis-server, flushed before and after the test."""
-    import redis
+def fresh_store_url(request: pytest.FixtureRequest, kind: str, db: int = 1) -> Generator[str, None, None]:
+    """The URL of an empty store of `kind` (our own servers), emptied again when the generator closes."""
+    if kind == "cluster":
+        cluster: PrivateCluster = request.getfixturevalue("redis_cluster")
+        url, flush = cluster.url, cluster.flush
+    elif kind == "sentinel":
+        setup: PrivateSentinel = request.getfixturevalue("redis_sentinel")
+        url = setup.url_for(db)
+    else:
+        server: PrivateRedis = request.getfixturevalue("redis_server")
+        url = server.url_for(db)
+    if kind != "cluster":
 
-    url = redis_server.url_for(suite_redis_db)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
+        def flush() -> None:
+            client = sync_client(url)
+            try:
+                client.flushdb()
+            finally:
+                client.close()
+
+    flush()
     try:
         yield url
     finally:
-        client.flushdb()
-        client.close()
+        flush()
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest, redis_kind: str, suite_redis_db: int) -> Iterator[str]:
+    """An empty store of kind `redis_kind` (see the module docstring), emptied again after the test."""
+    yield from fresh_store_url(request, redis_kind, suite_redis_db)
 
 
 @pytest.fixture

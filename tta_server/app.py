@@ -50,7 +50,13 @@ log = logging.getLogger("tta_server")
 
 def build_store(settings: Settings) -> StateStore:
     if settings.redis_url:
-        return RedisStateStore(settings.redis_url, settings.state_ttl_seconds, settings.store_timeout_seconds)
+        return RedisStateStore(
+            settings.redis_url,
+            settings.state_ttl_seconds,
+            settings.store_timeout_seconds,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
+        )
     return InMemoryStateStore(settings.state_ttl_seconds)
 
 
@@ -134,6 +140,7 @@ def create_app(settings: Settings | None = None, pool: ModelPool | None = None) 
         return response
 
     app.state.admission = Admission.from_settings(settings)
+    metrics.pending_requests.set_function(lambda: app.state.admission.pending)
     app.add_middleware(EdgeMiddleware, settings=settings, admission=app.state.admission, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)

@@ -76,6 +76,11 @@ class Metrics:
             MS,
             registry=r,
         )
+        self.pending_requests = Gauge(
+            "tta_pending_requests",
+            "Predict requests admitted on this replica and not finished (the autoscaling load signal)",
+            registry=r,
+        )
         self.updates = Counter("tta_state_updates", "Adapting steps committed to the store", MS, registry=r)
         self.conflicts = Counter(
             "tta_state_conflicts",

@@ -38,7 +38,22 @@ class Settings(BaseSettings):
         description="threads decoding uploads, apart from the steps so decodes never queue behind them",
     )
 
-    redis_url: str | None = Field(None, description="redis://host:port/db; unset = in-process store")
+    redis_url: str | None = Field(
+        None,
+        description=(
+            "redis://host:port/db, redis+cluster://host:port[,host:port...] or "
+            "redis+sentinel://host:port[,host:port...]/<service>[/db]; unset = in-process store"
+        ),
+    )
+    redis_wait_replicas: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="after each commit, WAIT until this many replicas have it (0 = asynchronous replication)",
+    )
+    redis_wait_timeout_ms: int = Field(
+        100, ge=1, le=60_000, description="longest a commit waits for its replicas (the commit stands)"
+    )
     state_ttl_seconds: int = Field(
         7 * 24 * 3600, ge=1, description="streams unused (no predict, no read) this long expire"
     )
@@ -169,6 +184,15 @@ class Settings(BaseSettings):
             # Names become part of Redis keys: a `:` in one could alias another key's namespace.
             if name and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
                 raise ValueError(f"API key name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _store_url_parses(cls, v: str | None) -> str | None:
+        if v:
+            from tta_server.state_store import parse_store_url
+
+            parse_store_url(v)
         return v
 
     @field_validator("metrics_token")

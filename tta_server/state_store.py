@@ -17,6 +17,19 @@ delete-and-recreate draws a fresh random incarnation, so no old state can ever b
 script over the policy's incarnation and the state's version. Both keys carry the state TTL, refreshed
 together by every read and write, so a stream in use (adapting or not) never expires.
 
+Connectors (one setting, `TTA_REDIS_URL`, parsed by :func:`parse_store_url`):
+
+  redis://[user:pass@]host:port/db                          one server (also rediss://, unix://)
+  redis+cluster://[user:pass@]host:port[,host:port...]      Redis Cluster from its startup nodes (db 0 only)
+  redis+sentinel://[user:pass@]host:port[,host:port...]/<service>[/db]   the primary Sentinel names
+
+Every script touches the keys of one stream only (one hash tag, one slot). The commit pipeline holds the
+script, an optional WAIT and the drift-board update; under Cluster redis-py sends each node its own part
+of it on one connection (the script and its WAIT go to the stream's primary, the board update to the
+board shard's), so nothing crosses a slot. The board was never atomic with the commit (advisory, see
+`cas`), so nothing is lost by splitting. MOVED/ASK redirects, cluster failovers and Sentinel primary
+changes are followed by the redis-py clients; a request caught in the failover answers 503.
+
 The store returns raw fields; `tta_server.records` decodes them defensively.
 """
 
@@ -28,13 +41,16 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.typing import EncodableT
 
 from tta_server.errors import StateCorruptError, StoreFullError, StoreUnavailableError
@@ -63,6 +79,75 @@ def drift_shard(stream: str) -> int:
 
 def drift_key(ns: str, shard: int) -> str:
     return f"{PREFIX}:drift:{{{ns}/{shard}}}"
+
+
+StoreKind = Literal["standalone", "cluster", "sentinel"]
+
+
+@dataclass(frozen=True)
+class StoreUrl:
+    """A parsed `TTA_REDIS_URL`: which kind of Redis, its seed nodes and (Sentinel) service name."""
+
+    kind: StoreKind
+    url: str
+    nodes: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_store_url(url: str) -> StoreUrl:
+    """Parse and check a store URL; a malformed one raises ValueError saying what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"redis_url {url!r} has no scheme (redis://, redis+cluster://, redis+sentinel://)")
+    scheme = scheme.lower()
+    if scheme in ("redis", "rediss", "unix"):
+        try:
+            aioredis.connection.parse_url(url)
+        except ValueError as exc:
+            raise ValueError(f"redis_url {url!r}: {exc}") from exc
+        db_path = urlsplit(url).path.strip("/")
+        if scheme != "unix" and db_path and not db_path.isdigit():
+            raise ValueError(f"redis_url {url!r}: the database {db_path!r} is not a number")
+        return StoreUrl("standalone", url)
+    if scheme not in ("redis+cluster", "redis+sentinel"):
+        raise ValueError(
+            f"redis_url scheme {scheme!r} is not one of redis, rediss, unix, redis+cluster, redis+sentinel"
+        )
+    parts = urlsplit("x://" + rest)
+    username, password, nodes = _userinfo_and_nodes(url, parts.netloc)
+    path = [p for p in parts.path.split("/") if p]
+    if parts.query or parts.fragment:
+        raise ValueError(f"redis_url {url!r}: query options are not supported for {scheme}")
+    if scheme == "redis+cluster":
+        if path and path != ["0"]:
+            raise ValueError(f"redis_url {url!r}: Redis Cluster has database 0 only; give no path")
+        return StoreUrl("cluster", url, tuple(nodes), None, 0, username, password)
+    if not path or len(path) > 2:
+        raise ValueError(f"redis_url {url!r}: give the Sentinel service name: .../<service>[/db]")
+    if len(path) == 2 and not path[1].isdigit():
+        raise ValueError(f"redis_url {url!r}: the database {path[1]!r} is not a number")
+    db = int(path[1]) if len(path) == 2 else 0
+    return StoreUrl("sentinel", url, tuple(nodes), unquote(path[0]), db, username, password)
+
+
+def _userinfo_and_nodes(url: str, netloc: str) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username, password = (unquote(user) or None), (unquote(pw) if colon else None)
+        if not colon:  # `password@host`, as redis:// allows
+            username, password = None, unquote(user)
+    nodes = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"redis_url {url!r}: {item!r} is not host:port")
+        nodes.append((host.strip("[]"), int(port)))
+    return username, password, nodes
 
 
 @dataclass(frozen=True)
@@ -295,20 +380,69 @@ return 1
 
 
 class RedisStateStore:
-    """redis-py (hiredis parser) over asyncio. Redis unreachable -> StoreUnavailableError (503); Redis
-    out of memory -> StoreFullError (503, counted apart); a key of the wrong type -> StateCorruptError."""
+    """redis-py (hiredis parser) over asyncio, on one server, a Cluster or a Sentinel-managed primary.
+    Redis unreachable (or failing over) -> StoreUnavailableError (503); Redis out of memory ->
+    StoreFullError (503, counted apart); a key of the wrong type -> StateCorruptError.
 
-    def __init__(self, url: str, ttl_seconds: int, timeout: float) -> None:
+    `wait_replicas` > 0: every commit (state CAS, policy create/replace) is followed, on the same
+    connection and in the same round trip, by `WAIT wait_replicas wait_timeout_ms`; the answer is
+    only sent once that many replicas have the write or the timeout passed (then the commit stands
+    on the primary alone: logged and counted in `wait_shortfalls`)."""
+
+    def __init__(
+        self,
+        url: str,
+        ttl_seconds: int,
+        timeout: float,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
+    ) -> None:
         self.ttl_ms = ttl_seconds * 1000
-        self.client = aioredis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=30,
-            # One immediate retry on a dropped connection: after a Redis restart every pooled connection is
-            # dead, and each would otherwise fail one request. Timeouts are not retried (fail fast).
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
+        self.target = parse_store_url(url)
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.wait_shortfalls = 0
+        self._sentinel: Sentinel | None = None
+        common: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "username": self.target.username,
+            "password": self.target.password,
+        }
+        if self.target.kind == "cluster":
+            # A dead primary's slots move to its replica within the cluster's node timeout: a few quick
+            # retries (each re-reads the slot map) ride out redirects; a longer outage fails fast (503).
+            self.client: Any = RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in self.target.nodes],
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+                **common,
+            )
+        elif self.target.kind == "sentinel":
+            self._sentinel = Sentinel(
+                list(self.target.nodes),
+                sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+                **common,
+            )
+            assert self.target.service is not None
+            # Each new connection asks the sentinels for the current primary; a connection to a demoted
+            # one fails (READONLY -> ConnectionError) and the one retry reconnects to the new primary.
+            self.client = self._sentinel.master_for(
+                self.target.service,
+                db=self.target.db,
+                health_check_interval=30,
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
+        else:
+            self.client = aioredis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                health_check_interval=30,
+                # One immediate retry on a dropped connection: after a Redis restart every pooled connection
+                # is dead, and each would otherwise fail one request. Timeouts are not retried (fail fast).
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
         self._load = self.client.register_script(_LOAD)
         self._cas = self.client.register_script(_CAS)
         self._create = self.client.register_script(_CREATE)
@@ -326,7 +460,7 @@ class RedisStateStore:
                     "a stored record has the wrong type; DELETE the stream", detail={"store": text}
                 ) from exc
             raise StoreUnavailableError(f"state store error: {text}") from exc
-        except (TimeoutError, RedisError, OSError) as exc:
+        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
             raise StoreUnavailableError(f"state store unavailable: {type(exc).__name__}: {exc}") from exc
 
     async def ping(self) -> None:
@@ -342,11 +476,13 @@ class RedisStateStore:
 
     async def create(self, ns: str, stream: str, inc: str, rec: bytes, version: int = 0) -> bool:
         args: list[EncodableT] = [inc, version, rec, self.ttl_ms]
-        return bool(await self._call(self._create(keys=[policy_key(ns, stream)], args=args)))
+        replies = await self._commit(self._create, [policy_key(ns, stream)], args, [])
+        return bool(replies[0])
 
     async def replace(self, ns: str, stream: str, inc: str, rec: bytes, expected: str | None = None) -> bool:
         keys = [policy_key(ns, stream), state_key(ns, stream)]
-        done = await self._call(self._replace(keys=keys, args=[inc, rec, self.ttl_ms, expected or ""]))
+        replies = await self._commit(self._replace, keys, [inc, rec, self.ttl_ms, expected or ""], [])
+        done = replies[0]
         if done:
             await self.set_drift(ns, stream, None)
         return bool(done)
@@ -373,31 +509,68 @@ class RedisStateStore:
         skip streams that no longer exist."""
         keys = [policy_key(ns, stream), state_key(ns, stream)]
         args: list[EncodableT] = [inc, expected, blob, meta, rec, self.ttl_ms]
-        pipe = self.client.pipeline(transaction=False)
-        # EVALSHA, not the Script object: a pipeline holding Script objects first asks SCRIPT EXISTS,
-        # one more round trip on every commit. A server that lost its scripts answers NOSCRIPT: load, retry.
-        pipe.evalsha(self._cas.sha, len(keys), *keys, *args)
         board = drift_key(ns, drift_shard(stream))
-        if drift is None:
-            pipe.zrem(board, stream)
-        else:
-            pipe.zadd(board, {stream: drift})
-            pipe.pexpire(board, self.ttl_ms)
-        replies = await self._call(pipe.execute(raise_on_error=False))
+        extra: list[tuple[Any, ...]] = (
+            [("ZREM", board, stream)]
+            if drift is None
+            else [("ZADD", board, drift, stream), ("PEXPIRE", board, self.ttl_ms)]
+        )
+        replies = await self._commit(self._cas, keys, args, extra)
         for reply in replies[1:]:
             if isinstance(reply, Exception):
                 log.warning("drift board of %s not updated: %s", ns, reply)
         first = replies[0]
-        if isinstance(first, NoScriptError):
-            first = await self._call(self._cas(keys=keys, args=args))
-        elif isinstance(first, Exception):
-            await self._call(_raise(first))
         result = int(first)
         if result == CasOutcome.GONE:  # the board entry was this stream's old incarnation's
             await self.set_drift(ns, stream, None)
         if result == -3:
             raise StateCorruptError("the stored state has the wrong type; DELETE the stream")
         return result
+
+    async def _commit(
+        self, script: Any, keys: list[str], args: list[EncodableT], extra: list[tuple[Any, ...]]
+    ) -> list[Any]:
+        """One round trip: EVALSHA of `script`, WAIT (when configured) on the same connection, then
+        `extra` commands (other slots: under Cluster sent to their own nodes in the same round). Returns
+        the script's reply (an exception is raised) followed by the extra commands' replies or errors."""
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            # EVALSHA, not the Script object: a pipeline holding Script objects first asks SCRIPT EXISTS,
+            # one more round trip on every commit. A server that lost its scripts (a restarted or newly
+            # promoted primary) answers NOSCRIPT, having written nothing: load and send again.
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            if self.wait_replicas:
+                wait = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                if self.target.kind == "cluster":
+                    await self.client.initialize()
+                    node = self.client.get_node_from_key(keys[0])
+                    pipe.execute_command(*wait, target_nodes=node)
+                else:
+                    pipe.execute_command(*wait)
+            for command in extra:
+                pipe.execute_command(*command)
+            replies = await self._call(pipe.execute(raise_on_error=False))
+            first = replies[0]
+            if isinstance(first, NoScriptError) and attempt == 0:
+                await self._call(self.client.script_load(script.script))
+                continue
+            if isinstance(first, Exception):
+                await self._call(_raise(first))
+            if self.wait_replicas:
+                acked = replies[1]
+                if isinstance(acked, Exception):
+                    await self._call(_raise(acked))
+                if int(acked) < self.wait_replicas:
+                    self.wait_shortfalls += 1
+                    log.warning(
+                        "a commit reached %s of %d replicas within %d ms; it stands on the primary",
+                        acked,
+                        self.wait_replicas,
+                        self.wait_timeout_ms,
+                    )
+                return [first, *replies[2:]]
+            return list(replies)
+        raise StoreUnavailableError("state store lost its scripts twice in a row")
 
     async def set_drift(self, ns: str, stream: str, score: float | None) -> None:
         key = drift_key(ns, drift_shard(stream))
@@ -422,6 +595,9 @@ class RedisStateStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+        if self._sentinel is not None:
+            for sentinel in self._sentinel.sentinels:
+                await sentinel.aclose()
 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, bytes]:

@@ -9,6 +9,7 @@ COMMANDS = {
     "accuracy": "tta_bench.accuracy",
     "throughput": "tta_bench.throughput",
     "soak": "tta_bench.soak",
+    "multinode": "tta_bench.multinode",
     "ops": "tta_bench.opcount",
     "stream": "tta_bench.replay_data",
 }

@@ -49,7 +49,7 @@ import numpy as np
 import psutil
 
 from tta_bench.paths import MODELS_CONFIG, REPO_ROOT, cifar10_archive, cifar10_dir
-from tta_bench.redis_server import PrivateRedis, free_port
+from tta_bench.redis_server import PrivateRedis, free_port, sync_client
 
 DEFAULT_STRATEGIES = ("source", "norm", "alpha_bn", "unmix_tns", "tent", "eta")
 OUTAGE_GRACE_S = 5.0
@@ -105,12 +105,11 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
 
 
 def check_store_integrity(redis_url: str) -> tuple[int, list[str]]:
-    """Every stored state decodes and its meta `steps` equals its version. Returns (states, problems)."""
-    import redis
-
+    """Every stored state decodes and its meta `steps` equals its version. Returns (states, problems).
+    Any store URL the service takes (a cluster's keys are scanned on every primary)."""
     from adapters.serialization import CorruptStateError, state_from_bytes
 
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     problems: list[str] = []
     count = 0
     try:

@@ -336,6 +336,26 @@ def test_compose_servers_wait_for_redis_and_mount_models_read_only() -> None:
             assert mount.startswith(f"${{{var}:-") and mount.endswith(":ro"), mount
 
 
+def test_compose_proxy_hashes_streams_over_every_server() -> None:
+    services = _compose()["services"]
+    proxy = services["tta-proxy"]
+    assert proxy["image"].startswith("nginx:") and "./nginx.conf:/etc/nginx/nginx.conf:ro" in proxy["volumes"]
+    assert set(proxy["depends_on"]) == set(SERVER_SERVICES)
+    conf = (COMPOSE.parent / "nginx.conf").read_text()
+    lines = [line.split("#")[0].strip() for line in conf.splitlines()]
+    assert "hash $tta_stream consistent;" in lines
+    assert "map $uri $tta_stream {" in lines
+    pattern = next(line for line in lines if line.startswith("~^/v1/streams/"))
+    regex = re.compile(pattern.split()[0][1:].replace("?<stream>", "?P<stream>"))
+    for path, stream in (("/v1/streams/cam-7/predict", "cam-7"), ("/v1/streams/cam-7", "cam-7")):
+        m = regex.match(path)
+        assert m is not None and m.group("stream") == stream
+    assert regex.match("/v1/models") is None
+    servers = {line.split()[1] for line in lines if line.startswith("server ") and ":" in line.split()[1]}
+    assert servers == {f"{name}:8000" for name in SERVER_SERVICES}
+    assert "proxy_next_upstream error timeout;" in lines  # a replica that is down: the next on the ring
+
+
 def test_compose_bind_mounts_exist() -> None:
     for name, service in _compose()["services"].items():
         for volume in service.get("volumes", []):
@@ -414,6 +434,7 @@ ALL_ON = {
     "prometheusRule": {"enabled": True},
     "apiKeys": {"existingSecret": "tta-api-keys"},
     "redis": {"bundled": {"enabled": True}},
+    "ingress": {"enabled": True, "host": "tta.example.org"},
 }
 
 
@@ -467,7 +488,7 @@ def test_helm_default_render(render: Any, tmp_path: Path) -> None:
     docs = render({}, tmp_path)
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "ConfigMap"} <= kinds
-    assert not kinds & {"HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule", "Secret"}
+    assert not kinds & {"HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule", "Secret", "Ingress"}
     deployment = _kind(docs, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -490,6 +511,15 @@ def test_helm_render_with_everything_enabled(render: Any, tmp_path: Path) -> Non
     hpa = _kind(docs, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    # ...and the service's own load signal, a gauge the server exports.
+    pods = hpa["spec"]["metrics"][1]["pods"]
+    assert pods["metric"]["name"] == "tta_pending_requests" in _families()
+    assert _families()["tta_pending_requests"] == "gauge" and float(pods["target"]["averageValue"]) > 0
+    ingress = _kind(docs, "Ingress")
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$tta_stream"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": _kind(docs, "Deployment")["metadata"]["name"], "port": {"name": "http"}}
     assert "replicas" not in _kind(docs, "Deployment")["spec"]
     assert _kind(docs, "ServiceMonitor")["apiVersion"] == "monitoring.coreos.com/v1"
     rule = _kind(docs, "PrometheusRule")

@@ -12,11 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import torch
 
 from adapters.serialization import state_from_bytes, state_to_bytes
-from tests.conftest import npy_bytes, stored_field
+from tests.conftest import npy_bytes, store_client, stored_field
 from tests.reliability.conftest import NPY, batch, metric_value, predict
 from tta_bench.redis_server import free_port
 from tta_bench.soak import check_store_integrity, start_replica, stop_process, wait_ready
@@ -144,7 +143,7 @@ def test_corrupted_blob_is_409_state_corrupt_and_reset_fixes_it(make_client, red
     client = make_client(redis_url=redis_url, state_cache_size=0)
     client.put("/v1/streams/cam", json={"strategy": "tent"})
     assert predict(client, "cam").status_code == 200
-    r = redis.Redis.from_url(redis_url)
+    r = store_client(redis_url)
     for garbage in (
         b"\x00" * 40,
         b"not safetensors at all",
@@ -184,7 +183,7 @@ def test_blob_of_another_strategy_or_schema_is_409_state_mismatch(make_client, r
     client = make_client(redis_url=redis_url, state_cache_size=0)
     client.put("/v1/streams/cam", json={"strategy": "tent"})
     assert predict(client, "cam").status_code == 200
-    r = redis.Redis.from_url(redis_url)
+    r = store_client(redis_url)
     state = state_from_bytes(stored_field(r, _state_field("cam"), "blob"))
     r.hset(_state_field("cam"), "blob", state_to_bytes(tamper(state)))
     resp = predict(client, "cam", seed=1)
@@ -197,7 +196,7 @@ def test_hash_meta_of_another_policy_is_409_state_mismatch(make_client, redis_ur
     client = make_client(redis_url=redis_url, state_cache_size=0)
     client.put("/v1/streams/cam", json={"strategy": "alpha_bn"})
     assert predict(client, "cam").status_code == 200
-    r = redis.Redis.from_url(redis_url)
+    r = store_client(redis_url)
     meta = json.loads(stored_field(r, _state_field("cam"), "meta"))
     meta["policy"] = "f" * 16
     r.hset(_state_field("cam"), "meta", json.dumps(meta))
@@ -209,7 +208,7 @@ def test_nan_in_stored_state_is_detected_and_reset_to_source(make_client, redis_
     client = make_client(redis_url=redis_url, state_cache_size=0)
     client.put("/v1/streams/cam", json={"strategy": "tent"})
     assert predict(client, "cam").status_code == 200
-    r = redis.Redis.from_url(redis_url)
+    r = store_client(redis_url)
     state = state_from_bytes(stored_field(r, _state_field("cam"), "blob"))
     name = next(k for k in state.tensors if k.endswith(".weight") and not k.startswith("opt."))
     poisoned = state.tensors[name].clone()
@@ -258,7 +257,7 @@ def test_corrupt_policy_record_is_409_and_reset_put_or_delete_repair_it(
     client = make_client(redis_url=redis_url)
     client.put("/v1/streams/cam", json={"strategy": "tent"})
     assert predict(client, "cam").status_code == 200
-    r = redis.Redis.from_url(redis_url)
+    r = store_client(redis_url)
     r.hset(_policy_field("cam"), "rec", record)
     for method, path in (("get", "/v1/streams/cam"), ("post", "/v1/streams/cam/predict")):
         resp = getattr(client, method)(
@@ -287,7 +286,7 @@ def test_corrupt_policy_record_is_409_and_reset_put_or_delete_repair_it(
 def test_stored_config_that_no_longer_validates_is_409_state_mismatch(make_client, redis_url) -> None:
     client = make_client(redis_url=redis_url)
     client.put("/v1/streams/cam", json={"strategy": "tent"})
-    r = redis.Redis.from_url(redis_url)
+    r = store_client(redis_url)
     rec = json.loads(stored_field(r, _policy_field("cam"), "rec"))
     rec["config"]["lr"] = -5.0  # as if a release tightened the strategy's config schema
     r.hset(_policy_field("cam"), "rec", json.dumps(rec))
@@ -301,7 +300,7 @@ def test_stored_flat_config_of_a_composite_is_409_state_mismatch(make_client, re
     """A composite's config nests per part; a policy stored in the older flat form is refused clearly."""
     client = make_client(redis_url=redis_url)
     client.put("/v1/streams/cam", json={"strategy": "unmix_tns+tent"})
-    r = redis.Redis.from_url(redis_url)
+    r = store_client(redis_url)
     rec = json.loads(stored_field(r, _policy_field("cam"), "rec"))
     rec["config"] = {**rec["config"]["unmix_tns"], **rec["config"]["tent"]}  # the flat form
     r.hset(_policy_field("cam"), "rec", json.dumps(rec))
@@ -397,7 +396,7 @@ def test_replica_sigkilled_mid_request_leaves_only_whole_states(redis_url, tmp_p
     count, problems = check_store_integrity(redis_url)
     assert count >= 1 and problems == []
     # Every answered adapted=true is in the store: committed steps >= acknowledged steps per stream.
-    r = redis.Redis.from_url(redis_url)
+    r = store_client(redis_url)
     for stream in {s for s, _ in answered}:
         acked = max((b["version"] for s, b in answered if s == stream and b.get("adapted")), default=0)
         assert int(r.hget(_state_field(stream), "v") or 0) >= acked

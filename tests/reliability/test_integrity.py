@@ -15,7 +15,7 @@ import pytest
 import redis
 import torch
 
-from tests.conftest import MODELS_YAML, app_clients, stored_field
+from tests.conftest import MODELS_YAML, REDIS_KINDS, app_clients, fresh_store_url, store_client, stored_field
 from tests.reliability.conftest import metric_value, predict
 from tta_server.state_store import policy_key, state_key
 
@@ -89,7 +89,7 @@ def test_a_restarted_version_sequence_is_never_mistaken_for_the_cached_one(make_
     a.put("/v1/streams/cam", json={"strategy": "tent"})
     for i in range(3):
         predict(a, "cam", seed=i)
-    redis.Redis.from_url(redis_url).flushdb()  # our own private server's test database
+    store_client(redis_url).flushdb()  # our own servers (the test database; a whole cluster of ours)
     b = make_client(redis_url=redis_url)
     b.put("/v1/streams/cam", json={"strategy": "tent"})
     for i in range(3):
@@ -172,7 +172,7 @@ def test_a_vanished_state_is_reported_and_keeps_the_policy(make_client, redis_ur
     client.put("/v1/streams/cam", json={"strategy": "tent"})
     for i in range(3):
         predict(client, "cam", seed=i)
-    redis.Redis.from_url(redis_url).delete(state_key("default", "cam"))  # as an eviction would
+    store_client(redis_url).delete(state_key("default", "cam"))  # as an eviction would
     r = predict(client, "cam", seed=9).json()
     assert (r["lost"], r["created"], r["strategy"], r["version"]) == ("state", False, "tent", 1)
     assert metric_value(client, "tta_stream_events_total", event="lost_state") == 1
@@ -185,7 +185,7 @@ def test_a_vanished_policy_is_restored_from_its_state(make_client, redis_url) ->
     client.put("/v1/streams/cam", json={"strategy": "tent", "config": {"lr": 0.002}})
     for i in range(3):
         predict(client, "cam", seed=i)
-    redis.Redis.from_url(redis_url).delete(policy_key("default", "cam"))
+    store_client(redis_url).delete(policy_key("default", "cam"))
     r = predict(client, "cam", seed=9).json()
     assert (r["lost"], r["created"], r["strategy"], r["version"], r["adapted"]) == (
         "policy",
@@ -242,9 +242,14 @@ def test_eviction_under_allkeys_lru_is_never_silent(make_client, private_redis) 
     assert events >= len(flagged)
 
 
-@pytest.mark.parametrize("store", ["memory", "redis"])
+@pytest.mark.parametrize(
+    "store", ["memory", *(pytest.param(k, marks=pytest.mark.redis) for k in REDIS_KINDS)]
+)
 def test_reads_and_frozen_predicts_keep_a_stream_alive(make_client, store, request) -> None:
-    extra = {"redis_url": request.getfixturevalue("redis_url")} if store == "redis" else {}
+    urls = fresh_store_url(request, store, 2) if store != "memory" else None
+    extra = {"redis_url": next(urls)} if urls else {}
+    if urls is not None:
+        request.addfinalizer(urls.close)
     client = make_client(state_ttl_seconds=2, **extra)
     client.put("/v1/streams/used", json={"strategy": "tent"})
     client.put("/v1/streams/idle", json={"strategy": "tent"})
@@ -315,7 +320,7 @@ def test_every_corrupt_record_is_409_and_reset_or_delete_repairs_it(make_client,
     client.put("/v1/streams/ok", json={"strategy": "tent"})
     predict(client, "cam")
     predict(client, "ok")
-    r = redis.Redis.from_url(redis_url)
+    r = store_client(redis_url)
     _corrupt(r, kind)
     for resp in (client.get("/v1/streams/cam"), predict(client, "cam", seed=1)):
         assert resp.status_code == 409 and resp.json()["error_type"] == "state_corrupt", resp.text
@@ -335,7 +340,7 @@ def test_keys_of_the_wrong_type_are_409_and_delete_repairs_them(make_client, red
     client = make_client(redis_url=redis_url, state_cache_size=0)
     client.put("/v1/streams/cam", json={"strategy": "tent"})
     predict(client, "cam")
-    r = redis.Redis.from_url(redis_url)
+    r = store_client(redis_url)
     key = state_key("default", "cam") if which == "state" else policy_key("default", "cam")
     r.delete(key)
     r.rpush(key, "x")

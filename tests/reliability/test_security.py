@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import MODELS_YAML, REPO, npy_bytes, stored_keys
+from tests.conftest import MODELS_YAML, REPO, npy_bytes, store_client, stored_keys
 from tests.reliability.conftest import NPY, batch
 from tta_server.settings import Settings
 
@@ -88,11 +88,10 @@ def test_streams_are_invisible_across_keys(client) -> None:
 
 @pytest.mark.redis
 def test_namespaces_are_separate_redis_keys(client, redis_url) -> None:
-    import redis
 
     client.post("/v1/streams/cam/predict", content=npy_bytes(batch(4)), headers={**NPY, **auth(ALICE)})
     client.post("/v1/streams/cam/predict", content=npy_bytes(batch(4)), headers={**NPY, **auth(BOB)})
-    keys = stored_keys(redis.Redis.from_url(redis_url), "tta:v2:{*}:state")
+    keys = stored_keys(store_client(redis_url), "tta:v2:{*}:state")
     assert keys == {"tta:v2:{alice/cam}:state", "tta:v2:{bob/cam}:state"}
     # The secrets themselves are never part of a key.
     assert not any(ALICE in k or BOB in k for k in keys)

@@ -7,10 +7,9 @@ import threading
 from typing import Any
 
 import pytest
-import redis
 from redis.crc import key_slot
 
-from tests.conftest import npy_bytes, stored_field, stored_keys
+from tests.conftest import REDIS_KINDS, fresh_store_url, npy_bytes, store_client, stored_field, stored_keys
 from tta_bench.redis_server import free_port
 from tta_server.state_store import CasOutcome, InMemoryStateStore, RedisStateStore
 
@@ -24,7 +23,7 @@ def test_each_stream_has_its_own_state_in_redis(make_client, redis_url, cifar_ar
     for stream in ("cam-a", "cam-b"):
         r = client.post(f"/v1/streams/{stream}/predict", content=npy_bytes(cifar_array[:32]), headers=NPY)
         assert r.status_code == 200 and r.json()["adapted"]
-    r = redis.Redis.from_url(redis_url)
+    r = store_client(redis_url)
     keys = stored_keys(r, "tta:v2:*")
     streams = ("{default/cam-a}", "{default/cam-b}")
     assert {f"tta:v2:{s}:policy" for s in streams} | {f"tta:v2:{s}:state" for s in streams} <= keys
@@ -123,9 +122,12 @@ def test_retries_turn_conflicts_into_applied_updates(make_client, redis_url, cif
     assert sum(r["stats"]["requests"] for r in out if r["adapted"]) >= len(committed)
 
 
-@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.mark.parametrize("kind", ["memory", *(pytest.param(k, marks=pytest.mark.redis) for k in REDIS_KINDS)])
 def test_store_compare_and_set_refuses_stale_versions(kind, request) -> None:
-    url = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    urls = fresh_store_url(request, kind) if kind != "memory" else None
+    url = next(urls) if urls else ""
+    if urls is not None:
+        request.addfinalizer(urls.close)
     store = InMemoryStateStore(60) if kind == "memory" else RedisStateStore(url, 60, 1.0)
 
     async def scenario() -> None:
