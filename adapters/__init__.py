@@ -6,7 +6,7 @@ importing this package imports the built-in strategies' modules and so registers
 
 # isort: off
 # The built-in strategies: importing a module registers its strategies, so this order is the registry's.
-from adapters import source, alpha_bn, unmix_tns, tent, eata, sar
+from adapters import source, alpha_bn, unmix_tns, tent, eata, sar, ema_tbn, roid
 
 # isort: on
 from adapters._strategy import ComposedStrategy, Forward, Normalizer, StatPlan, UpdateOutcome, Updater
@@ -45,9 +45,11 @@ __all__ = [
     "Updater",
     "alpha_bn",
     "eata",
+    "ema_tbn",
     "get_strategy",
     "list_strategies",
     "register_strategy",
+    "roid",
     "sar",
     "source",
     "tent",

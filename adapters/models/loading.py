@@ -476,18 +476,21 @@ def _source_loader(spec: ModelSpec) -> Callable[[int, int], Tensor]:
 
 
 def read_images(path: Path, n: int, seed: int) -> np.ndarray:
-    """n random images (uint8 NHWC RGB) of a source-data file, in ascending index order.
+    """n random images (uint8 NHWC RGB) of a source-data file, in the seeded random (shuffled) order.
 
     The file is a uint8 NHWC ``.npy`` array, or a JPEG ``.npz`` archive: ``jpeg`` (uint8, every file
     concatenated) and ``offsets`` (int64, N + 1 boundaries); other fields (labels, classes) are not read.
-    The indices are ``sort(default_rng(seed).choice(N, min(n, N), replace=False))``.
+    The indices are ``default_rng(seed).choice(N, min(n, N), replace=False)``, in the order drawn: never
+    sorted, because training archives are stored class by class, and batches of consecutive sorted indices
+    would then hold one or two classes each (EATA's Fisher from such batches is about 54x larger than from
+    the shuffled batches of the reference's data loader).
     """
     if not path.is_file():
         raise FileNotFoundError(f"source data not found: {path}")
     rng = np.random.default_rng(seed)
     if path.suffix == ".npy":
         arr = np.load(path, mmap_mode="r")
-        idx = np.sort(rng.choice(len(arr), size=min(n, len(arr)), replace=False))
+        idx = rng.choice(len(arr), size=min(n, len(arr)), replace=False)
         return np.ascontiguousarray(arr[idx])
     with np.load(path, allow_pickle=False) as archive:
         missing = [f for f in ("jpeg", "offsets") if f not in archive.files]
@@ -498,7 +501,7 @@ def read_images(path: Path, n: int, seed: int) -> np.ndarray:
     count = offsets.shape[0] - 1
     if count < 0 or (count and (offsets[0] != 0 or offsets[-1] != jpeg.shape[0])):
         raise ValueError(f"{path}: offsets must hold N + 1 boundaries from 0 to len(jpeg)")
-    idx = np.sort(rng.choice(count, size=min(n, count), replace=False))
+    idx = rng.choice(count, size=min(n, count), replace=False)
     return _decode_jpegs(jpeg, offsets, idx, path)
 
 

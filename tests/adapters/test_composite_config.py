@@ -104,12 +104,12 @@ def test_the_json_schema_nests_per_part() -> None:
 
 def test_parts_may_use_the_same_field_names(tiny_handle: ModelHandle) -> None:
     """EMA-TBN's `momentum` and Tent's optimiser `momentum` are two fields; each part sees its own."""
-    strategy = adapters.get_strategy("ema_tbn+tent")
+    strategy = adapters.get_strategy("ema_plugin+tent")
     assert set(EMATBNConfig.model_fields) & set(TentConfig.model_fields) == {"momentum"}
-    cfg = strategy.parse_config({"ema_tbn": {"momentum": 0.3}, "tent": {"optimizer": "sgd", "momentum": 0.5}})
+    cfg = strategy.parse_config({"ema_plugin": {"momentum": 0.3}, "tent": {"optimizer": "sgd", "momentum": 0.5}})
     dumped = cfg.model_dump()
-    assert (dumped["ema_tbn"]["momentum"], dumped["tent"]["momentum"]) == (0.3, 0.5)
-    alone = adapters.get_strategy("ema_tbn")
+    assert (dumped["ema_plugin"]["momentum"], dumped["tent"]["momentum"]) == (0.3, 0.5)
+    alone = adapters.get_strategy("ema_plugin")
     x = make_batch(6, seed=0)
     # The first step trains from the source affine parameters, so its statistics match EMA-TBN alone's.
     got = strategy.step(tiny_handle, x, strategy.init_state(tiny_handle, cfg), cfg).state.tensors

@@ -45,7 +45,7 @@ def test_json_shape_and_values(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert torch.get_num_threads() == threads  # --threads does not leak into the calling process
 
     payload = json.loads(out.read_text())
-    assert set(payload) == {"results", "config"}
+    assert set(payload) == {"results", "config", "trace"}
     results = payload["results"]
     assert list(results) == ["source", "norm"]
     for errors in results.values():
