@@ -114,6 +114,13 @@ class ModelSpec(BaseModel):
     source_data: Path | None = Field(
         None, description="clean in-distribution images (JPEG npz or uint8 .npy)"
     )
+    source_artifact: Path | None = Field(
+        None,
+        description=(
+            "what source-dependent strategies need, made once from source_data by `tta-bench prepare-source "
+            "--model <id>` (safetensors: EATA's Fisher); a missing file is computed at first use instead"
+        ),
+    )
     random_init_seed: int | None = Field(None, description="required to allow weights=None (benchmarks)")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
@@ -398,7 +405,41 @@ def build_handle(
         affine_layers=affine,
         layer_counts=counts,
         top_modules=tuple(top),
+        prepared=_read_source_artifact(spec, fingerprint, device),
     )
+
+
+def _read_source_artifact(spec: ModelSpec, fingerprint: str, device: torch.device) -> dict[str, Tensor]:
+    """The tensors of the model's prepared source artefact; {} when none is declared or the file is missing
+    (source-dependent state is then computed at first use, as without an artefact). An artefact made for other
+    weights is refused: its Fisher would silently be another model's."""
+    path = spec.source_artifact
+    if path is None:
+        return {}
+    if not path.is_file():
+        log.warning(
+            "model %s: source artefact %s not found; source-dependent state is computed at first use "
+            "(make it with `tta-bench prepare-source --model %s`)",
+            spec.id,
+            path,
+            spec.id,
+        )
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise ModelLoadError(f"model {spec.id!r}: cannot read source artefact {path}: {exc}") from exc
+    if meta.get("fingerprint") != fingerprint:
+        raise ModelLoadError(
+            f"model {spec.id!r}: source artefact {path} was made for other weights (fingerprint "
+            f"{meta.get('fingerprint')!r}, model {fingerprint!r}); remake it with `tta-bench prepare-source "
+            f"--model {spec.id}`"
+        )
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def _probe(net: nn.Module, spec: ModelSpec) -> set[str]:

@@ -11,6 +11,7 @@ COMMANDS = {
     "soak": "tta_bench.soak",
     "ops": "tta_bench.opcount",
     "stream": "tta_bench.replay_data",
+    "prepare-source": "tta_bench.prepare_source",
 }
 
 
