@@ -26,6 +26,7 @@ from adapters._strategy import ComposedStrategy, Forward, UpdateOutcome
 from adapters.base import AFFINE_KINDS, AdaptationState, IncompatibleModelError, ModelHandle
 from adapters.registry import register_strategy
 from adapters.source import BatchStats
+from adapters.tent import confidence_filter
 from adapters.unmix_tns import UnMixStats
 
 PROBS_KEY = "eata.probs_ema"
@@ -39,6 +40,13 @@ class EATAConfig(OptimConfig):
     fisher_size: int = Field(2000, ge=2, le=50_000, description="clean source images used for the Fisher")
     fisher_batch_size: int = Field(64, ge=2, le=1024)
     probs_momentum: float = Field(0.9, ge=0, lt=1, description="moving-average factor of m")
+    confidence_filter: bool = Field(
+        False,
+        description=(
+            "open-set filter ('wisdom of crowds'): also drop samples whose confidence in the source model's "
+            "predicted class fell below the source model's (one extra forward per step)"
+        ),
+    )
 
 
 class ETAConfig(EATAConfig):
@@ -87,6 +95,8 @@ class EATAUpdater:
             if has_probs:
                 cos = F.cosine_similarity(m[None], probs, dim=1).abs()
                 selected = reliable & (cos < cfg.d_margin)
+            if cfg.confidence_filter:
+                selected = selected & confidence_filter(handle, x, logits, forward)[0]
             # The step's one host synchronisation before its result: whether any sample survived the
             # filters decides whether there is an update at all. Masks instead of boolean indexing below
             # (indexing would synchronise again to learn the number of rows).

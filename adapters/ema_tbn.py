@@ -4,8 +4,13 @@ Every BN layer keeps a running mean and variance that start at the source statis
 batch first moves them, mu <- (1 - m) mu + m mu_B and var <- (1 - m) var + m var_B (unbiased, as
 torch's BatchNorm running update), then is normalised with the moved statistics; a batch with
 adapt=False is normalised with the stored statistics and changes nothing. Default m = 0.1, torch's
-BatchNorm momentum, which the reference's `bnema` setting uses (it runs the model once in train mode to
-move the running statistics, then once in eval mode to normalise with them).
+BatchNorm momentum, which the reference's `bnema` setting uses.
+
+Deviation: the reference runs the model twice per batch, once in train mode to move the running
+statistics and once in eval mode to normalise with them, so each layer averages the statistics of its
+input under *batch*-normalised upstream layers. Here one pass moves and uses the statistics layer by
+layer, so each layer averages its input under the already-moved upstream statistics (half the compute;
+the two agree in the first BN layer and converge as the averages settle).
 """
 
 from __future__ import annotations
