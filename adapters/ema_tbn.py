@@ -21,7 +21,13 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from adapters._bn import AdaptiveBatchNorm2d, BasePlan, channel_mean_var, check_batch_stats_possible, normalize_with
+from adapters._bn import (
+    AdaptiveBatchNorm2d,
+    BasePlan,
+    channel_mean_var,
+    check_batch_stats_possible,
+    normalize_with,
+)
 from adapters._strategy import ComposedStrategy
 from adapters.base import STAT_KINDS, ModelHandle, StrategyConfig
 from adapters.registry import register_strategy

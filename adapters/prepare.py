@@ -38,7 +38,9 @@ def prepare_source(
             tensors = strategy.normalizer.init_tensors(handle, norm_cfg, seed)
             forward = strategy._forward_fn(handle, norm_cfg, tensors, adapt=False)
             key = fisher_cache_key(forward, upd_cfg, seed)
-            fisher = fisher_diagonal(handle, forward, upd_cfg.fisher_size, upd_cfg.fisher_batch_size, seed, key)
+            fisher = fisher_diagonal(
+                handle, forward, upd_cfg.fisher_size, upd_cfg.fisher_batch_size, seed, key
+            )
             prefix = prepared_prefix(key)
             out.update({prefix + k: v.detach().cpu().contiguous() for k, v in fisher.items()})
     return out

@@ -41,7 +41,9 @@ class ROIDConfig(OptimConfig):
     use_weighting: bool = True
     use_prior_correction: bool = True
     use_consistency: bool = True
-    momentum_src: float = Field(0.99, ge=0, le=1, description="weight ensembling: m theta + (1 - m) theta_src")
+    momentum_src: float = Field(
+        0.99, ge=0, le=1, description="weight ensembling: m theta + (1 - m) theta_src"
+    )
     momentum_probs: float = Field(0.9, ge=0, lt=1, description="moving average of the mean predictions")
     temperature: float = Field(1 / 3, gt=0, description="temperature of the sample weights")
     slr_clip: float = Field(0.99, gt=0, lt=1)
@@ -111,9 +113,14 @@ class ROIDUpdater:
             with torch.no_grad():
                 if cfg.use_weighting:
                     weights, keep = sample_weights(logits.detach(), probs_ema, cfg.temperature)
-                    new_ema = torch.lerp(probs_ema, logits.detach().softmax(1).mean(0), 1 - cfg.momentum_probs)
+                    new_ema = torch.lerp(
+                        probs_ema, logits.detach().softmax(1).mean(0), 1 - cfg.momentum_probs
+                    )
                 else:
-                    weights, keep = torch.ones(n, device=x.device), torch.ones(n, dtype=torch.bool, device=x.device)
+                    weights, keep = (
+                        torch.ones(n, device=x.device),
+                        torch.ones(n, dtype=torch.bool, device=x.device),
+                    )
                     new_ema = probs_ema
             slr = soft_likelihood_ratio(logits, cfg.slr_clip, cfg.slr_eps)
             loss = torch.where(keep, slr * weights, 0).sum() / n
@@ -121,13 +128,17 @@ class ROIDUpdater:
             if cfg.use_consistency and kept > 0:
                 idx = keep.nonzero().squeeze(1)
                 seed, step = int(state.meta.get("seed", 0)), int(state.meta.get("steps", 0))
-                x_aug = tta_augment(x[idx], generator_for(seed, step, salt=1), padding_mode="reflect", cotta=False)
+                x_aug = tta_augment(
+                    x[idx], generator_for(seed, step, salt=1), padding_mode="reflect", cotta=False
+                )
                 if kept * x.shape[2] * x.shape[3] >= 2:
                     logits_aug, _ = forward(x_aug, params, update_stats=False, record=False)
                     sce = symmetric_cross_entropy(logits_aug, logits[idx])
                     loss = loss + (sce * weights[idx]).sum() / n
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads, strict=True))
+        grads = tuple(
+            torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads, strict=True)
+        )
         tensors, meta = apply_gradients(state, params, grads, cfg)
         source = handle.source_affine()
         if cfg.momentum_src < 1:
@@ -145,5 +156,6 @@ SUMMARY = "weight-ensembled, diversity-weighted soft likelihood ratio with prior
 
 @register_strategy
 def roid() -> ComposedStrategy:
-    return ComposedStrategy("roid", f"{SUMMARY} (test-batch statistics)", BatchStats(required=False), ROIDUpdater())
-
+    return ComposedStrategy(
+        "roid", f"{SUMMARY} (test-batch statistics)", BatchStats(required=False), ROIDUpdater()
+    )

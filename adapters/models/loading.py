@@ -428,9 +428,9 @@ def _read_source_artifact(spec: ModelSpec, fingerprint: str, device: torch.devic
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
+        with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
     except Exception as exc:
         raise ModelLoadError(f"model {spec.id!r}: cannot read source artefact {path}: {exc}") from exc
     if meta.get("fingerprint") != fingerprint:

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="standard: per --reset; continual: corruptions back to back, never reset, --passes times; "
         "mixed: one shuffled stream over all corruptions",
     )
-    p.add_argument("--passes", type=int, default=1, help="passes over the continual stream (--setting continual)")
+    p.add_argument(
+        "--passes", type=int, default=1, help="passes over the continual stream (--setting continual)"
+    )
     p.add_argument(
         "--plot",
         type=Path,
@@ -279,7 +281,6 @@ class StreamCache:
             self._batches[corruption] = cached
         return cached
 
-
     def mixed(self, corruptions: Sequence[str]) -> list[CachedBatch]:
         """Every corruption's images in one stream, shuffled with the seed, re-batched (batches mix corruptions)."""
         import numpy as np
@@ -311,7 +312,9 @@ class Segment:
     pass_index: int = 0
 
 
-def schedule(cache: StreamCache, corruptions: Sequence[str], setting: str, reset: str, passes: int) -> list[Segment]:
+def schedule(
+    cache: StreamCache, corruptions: Sequence[str], setting: str, reset: str, passes: int
+) -> list[Segment]:
     """The stream of a setting as segments of batches (docs of this module)."""
     if setting == "mixed":
         return [Segment(cache.mixed(corruptions), True, None)]
@@ -381,7 +384,14 @@ def trace_boundaries(segments: Sequence[Segment]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     batch = image = 0
     for seg in segments:
-        out.append({"batch": batch, "image": image, "corruption": seg.corruption or "mixed", "pass": seg.pass_index + 1})
+        out.append(
+            {
+                "batch": batch,
+                "image": image,
+                "corruption": seg.corruption or "mixed",
+                "pass": seg.pass_index + 1,
+            }
+        )
         batch += len(seg.batches)
         image += sum(int(b.labels.shape[0]) for b in seg.batches)
     return out
@@ -402,14 +412,25 @@ def write_plot(
     fig, ax = plt.subplots(figsize=(12, 4.5), dpi=110)
     window = 10
     for name, trace in traces.items():
-        smooth = [sum(trace[max(0, i - window + 1) : i + 1]) / len(trace[max(0, i - window + 1) : i + 1]) for i in range(len(trace))]
+        smooth = [
+            sum(trace[max(0, i - window + 1) : i + 1]) / len(trace[max(0, i - window + 1) : i + 1])
+            for i in range(len(trace))
+        ]
         ax.plot([(i + 1) * batch_size for i in range(len(trace))], smooth, label=name, linewidth=1.1)
     for b in boundaries[1:]:
         ax.axvline(b["image"], color="0.8", linewidth=0.6, zorder=0)
     if len(boundaries) > 1:
         for b in boundaries:
-            ax.annotate(b["corruption"][:8], (b["image"], 1.0), xycoords=("data", "axes fraction"), fontsize=6,
-                        rotation=90, va="top", ha="left", color="0.4")
+            ax.annotate(
+                b["corruption"][:8],
+                (b["image"], 1.0),
+                xycoords=("data", "axes fraction"),
+                fontsize=6,
+                rotation=90,
+                va="top",
+                ha="left",
+                color="0.4",
+            )
     ax.set_xlabel("images seen")
     ax.set_ylabel(f"error % (moving mean over {window} batches)")
     ax.set_title(title, fontsize=9)
@@ -559,7 +580,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_json(
-    path: Path, results: dict[str, dict[str, float]], config: dict[str, Any], trace: dict[str, Any] | None = None
+    path: Path,
+    results: dict[str, dict[str, float]],
+    config: dict[str, Any],
+    trace: dict[str, Any] | None = None,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tta-bench prepare-source", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model id (default: the models file's default model)")
     p.add_argument("--models-config", type=Path, default=DEFAULT_MODELS_CONFIG)
-    p.add_argument("--out", type=Path, default=None, help="artefact path (default: the model's source_artifact)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="artefact path (default: the model's source_artifact)"
+    )
     p.add_argument("--seeds", default="0", help="comma list of stream seeds to prepare the Fisher for")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     return p

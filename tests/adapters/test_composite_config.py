@@ -106,7 +106,9 @@ def test_parts_may_use_the_same_field_names(tiny_handle: ModelHandle) -> None:
     """EMA-TBN's `momentum` and Tent's optimiser `momentum` are two fields; each part sees its own."""
     strategy = adapters.get_strategy("ema_plugin+tent")
     assert set(EMAPluginConfig.model_fields) & set(TentConfig.model_fields) == {"momentum"}
-    cfg = strategy.parse_config({"ema_plugin": {"momentum": 0.3}, "tent": {"optimizer": "sgd", "momentum": 0.5}})
+    cfg = strategy.parse_config(
+        {"ema_plugin": {"momentum": 0.3}, "tent": {"optimizer": "sgd", "momentum": 0.5}}
+    )
     dumped = cfg.model_dump()
     assert (dumped["ema_plugin"]["momentum"], dumped["tent"]["momentum"]) == (0.3, 0.5)
     alone = adapters.get_strategy("ema_plugin")

@@ -38,7 +38,9 @@ class _MovingBN(torch.nn.BatchNorm2d):
         assert self.running_mean is not None and self.running_var is not None
         with torch.no_grad():
             F.batch_norm(x, self.running_mean, self.running_var, None, None, True, 0.1, self.eps)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
 
 def _moving_bn(name: str, bn: torch.nn.BatchNorm2d) -> torch.nn.Module:
@@ -75,7 +77,12 @@ def test_ema_tbn_serves_single_images_and_predicts_without_moving(tiny_handle: M
     # adapt=False normalises with the stored statistics: the source model's prediction on a fresh state.
     source = adapters.get_strategy("source")
     fresh = EMA.step(tiny_handle, make_batch(4, seed=4), state, cfg, adapt=False)
-    src = source.step(tiny_handle, make_batch(4, seed=4), source.init_state(tiny_handle, source.parse_config({})), source.parse_config({}))
+    src = source.step(
+        tiny_handle,
+        make_batch(4, seed=4),
+        source.init_state(tiny_handle, source.parse_config({})),
+        source.parse_config({}),
+    )
     torch.testing.assert_close(fresh.logits, src.logits, rtol=1e-4, atol=1e-5)
 
 
@@ -119,7 +126,9 @@ def test_roid_sample_weights() -> None:
 
 def test_roid_step_is_adam_then_weight_ensembling(tiny_handle: ModelHandle) -> None:
     """Without weighting, consistency and prior correction: SLR mean, torch Adam, then m theta + (1-m) theta_0."""
-    cfg = ROIDConfig(use_weighting=False, use_consistency=False, use_prior_correction=False, lr=1e-2, momentum_src=0.9)
+    cfg = ROIDConfig(
+        use_weighting=False, use_consistency=False, use_prior_correction=False, lr=1e-2, momentum_src=0.9
+    )
     model, bns = replace_bn(tiny_handle, batch_stat_bn)
     params = affine_leaves(bns)
     source = {k: v.detach().clone() for k, v in params.items()}
@@ -174,7 +183,9 @@ def test_confidence_filter_drops_samples_whose_confidence_fell(tiny_handle: Mode
     second = strategy.step(tiny_handle, x, first.state, cfg)
     # The samples kept are exactly those whose confidence in the source's class did not fall.
     norm = adapters.get_strategy("norm")
-    src = norm.step(tiny_handle, x, norm.init_state(tiny_handle, norm.parse_config({})), norm.parse_config({}))
+    src = norm.step(
+        tiny_handle, x, norm.init_state(tiny_handle, norm.parse_config({})), norm.parse_config({})
+    )
     kept = losses.confidence_kept(second.logits, src.logits)
     assert 0 < int(kept.sum()) < 8
     assert second.stats.used == int(kept.sum())

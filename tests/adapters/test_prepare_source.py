@@ -45,12 +45,14 @@ def test_a_prepared_fisher_is_used_instead_of_a_recomputed_one(tiny_spec: ModelS
         assert torch.equal(other[name], value), name
 
 
-def test_a_missing_artefact_falls_back_and_a_stale_one_is_refused(tiny_spec: ModelSpec, tmp_path: Path) -> None:
+def test_a_missing_artefact_falls_back_and_a_stale_one_is_refused(
+    tiny_spec: ModelSpec, tmp_path: Path
+) -> None:
     missing = build_handle(tiny_spec.model_copy(update={"source_artifact": tmp_path / "absent.safetensors"}))
     assert dict(missing.prepared) == {}
     stale = tmp_path / "stale.safetensors"
     save_file({"x": torch.zeros(1)}, str(stale), metadata={"fingerprint": "another-model"})
-    with pytest.raises(ModelLoadError, match="other weights.*prepare-source"):
+    with pytest.raises(ModelLoadError, match=r"other weights.*prepare-source"):
         build_handle(tiny_spec.model_copy(update={"source_artifact": stale}))
 
 

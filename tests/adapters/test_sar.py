@@ -185,8 +185,18 @@ def test_reset_equals_init(tiny_handle: ModelHandle) -> None:
 def test_recovery_also_resets_unmix_components(tiny_handle: ModelHandle) -> None:
     """Model recovery restores the whole adaptive model, normalisation statistics included."""
     strategy = adapters.get_strategy("unmix_tns+sar")
-    cfg = strategy.parse_config({"unmix_tns": {"k": 4}, "sar": {"e_margin": 1.0, "reset_criterion": "reference", "reset_constant": 10.0}})
-    no_reset = strategy.parse_config({"unmix_tns": {"k": 4}, "sar": {"e_margin": 1.0, "reset_criterion": "reference", "reset_constant": 0.0}})
+    cfg = strategy.parse_config(
+        {
+            "unmix_tns": {"k": 4},
+            "sar": {"e_margin": 1.0, "reset_criterion": "reference", "reset_constant": 10.0},
+        }
+    )
+    no_reset = strategy.parse_config(
+        {
+            "unmix_tns": {"k": 4},
+            "sar": {"e_margin": 1.0, "reset_criterion": "reference", "reset_constant": 0.0},
+        }
+    )
     init = strategy.init_state(tiny_handle, cfg, seed=2)
     drifted = strategy.step(tiny_handle, make_batch(8, seed=8), init, no_reset)
     assert not drifted.stats.reset
