@@ -29,6 +29,9 @@ BUILT_IN = [
     "unmix_tns+eta",
     "sar",
     "unmix_tns+sar",
+    "ema_tbn",
+    "roid",
+    "cotta",
 ]
 
 
