@@ -6,7 +6,7 @@ importing this package imports the built-in strategies' modules and so registers
 
 # isort: off
 # The built-in strategies: importing a module registers its strategies, so this order is the registry's.
-from adapters import source, alpha_bn, unmix_tns, tent, eata, sar
+from adapters import source, alpha_bn, unmix_tns, tent, eata, sar, ema_tbn, roid, cotta
 
 # isort: on
 from adapters._strategy import ComposedStrategy, Forward, Normalizer, StatPlan, UpdateOutcome, Updater
@@ -44,10 +44,13 @@ __all__ = [
     "UpdateOutcome",
     "Updater",
     "alpha_bn",
+    "cotta",
     "eata",
+    "ema_tbn",
     "get_strategy",
     "list_strategies",
     "register_strategy",
+    "roid",
     "sar",
     "source",
     "tent",

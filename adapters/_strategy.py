@@ -331,7 +331,7 @@ class ComposedStrategy:
     def can_step_many(self, adapt: bool) -> bool:
         """Whether `step_many` may serve this kind of step: no gradient update (that has per-stream filters,
         optimisers and second passes), only normalisation statistics."""
-        return self.updater is None or not adapt
+        return self.updater is None or (not adapt and not hasattr(self.updater, "predict"))
 
     def step_many(
         self,
@@ -346,10 +346,11 @@ class ComposedStrategy:
         Every BN layer normalises each stream's rows with that stream's own statistics (`GroupedPlan`),
         so nothing mixes between streams, while the convolutions run once on the whole batch.
         """
-        if not self.can_step_many(adapt):
+        if self.updater is not None and adapt:
             raise ValueError(f"{self.name} adapts by gradient steps; use step() for each stream")
-        if self.updater is not None and any(
-            layer.kind != "batchnorm2d" for layer in handle.trainable_layers()
+        if self.updater is not None and (
+            hasattr(self.updater, "predict")
+            or any(layer.kind != "batchnorm2d" for layer in handle.trainable_layers())
         ):
             # Each stream has its own LayerNorm/GroupNorm parameters, which one shared forward cannot
             # give (BN layers can: they normalise each stream's rows separately).
@@ -374,7 +375,11 @@ class ComposedStrategy:
     def _predict_only(
         self, handle: ModelHandle, x: Tensor, state: AdaptationState, forward: Forward
     ) -> UpdateOutcome:
+        # An updater whose state is not (only) affine parameters predicts itself (CoTTA: its teacher).
+        predict = getattr(self.updater, "predict", None)
         with torch.inference_mode():
+            if predict is not None:
+                return _prediction(*predict(handle, x, state, forward))
             logits, plan = forward(x, self._frozen_affine(handle, state), update_stats=True, record=True)
             return _prediction(logits, plan)
 

@@ -114,6 +114,9 @@ class ModelHandle:
     affine_layers: tuple[AffineLayer, ...] = ()
     layer_counts: Mapping[str, int] = field(default_factory=dict)
     top_modules: tuple[str, ...] = ()
+    # Source-dependent tensors made once by `tta-bench prepare-source` (the model's `source_artifact`), e.g.
+    # EATA's Fisher under `eata.fisher.<key digest>.<parameter>`; empty: computed at first use.
+    prepared: Mapping[str, Tensor] = field(default_factory=dict)
     _moments: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = field(
         default_factory=dict, init=False, repr=False
     )

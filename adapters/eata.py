@@ -9,6 +9,8 @@ Defaults follow the CIFAR-10-C setting of the benchmark reference: d_margin 0.4,
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from typing import Any
 
@@ -24,6 +26,7 @@ from adapters._strategy import ComposedStrategy, Forward, UpdateOutcome
 from adapters.base import AFFINE_KINDS, AdaptationState, IncompatibleModelError, ModelHandle
 from adapters.registry import register_strategy
 from adapters.source import BatchStats
+from adapters.tent import confidence_filter
 from adapters.unmix_tns import UnMixStats
 
 PROBS_KEY = "eata.probs_ema"
@@ -37,6 +40,13 @@ class EATAConfig(OptimConfig):
     fisher_size: int = Field(2000, ge=2, le=50_000, description="clean source images used for the Fisher")
     fisher_batch_size: int = Field(64, ge=2, le=1024)
     probs_momentum: float = Field(0.9, ge=0, lt=1, description="moving-average factor of m")
+    confidence_filter: bool = Field(
+        False,
+        description=(
+            "open-set filter ('wisdom of crowds'): also drop samples whose confidence in the source model's "
+            "predicted class fell below the source model's (one extra forward per step)"
+        ),
+    )
 
 
 class ETAConfig(EATAConfig):
@@ -63,7 +73,7 @@ class EATAUpdater:
         tensors[PROBS_KEY] = torch.zeros(handle.num_classes, device=handle.device)
         if cfg.fisher_alpha > 0:
             # The Fisher also depends on the statistics the forward normalises with.
-            cache_key = (forward.identity, type(cfg).__name__, cfg.model_dump_json(), seed)
+            cache_key = fisher_cache_key(forward, cfg, seed)
             fisher = fisher_diagonal(handle, forward, cfg.fisher_size, cfg.fisher_batch_size, seed, cache_key)
             tensors.update({FISHER_PREFIX + n: f for n, f in fisher.items()})
         return tensors, {"opt_steps": 0, "has_probs": False}
@@ -85,6 +95,8 @@ class EATAUpdater:
             if has_probs:
                 cos = F.cosine_similarity(m[None], probs, dim=1).abs()
                 selected = reliable & (cos < cfg.d_margin)
+            if cfg.confidence_filter:
+                selected = selected & confidence_filter(handle, x, logits, forward)[0]
             # The step's one host synchronisation before its result: whether any sample survived the
             # filters decides whether there is an update at all. Masks instead of boolean indexing below
             # (indexing would synchronise again to learn the number of rows).
@@ -163,13 +175,16 @@ def fisher_diagonal(
             f"model {handle.model_id!r} declares no source data, which EATA's Fisher penalty needs; "
             "set fisher_alpha=0 or use the `eta` strategy"
         )
+    prefix = prepared_prefix(cache_key)
+    names = handle.affine_names()
+    if all(prefix + k in handle.prepared for k in names):  # made by `tta-bench prepare-source`
+        return {k: handle.prepared[prefix + k] for k in names}
     key = (handle.fingerprint, str(handle.device), *cache_key)
     with _FISHER_LOCK:
         cached = _FISHER_CACHE.get(key)
     if cached is not None:
         return cached
     images = handle.source_images(n, seed)
-    names = handle.affine_names()
     source = handle.source_affine()
     acc = {k: torch.zeros_like(source[k]) for k in names}
     batches = 0
@@ -191,6 +206,17 @@ def fisher_diagonal(
             _FISHER_CACHE.pop(next(iter(_FISHER_CACHE)))
         _FISHER_CACHE[key] = fisher
     return fisher
+
+
+def prepared_prefix(cache_key: tuple[str, str, str, int]) -> str:
+    """Key prefix of a Fisher in a source artefact: a digest of everything the Fisher depends on besides
+    the model (the normaliser, the config, the seed)."""
+    digest = hashlib.sha256(json.dumps(list(cache_key)).encode()).hexdigest()[:16]
+    return f"{FISHER_PREFIX}{digest}."
+
+
+def fisher_cache_key(forward: Forward, cfg: EATAConfig, seed: int) -> tuple[str, str, str, int]:
+    return (forward.identity, type(cfg).__name__, cfg.model_dump_json(), seed)
 
 
 # The Fisher is a deterministic function of the (immutable) model and these arguments, so it is

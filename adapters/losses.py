@@ -28,3 +28,12 @@ def gaussian_symmetric_kl(mu_p: Tensor, var_p: Tensor, mu_q: Tensor, var_q: Tens
 
 def mean_confidence(logits: Tensor) -> Tensor:
     return logits.float().softmax(1).max(1).values.mean()
+
+
+def confidence_kept(logits: Tensor, source_logits: Tensor) -> Tensor:
+    """The open-set "wisdom of crowds" filter: True where the adapted model is at least as confident as the
+    source model in the class the source model predicts (confidence fell after adaptation: dropped)."""
+    src = source_logits.float().softmax(1)
+    pred = src.argmax(1, keepdim=True)
+    now = logits.float().softmax(1).gather(1, pred).squeeze(1)
+    return now >= src.gather(1, pred).squeeze(1)

@@ -2,13 +2,20 @@
 
 Per batch: entropy filter S1 (E < E0); SAM ascent e = rho g/||g|| on the filtered mean entropy; second
 forward at theta + e, filter S2 within S1; SGD step at theta with the gradient at theta + e. An EMA of
-the second loss below `reset_constant` signals collapse and resets parameters and optimiser.
+the second loss below the reset threshold signals collapse and resets parameters and optimiser.
+
+Reset threshold (`reset_criterion`): "relative" (default) is `reset_fraction * ln C`, with the fraction
+0.2 / ln 1000 = 0.029, i.e. exactly the reference's 0.2 nats on the 1000-class ImageNet it was tuned on,
+and scaled with ln C like the entropy margin E0 = 0.4 ln C (the threshold stays 7.2 % of E0). On
+10 classes it is 0.067 nats. "reference" is the absolute `reset_constant` (0.2 nats), which on a
+10-class model lies above the filtered loss from the first batch and so resets at every step.
 When S1 or S2 is empty the step is skipped entirely (the momentum buffer would otherwise still move).
 Defaults: the CIFAR-10-C benchmark setting (SGD lr 1e-3, momentum 0.9); ImageNet ResNet-50 uses 2.5e-4.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -25,13 +32,27 @@ from adapters.source import BatchStats
 from adapters.unmix_tns import UnMixStats
 
 SUMMARY = "sharpness-aware reliable entropy minimisation with model recovery"
+# The reference's absolute 0.2 nats as a share of ln C at the 1000 classes of ImageNet, its tuning set.
+RESET_FRACTION = 0.2 / math.log(1000)
 
 
 class SARConfig(OptimConfig):
     optimizer: Literal["adam", "sgd"] = "sgd"
     e_margin: float = Field(0.4, gt=0, le=1, description="E0 = e_margin * ln(num_classes)")
     rho: float = Field(0.05, gt=0, description="SAM neighbourhood radius")
-    reset_constant: float = Field(0.2, ge=0, description="reset when the EMA of the loss falls below this")
+    reset_criterion: Literal["relative", "reference"] = Field(
+        "relative",
+        description=(
+            "recovery threshold: 'relative' = reset_fraction * ln(num_classes); 'reference' = the "
+            "absolute reset_constant of the reference"
+        ),
+    )
+    reset_fraction: float = Field(
+        RESET_FRACTION, ge=0, description="relative criterion: reset below this fraction of ln(num_classes)"
+    )
+    reset_constant: float = Field(
+        0.2, ge=0, description="reference criterion: reset when the EMA of the loss falls below this (nats)"
+    )
     ema_momentum: float = Field(0.9, ge=0, lt=1)
     frozen_layers: tuple[str, ...] | None = Field(
         None,
@@ -111,7 +132,7 @@ class SARUpdater:
         prev = state.meta.get("loss_ema")
         ema = loss if prev is None else cfg.ema_momentum * prev + (1 - cfg.ema_momentum) * loss
         meta["loss_ema"] = ema
-        if ema < cfg.reset_constant:
+        if ema < reset_threshold(cfg, handle.num_classes):
             # Collapse to trivial confident solutions: back to the initial parameters and optimiser.
             tensors = init_affine_state(handle, cfg, _trainable(handle, cfg))
             meta = {"opt_steps": 0, "loss_ema": None}
@@ -119,6 +140,13 @@ class SARUpdater:
                 logits, plan, tensors, meta, used=n2, filtered=n - n2, updated=True, loss=loss, reset=True
             )
         return UpdateOutcome(logits, plan, tensors, meta, used=n2, filtered=n - n2, updated=True, loss=loss)
+
+
+def reset_threshold(cfg: SARConfig, num_classes: int) -> float:
+    """The loss EMA below which SAR resets (nats): `reset_fraction * ln C` or the absolute `reset_constant`."""
+    if cfg.reset_criterion == "reference":
+        return cfg.reset_constant
+    return cfg.reset_fraction * math.log(num_classes)
 
 
 def _trainable(handle: ModelHandle, cfg: SARConfig) -> list[str]:

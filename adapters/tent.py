@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from adapters import losses
@@ -25,7 +26,15 @@ SUMMARY = "entropy minimisation of BN affine parameters"
 
 
 class TentConfig(OptimConfig):
-    """Tent's hyper-parameters are the optimiser's."""
+    """Tent's hyper-parameters are the optimiser's, and the optional confidence filter."""
+
+    confidence_filter: bool = Field(
+        False,
+        description=(
+            "open-set filter ('wisdom of crowds'): drop samples whose confidence in the source model's "
+            "predicted class fell below the source model's (one extra forward per step)"
+        ),
+    )
 
 
 class TentUpdater:
@@ -44,13 +53,32 @@ class TentUpdater:
     ) -> UpdateOutcome:
         affine = {k: state.tensors[k] for k in handle.affine_names()}
         params = leaf_params(state, handle.affine_names())
+        n = x.shape[0]
         with torch.enable_grad():
             logits, plan = forward(x, {**affine, **params}, update_stats=True, record=True)
-            loss = losses.softmax_entropy(logits).mean()
+            ent = losses.softmax_entropy(logits)
+            used = n
+            if not cfg.confidence_filter:
+                loss = ent.mean()
+            else:
+                kept, used = confidence_filter(handle, x, logits, forward)
+                if used == 0:
+                    return UpdateOutcome(logits, plan, {}, {}, used=0, filtered=n)
+                loss = torch.where(kept, ent, 0).sum() / used
             grads = torch.autograd.grad(loss, list(params.values()))
         tensors, meta = apply_gradients(state, params, grads, cfg)
-        n = x.shape[0]
-        return UpdateOutcome(logits, plan, tensors, meta, used=n, updated=True, loss=loss.detach())
+        return UpdateOutcome(
+            logits, plan, tensors, meta, used=used, filtered=n - used, updated=True, loss=loss.detach()
+        )
+
+
+def confidence_filter(handle: ModelHandle, x: Tensor, logits: Tensor, forward: Forward) -> tuple[Tensor, int]:
+    """(mask, count) of the samples the open-set confidence filter keeps: a forward of the source affine
+    parameters under the same normaliser gives the reference confidences (docs/ALGORITHMS.md §10)."""
+    with torch.no_grad():
+        source_logits, _ = forward(x, handle.source_affine(), update_stats=False, record=False)
+    kept = losses.confidence_kept(logits.detach(), source_logits)
+    return kept, int(kept.sum())
 
 
 @register_strategy

@@ -40,7 +40,7 @@ def read_models_file(path: Path) -> ModelsFile:
         raise FileNotFoundError(f"models config not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
     for entry in raw.get("models", []):
-        for key in ("weights", "source_data"):
+        for key in ("weights", "source_data", "source_artifact"):
             if entry.get(key) and not Path(entry[key]).is_absolute():
                 entry[key] = str((path.parent / entry[key]).resolve())
     try:

@@ -114,6 +114,13 @@ class ModelSpec(BaseModel):
     source_data: Path | None = Field(
         None, description="clean in-distribution images (JPEG npz or uint8 .npy)"
     )
+    source_artifact: Path | None = Field(
+        None,
+        description=(
+            "what source-dependent strategies need, made once from source_data by `tta-bench prepare-source "
+            "--model <id>` (safetensors: EATA's Fisher); a missing file is computed at first use instead"
+        ),
+    )
     random_init_seed: int | None = Field(None, description="required to allow weights=None (benchmarks)")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
@@ -398,7 +405,41 @@ def build_handle(
         affine_layers=affine,
         layer_counts=counts,
         top_modules=tuple(top),
+        prepared=_read_source_artifact(spec, fingerprint, device),
     )
+
+
+def _read_source_artifact(spec: ModelSpec, fingerprint: str, device: torch.device) -> dict[str, Tensor]:
+    """The tensors of the model's prepared source artefact; {} when none is declared or the file is missing
+    (source-dependent state is then computed at first use, as without an artefact). An artefact made for other
+    weights is refused: its Fisher would silently be another model's."""
+    path = spec.source_artifact
+    if path is None:
+        return {}
+    if not path.is_file():
+        log.warning(
+            "model %s: source artefact %s not found; source-dependent state is computed at first use "
+            "(make it with `tta-bench prepare-source --model %s`)",
+            spec.id,
+            path,
+            spec.id,
+        )
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
+    except Exception as exc:
+        raise ModelLoadError(f"model {spec.id!r}: cannot read source artefact {path}: {exc}") from exc
+    if meta.get("fingerprint") != fingerprint:
+        raise ModelLoadError(
+            f"model {spec.id!r}: source artefact {path} was made for other weights (fingerprint "
+            f"{meta.get('fingerprint')!r}, model {fingerprint!r}); remake it with `tta-bench prepare-source "
+            f"--model {spec.id}`"
+        )
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def _probe(net: nn.Module, spec: ModelSpec) -> set[str]:
@@ -476,18 +517,21 @@ def _source_loader(spec: ModelSpec) -> Callable[[int, int], Tensor]:
 
 
 def read_images(path: Path, n: int, seed: int) -> np.ndarray:
-    """n random images (uint8 NHWC RGB) of a source-data file, in ascending index order.
+    """n random images (uint8 NHWC RGB) of a source-data file, in the seeded random (shuffled) order.
 
     The file is a uint8 NHWC ``.npy`` array, or a JPEG ``.npz`` archive: ``jpeg`` (uint8, every file
     concatenated) and ``offsets`` (int64, N + 1 boundaries); other fields (labels, classes) are not read.
-    The indices are ``sort(default_rng(seed).choice(N, min(n, N), replace=False))``.
+    The indices are ``default_rng(seed).choice(N, min(n, N), replace=False)``, in the order drawn: never
+    sorted, because training archives are stored class by class, and batches of consecutive sorted indices
+    would then hold one or two classes each (EATA's Fisher from such batches is about 54x larger than from
+    the shuffled batches of the reference's data loader).
     """
     if not path.is_file():
         raise FileNotFoundError(f"source data not found: {path}")
     rng = np.random.default_rng(seed)
     if path.suffix == ".npy":
         arr = np.load(path, mmap_mode="r")
-        idx = np.sort(rng.choice(len(arr), size=min(n, len(arr)), replace=False))
+        idx = rng.choice(len(arr), size=min(n, len(arr)), replace=False)
         return np.ascontiguousarray(arr[idx])
     with np.load(path, allow_pickle=False) as archive:
         missing = [f for f in ("jpeg", "offsets") if f not in archive.files]
@@ -498,7 +542,7 @@ def read_images(path: Path, n: int, seed: int) -> np.ndarray:
     count = offsets.shape[0] - 1
     if count < 0 or (count and (offsets[0] != 0 or offsets[-1] != jpeg.shape[0])):
         raise ValueError(f"{path}: offsets must hold N + 1 boundaries from 0 to len(jpeg)")
-    idx = np.sort(rng.choice(count, size=min(n, count), replace=False))
+    idx = rng.choice(count, size=min(n, count), replace=False)
     return _decode_jpegs(jpeg, offsets, idx, path)
 
 

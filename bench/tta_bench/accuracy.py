@@ -6,9 +6,19 @@ corrupted once, kept in memory and replayed for each strategy. Protocols (docs/A
 ``--reset per-corruption`` initialises the strategy's state before every corruption ("reset_each_shift"),
 ``--reset never`` runs the corruptions back to back on one state (continual).
 
+Long-stream settings (``--setting``): ``standard`` (the above, per ``--reset``); ``continual`` (the corruptions
+back to back on one state, never reset, ``--passes`` times over: pass 2 shows whether errors accumulate);
+``mixed`` (every corruption's images in one seeded shuffled stream, batches mixing corruptions, one state).
+The correlated setting is ``--order dirichlet`` (``--delta``) under either. ``--n-per-corruption`` (= ``--n``)
+may be the full 10000 of the test split.
+
 Output: a markdown table (rows strategies, columns corruptions + mean, error % = 100 * (1 - accuracy)) and
 per-strategy wall time on stdout, a progress bar on stderr, and with ``--json FILE``
-``{"results": {strategy: {corruption: error, ..., "mean": error}}, "config": {option: value}}``.
+``{"results": {strategy: {corruption: error, ..., "mean": error}}, "config": {option: value}, "trace": ...}``;
+``trace`` holds each strategy's error % per batch over the stream and the stream positions where the
+corruption changes. With ``--plot FILE`` (default beside the JSON, ``.png``; needs the ``plot`` extra,
+matplotlib) the error over the stream is drawn per strategy. In the continual setting with ``--passes 2``
+the rows of the second pass are named ``<strategy> (pass 2)``.
 
 Data: by default the CIFAR-10 test archive, corrupted here (``--corruptions``, ``--severity``, seeded).
 With ``--dataset DIR`` the images of a downloaded dataset folder instead (``tta_data.layouts``): the
@@ -37,6 +47,7 @@ from tta_bench.paths import MODELS_CONFIG as DEFAULT_MODELS_CONFIG
 from tta_bench.paths import cifar10_archive
 
 CLEAN = "none"
+SETTINGS = ("standard", "continual", "mixed")
 
 
 class UsageError(Exception):
@@ -47,6 +58,7 @@ class UsageError(Exception):
 class CachedBatch:
     images: Any  # torch.Tensor, uint8 NCHW
     labels: Any  # torch.Tensor, int64
+    corruptions: Any = None  # torch.Tensor, int64: each image's position in the corruption list (mixed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of corruption names ('none' = clean images), or 'all' = the 15 CIFAR-10-C types",
     )
     p.add_argument("--severity", type=int, default=5)
-    p.add_argument("--n", type=int, default=1000, help="images per corruption (class-balanced subset)")
+    p.add_argument(
+        "--n",
+        "--n-per-corruption",
+        dest="n",
+        type=int,
+        default=1000,
+        help="images per corruption (class-balanced subset; at most the 10000 of the test split)",
+    )
+    p.add_argument(
+        "--setting",
+        choices=SETTINGS,
+        default="standard",
+        help="standard: per --reset; continual: corruptions back to back, never reset, --passes times; "
+        "mixed: one shuffled stream over all corruptions",
+    )
+    p.add_argument(
+        "--passes", type=int, default=1, help="passes over the continual stream (--setting continual)"
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="PNG of the error over the stream per strategy (default with --json: beside it, .png)",
+    )
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--order", choices=("iid", "sorted", "dirichlet"), default="iid")
     p.add_argument("--delta", type=float, default=0.1, help="Dirichlet concentration for --order dirichlet")
@@ -204,6 +240,12 @@ def check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if not args.delta >= 0:
         raise UsageError(f"--delta must be >= 0, got {args.delta}")
+    if args.passes < 1:
+        raise UsageError(f"--passes must be >= 1, got {args.passes}")
+    if args.passes > 1 and args.setting != "continual":
+        raise UsageError("--passes needs --setting continual")
+    if args.setting != "standard" and args.reset != "per-corruption":
+        raise UsageError("--reset applies to --setting standard only (continual and mixed never reset)")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
 
@@ -285,41 +327,165 @@ class StreamCache:
             self._batches[corruption] = cached
         return cached
 
+    def mixed(self, corruptions: Sequence[str]) -> list[CachedBatch]:
+        """Every corruption's images in one stream, shuffled with the seed, re-batched (batches mix corruptions)."""
+        import numpy as np
+        import torch
+
+        parts = [self.batches(c) for c in corruptions]
+        images = torch.cat([b.images for batches in parts for b in batches])
+        labels = torch.cat([b.labels for batches in parts for b in batches])
+        ids = torch.cat(
+            [torch.full((b.labels.shape[0],), i, dtype=torch.int64) for i, bs in enumerate(parts) for b in bs]
+        )
+        perm = torch.from_numpy(np.random.default_rng([self.seed, 2]).permutation(labels.shape[0]))
+        images, labels, ids = images[perm], labels[perm], ids[perm]
+        bs = self.batch_size
+        return [
+            CachedBatch(images[i : i + bs], labels[i : i + bs], ids[i : i + bs])
+            for i in range(0, labels.shape[0], bs)
+        ]
+
+
+@dataclass
+class Segment:
+    """A run of batches on one state, with a fresh state before it when `reset`. Its images count under
+    `corruption` (None: each under its own, `CachedBatch.corruptions`), in pass `pass_index`."""
+
+    batches: list[CachedBatch]
+    reset: bool
+    corruption: str | None
+    pass_index: int = 0
+
+
+def schedule(
+    cache: StreamCache, corruptions: Sequence[str], setting: str, reset: str, passes: int
+) -> list[Segment]:
+    """The stream of a setting as segments of batches (docs of this module)."""
+    if setting == "mixed":
+        return [Segment(cache.mixed(corruptions), True, None)]
+    segments = []
+    for p in range(passes if setting == "continual" else 1):
+        for i, c in enumerate(corruptions):
+            first = p == 0 and i == 0
+            fresh = first or (setting == "standard" and reset == "per-corruption")
+            segments.append(Segment(cache.batches(c), fresh, c, p))
+    return segments
+
+
+@dataclass
+class StrategyRun:
+    errors: list[dict[str, float]]  # one per pass: corruption -> error %, and "mean"
+    trace: list[float]  # error % of each batch, in stream order
+
 
 def run_strategy(
     name: str,
     handle: Any,
     cfg: Any,
-    cache: StreamCache,
+    segments: Sequence[Segment],
     corruptions: Sequence[str],
-    reset: str,
     seed: int,
     progress: Any,
-) -> dict[str, float]:
-    """Error % per corruption (and "mean") of one strategy on the cached stream."""
+) -> StrategyRun:
+    """Error % per corruption (and "mean") of one strategy on the scheduled stream, per pass."""
+    import torch
+
     import adapters
 
     strategy = adapters.get_strategy(name)
     state = None
-    errors: dict[str, float] = {}
-    for corruption in corruptions:
-        batches = cache.batches(corruption)
-        if state is None or reset == "per-corruption":
+    passes = max(s.pass_index for s in segments) + 1
+    correct = torch.zeros(passes, len(corruptions), dtype=torch.int64)
+    total = torch.zeros(passes, len(corruptions), dtype=torch.int64)
+    trace: list[float] = []
+    for seg in segments:
+        if state is None or seg.reset:
             state = strategy.init_state(handle, cfg, seed)
-        correct = total = 0
-        progress.set_postfix_str(f"{name} / {corruption}", refresh=False)
-        for batch in batches:
+        progress.set_postfix_str(f"{name} / {seg.corruption or 'mixed'}", refresh=False)
+        for batch in seg.batches:
             x = batch.images.float().div_(255)
             adapt = x.shape[0] >= strategy.min_batch_size
             result = strategy.step(handle, x, state, cfg, adapt=adapt)
             state = result.state
-            pred = result.logits.argmax(1).cpu()
-            correct += int((pred == batch.labels).sum())
-            total += int(batch.labels.shape[0])
+            hit = (result.logits.argmax(1).cpu() == batch.labels).long()
+            if seg.corruption is None:
+                ids = batch.corruptions
+            else:
+                ids = torch.full_like(batch.labels, corruptions.index(seg.corruption))
+            correct[seg.pass_index].index_add_(0, ids, hit)
+            total[seg.pass_index].index_add_(0, ids, torch.ones_like(hit))
+            trace.append(round(100.0 * (1 - float(hit.float().mean())), 4))
             progress.update(1)
-        errors[corruption] = round(100.0 * (total - correct) / total, 6)
-    errors["mean"] = round(sum(errors[c] for c in corruptions) / len(corruptions), 6)
-    return errors
+    errors = []
+    for p in range(passes):
+        row = {c: round(100.0 * float(1 - correct[p, i] / total[p, i]), 6) for i, c in enumerate(corruptions)}
+        row["mean"] = round(sum(row[c] for c in corruptions) / len(corruptions), 6)
+        errors.append(row)
+    return StrategyRun(errors, trace)
+
+
+def trace_boundaries(segments: Sequence[Segment]) -> list[dict[str, Any]]:
+    """Where each segment starts in the stream: batch index, image index, corruption and pass."""
+    out: list[dict[str, Any]] = []
+    batch = image = 0
+    for seg in segments:
+        out.append(
+            {
+                "batch": batch,
+                "image": image,
+                "corruption": seg.corruption or "mixed",
+                "pass": seg.pass_index + 1,
+            }
+        )
+        batch += len(seg.batches)
+        image += sum(int(b.labels.shape[0]) for b in seg.batches)
+    return out
+
+
+def write_plot(
+    path: Path, traces: dict[str, list[float]], boundaries: list[dict[str, Any]], batch_size: int, title: str
+) -> None:
+    """A PNG of each strategy's error over the stream (moving mean over 10 batches), corruption changes marked."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"note: no plot written ({path}): matplotlib is not installed (pip install 'tta-bench[plot]')")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 4.5), dpi=110)
+    window = 10
+    for name, trace in traces.items():
+        smooth = [
+            sum(trace[max(0, i - window + 1) : i + 1]) / len(trace[max(0, i - window + 1) : i + 1])
+            for i in range(len(trace))
+        ]
+        ax.plot([(i + 1) * batch_size for i in range(len(trace))], smooth, label=name, linewidth=1.1)
+    for b in boundaries[1:]:
+        ax.axvline(b["image"], color="0.8", linewidth=0.6, zorder=0)
+    if len(boundaries) > 1:
+        for b in boundaries:
+            ax.annotate(
+                b["corruption"][:8],
+                (b["image"], 1.0),
+                xycoords=("data", "axes fraction"),
+                fontsize=6,
+                rotation=90,
+                va="top",
+                ha="left",
+                color="0.4",
+            )
+    ax.set_xlabel("images seen")
+    ax.set_ylabel(f"error % (moving mean over {window} batches)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=4, loc="upper right")
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def format_table(
@@ -412,32 +578,37 @@ def run(args: argparse.Namespace) -> int:
         f"threads, {platform.machine()}; {len(corruptions)} corruption(s) x {args.n} images, severity "
         f"{args.severity}, order {args.order}"
         + (f" (delta {args.delta})" if args.order == "dirichlet" else "")
-        + f", batch {args.batch_size}, reset {args.reset}, seed {args.seed}",
+        + f", batch {args.batch_size}, setting {args.setting}"
+        + (f" x{args.passes}" if args.passes > 1 else "")
+        + f", reset {args.reset}, seed {args.seed}",
         flush=True,
     )
     config = config_dict(args, strategies, corruptions, overrides, handle)
     results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
     failed: list[str] = []
-    total = len(runnable) * len(corruptions) * cache.num_batches()
+    segments = schedule(cache, corruptions, args.setting, args.reset, args.passes)
+    boundaries = trace_boundaries(segments)
+    traces: dict[str, list[float]] = {}
+    total = len(runnable) * sum(len(s.batches) for s in segments)
     with tqdm(
         total=total, unit="batch", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True
     ) as bar:
         for name in runnable:
-            for corruption in corruptions:  # stream preparation is not charged to the first strategy
-                cache.batches(corruption)
             start = time.perf_counter()
             try:
-                results[name] = run_strategy(
-                    name, handle, configs[name], cache, corruptions, args.reset, args.seed, bar
-                )
+                outcome = run_strategy(name, handle, configs[name], segments, corruptions, args.seed, bar)
             except adapters.AdaptError as exc:  # e.g. eata on a model declared without source data
                 failed.append(name)
                 bar.write(f"error: {name} failed: {exc}", file=sys.stderr)
                 continue
             timings[name] = time.perf_counter() - start
+            results[name] = outcome.errors[0]
+            for p, errs in enumerate(outcome.errors[1:], start=2):
+                results[f"{name} (pass {p})"] = errs
+            traces[name] = outcome.trace
             if args.json is not None:  # after every strategy, so a run that is cut short keeps its results
-                write_json(args.json, results, config)
+                write_json(args.json, results, config, {"batches": traces, "boundaries": boundaries})
             bar.write(
                 f"{name}: mean error {results[name]['mean']:.2f} %, {timings[name]:.1f} s", file=sys.stdout
             )
@@ -445,7 +616,17 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(results, corruptions, timings))
     if args.json is not None:
-        write_json(args.json, results, config)
+        write_json(args.json, results, config, {"batches": traces, "boundaries": boundaries})
+    plot = args.plot or (args.json.with_suffix(".png") if args.json is not None else None)
+    if plot is not None and not args.no_plot and traces:
+        title = (
+            f"{handle.model_id}, {args.setting}"
+            + (f" x{args.passes}" if args.passes > 1 else "")
+            + f", {len(corruptions)} corruption(s) x {args.n}, severity {args.severity}, order {args.order}, "
+            f"batch {args.batch_size}, seed {args.seed}"
+        )
+        write_plot(plot, traces, boundaries, args.batch_size, title)
+        print(f"plot: {plot}")
     if failed:
         print(f"tta-bench accuracy: {len(failed)} strategy(ies) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -475,10 +656,18 @@ def dataset_source(
     return source
 
 
-def write_json(path: Path, results: dict[str, dict[str, float]], config: dict[str, Any]) -> None:
+def write_json(
+    path: Path,
+    results: dict[str, dict[str, float]],
+    config: dict[str, Any],
+    trace: dict[str, Any] | None = None,
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"results": results, "config": config}, indent=2) + "\n")
+    payload: dict[str, Any] = {"results": results, "config": config}
+    if trace is not None:
+        payload["trace"] = trace
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
 
 
@@ -506,6 +695,8 @@ def config_dict(
         "precision": "bf16" if handle.autocast_dtype is not None else "fp32",
         "seed": args.seed,
         "reset": args.reset,
+        "setting": args.setting,
+        "passes": args.passes,
         "config": overrides,
         "threads": args.threads,
     }

@@ -12,6 +12,8 @@ COMMANDS = {
     "multinode": "tta_bench.multinode",
     "ops": "tta_bench.opcount",
     "stream": "tta_bench.replay_data",
+    "prepare-source": "tta_bench.prepare_source",
+    "state": "tta_bench.state_size",
 }
 
 

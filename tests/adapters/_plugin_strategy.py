@@ -1,8 +1,9 @@
-"""A strategy that is not built in, defined and registered in this one file: EMA-TBN (docs/ALGORITHMS.md §1).
+"""A strategy that is not built in, defined and registered in this one file: a moving average of test-batch
+statistics with the biased variance (the built-in `ema_tbn`, docs/ALGORITHMS.md §8, is the reference's).
 
 Each BN layer normalises with an exponential moving average of test-batch statistics, the current
 batch included: mu <- (1 - m) mu + m mu_B, var <- (1 - m) var + m var_B (biased), starting from the
-source statistics. `ema_tbn` is the normaliser alone, `ema_tbn+tent` adds Tent's update; its config
+source statistics. `ema_plugin` is the normaliser alone, `ema_plugin+tent` adds Tent's update; its config
 nests per part, so the normaliser's `momentum` and the optimiser's `momentum` are different fields.
 
 Importing this module registers both (tests/adapters/conftest.py does), and the contract suite, which
@@ -28,10 +29,10 @@ from adapters._bn import (
 from adapters.base import STAT_KINDS
 from adapters.tent import TentUpdater
 
-PREFIX = "ema."
+PREFIX = "ema_plugin."
 
 
-class EMATBNConfig(StrategyConfig):
+class EMAPluginConfig(StrategyConfig):
     momentum: float = Field(
         0.1, gt=0, le=1, description="weight of each test batch in the running statistics"
     )
@@ -42,13 +43,13 @@ def _keys(layer_name: str) -> tuple[str, str]:
 
 
 class EMAStats:
-    name = "ema_tbn"
-    config_cls = EMATBNConfig
+    name = "ema_plugin"
+    config_cls = EMAPluginConfig
     min_batch_size = 1
     stat_kinds = STAT_KINDS
     requires_stats = True
 
-    def init_tensors(self, handle: ModelHandle, cfg: EMATBNConfig, seed: int) -> dict[str, Tensor]:
+    def init_tensors(self, handle: ModelHandle, cfg: EMAPluginConfig, seed: int) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for layer in handle.bn_layers:
             k_mean, k_var = _keys(layer.name)
@@ -58,7 +59,7 @@ class EMAStats:
     def plan(
         self,
         handle: ModelHandle,
-        cfg: EMATBNConfig,
+        cfg: EMAPluginConfig,
         tensors: Mapping[str, Tensor],
         affine: Mapping[str, Tensor] | None,
         *,
@@ -98,11 +99,11 @@ class EMAPlan(BasePlan):
 
 
 @register_strategy
-def ema_tbn() -> ComposedStrategy:
-    return ComposedStrategy("ema_tbn", "moving average of test-batch BN statistics", EMAStats())
+def ema_plugin() -> ComposedStrategy:
+    return ComposedStrategy("ema_plugin", "moving average of test-batch BN statistics", EMAStats())
 
 
 @register_strategy
-def ema_tbn_tent() -> ComposedStrategy:
+def ema_plugin_tent() -> ComposedStrategy:
     summary = "entropy minimisation of BN affine parameters over EMA-TBN statistics"
-    return ComposedStrategy("ema_tbn+tent", summary, EMAStats(), TentUpdater())
+    return ComposedStrategy("ema_plugin+tent", summary, EMAStats(), TentUpdater())

@@ -143,7 +143,7 @@ def assert_states_equal(a: AdaptationState, b: AdaptationState) -> None:
     assert dict(a.meta) == dict(b.meta)
 
 
-SMALL = {"fisher_size": 16, "fisher_batch_size": 8, "k": 4}
+SMALL = {"fisher_size": 16, "fisher_batch_size": 8, "k": 4, "n_augmentations": 2}
 
 
 def small_config(strategy: ComposedStrategy, **overrides: Any) -> StrategyConfig:

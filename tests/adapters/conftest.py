@@ -1,7 +1,7 @@
 """Tiny models run fastest (and without oversubscription on shared CI cores) on one intra-op thread.
 
 The suites here that are parametrised over the registry also cover a strategy that is not built in:
-importing `_plugin_strategy` registers it (`ema_tbn`, `ema_tbn+tent`).
+importing `_plugin_strategy` registers it (`ema_plugin`, `ema_plugin+tent`).
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def test_models_without_batchnorm_adapt_their_affine_parameters(tmp_path: Path, 
     assert {layer.kind for layer in handle.trainable_layers()} == {kind}
     outcomes = _exercise(handle, 16)
     for strategy, outcome in outcomes.items():
-        refused = strategy.startswith(("norm", "alpha_bn", "unmix_tns", "ema_tbn"))
+        refused = strategy.startswith(("norm", "alpha_bn", "unmix_tns", "ema_tbn", "ema_plugin"))
         assert outcome == ("refused" if refused else "stepped"), (strategy, outcome)
     assert {"source", *UPDATERS} <= {s for s, o in outcomes.items() if o == "stepped"}
 

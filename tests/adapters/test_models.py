@@ -252,11 +252,30 @@ def test_source_reader_decodes_jpeg_archives_as_tta_data_does(tmp_path: Path) ->
 
     archive = _jpeg_archive(tmp_path / "src_jpeg.npz", 40)
     for n, seed in ((10, 0), (10, 3), (100, 1)):
-        expected_idx = np.sort(np.random.default_rng(seed).choice(40, size=min(n, 40), replace=False))
+        expected_idx = np.random.default_rng(seed).choice(40, size=min(n, 40), replace=False)
         expected = decode_images(load_jpeg_npz(archive), expected_idx)
         got = read_images(archive, n, seed)
         assert got.dtype == np.uint8 and got.shape == (min(n, 40), 16, 16, 3)
         assert np.array_equal(got, expected)
+
+
+def test_source_reader_mixes_classes_of_a_class_ordered_archive(tmp_path: Path) -> None:
+    """Training archives are stored class by class: the sample must come in shuffled order, so that each
+    mini-batch of EATA's Fisher holds many classes (sorted indices give one or two per batch)."""
+    import numpy as np
+
+    from adapters.models.loading import read_images
+
+    per_class = 100
+    images = np.repeat(np.arange(10, dtype=np.uint8), per_class)[:, None, None, None] * np.ones(
+        (1, 2, 2, 3), np.uint8
+    )
+    path = tmp_path / "by_class.npy"
+    np.save(path, images)
+    got = read_images(path, 400, 0)[:, 0, 0, 0]
+    assert sorted(got.tolist()) != got.tolist()
+    classes_per_batch = [len(set(got[i : i + 32].tolist())) for i in range(0, 400, 32)]
+    assert min(classes_per_batch) >= 6, classes_per_batch
 
 
 def test_source_reader_refuses_a_file_that_is_no_jpeg_archive(tmp_path: Path) -> None:

@@ -29,6 +29,9 @@ BUILT_IN = [
     "unmix_tns+eta",
     "sar",
     "unmix_tns+sar",
+    "ema_tbn",
+    "roid",
+    "cotta",
 ]
 
 
@@ -47,11 +50,11 @@ def test_importing_adapters_registers_exactly_the_built_ins() -> None:
 
 def test_a_strategy_defined_in_one_file_is_registered_and_under_contract() -> None:
     """`_plugin_strategy` is the whole of two new strategies; the contract suite runs on them."""
-    for name in ("ema_tbn", "ema_tbn+tent"):
+    for name in ("ema_plugin", "ema_plugin+tent"):
         strategy = adapters.get_strategy(name)
         assert isinstance(strategy.normalizer, _plugin_strategy.EMAStats)
         assert name in test_contract.NAMES
-    assert adapters.get_strategy("ema_tbn+tent").needs_grad
+    assert adapters.get_strategy("ema_plugin+tent").needs_grad
 
 
 @pytest.mark.usefixtures("scratch_registry")

@@ -10,7 +10,7 @@ from torch import Tensor
 
 import adapters
 from adapters.base import ModelHandle
-from adapters.sar import SARConfig
+from adapters.sar import SARConfig, reset_threshold
 from adapters.tent import TentConfig
 
 from ._reference import (
@@ -115,7 +115,7 @@ def test_state_unchanged_when_every_sample_is_unreliable(tiny_handle: ModelHandl
 
 def test_loss_ema_and_recovery_reset(tiny_handle: ModelHandle) -> None:
     x1, x2 = make_batch(8, seed=5), make_batch(8, seed=6)
-    keep = SARConfig(e_margin=1.0, reset_constant=0.0)
+    keep = SARConfig(e_margin=1.0, reset_criterion="reference", reset_constant=0.0)
     init = SAR.init_state(tiny_handle, keep)
     first = SAR.step(tiny_handle, x1, init, keep)
     second = SAR.step(tiny_handle, x2, first.state, keep)
@@ -125,7 +125,7 @@ def test_loss_ema_and_recovery_reset(tiny_handle: ModelHandle) -> None:
     assert math.isclose(second.state.meta["loss_ema"], expected, rel_tol=1e-12)
 
     # Any finite entropy is below 10: the first update signals collapse and the state returns to init.
-    collapse = SARConfig(e_margin=1.0, reset_constant=10.0)
+    collapse = SARConfig(e_margin=1.0, reset_criterion="reference", reset_constant=10.0)
     reset = SAR.step(tiny_handle, x2, first.state, collapse)
     assert reset.stats.reset and reset.stats.updated
     fresh = SAR.init_state(tiny_handle, collapse)
@@ -153,6 +153,28 @@ def test_default_is_benchmark_sgd_setting() -> None:
     cfg = SARConfig()
     assert (cfg.optimizer, cfg.momentum, cfg.nesterov, cfg.rho) == ("sgd", 0.9, False, 0.05)
     assert math.isclose(cfg.e_margin, 0.4) and math.isclose(cfg.reset_constant, 0.2)
+    assert cfg.reset_criterion == "relative"
+
+
+def test_relative_reset_threshold_scales_with_ln_classes() -> None:
+    cfg = SARConfig()
+    # The reference's 0.2 nats at ImageNet's 1000 classes; 0.2 * ln 10 / ln 1000 = 0.0667 at 10 classes.
+    assert math.isclose(reset_threshold(cfg, 1000), 0.2, rel_tol=1e-12)
+    assert math.isclose(reset_threshold(cfg, 10), 0.2 / 3, rel_tol=1e-12)
+    assert reset_threshold(SARConfig(reset_criterion="reference"), 10) == 0.2
+
+
+def test_relative_criterion_decides_the_reset(tiny_handle: ModelHandle) -> None:
+    """A loss between the two thresholds resets under the reference criterion only."""
+    x = make_batch(8, seed=5)
+    probe = SARConfig(e_margin=1.0, reset_criterion="reference", reset_constant=0.0)
+    loss = SAR.step(tiny_handle, x, SAR.init_state(tiny_handle, probe), probe).stats.loss
+    assert loss is not None and loss > 0
+    ln_c = math.log(tiny_handle.num_classes)
+    relative = SARConfig(e_margin=1.0, reset_fraction=0.5 * loss / ln_c, reset_constant=2 * loss)
+    reference = relative.model_copy(update={"reset_criterion": "reference"})
+    assert not SAR.step(tiny_handle, x, SAR.init_state(tiny_handle, relative), relative).stats.reset
+    assert SAR.step(tiny_handle, x, SAR.init_state(tiny_handle, reference), reference).stats.reset
 
 
 def test_reset_equals_init(tiny_handle: ModelHandle) -> None:
@@ -163,8 +185,18 @@ def test_reset_equals_init(tiny_handle: ModelHandle) -> None:
 def test_recovery_also_resets_unmix_components(tiny_handle: ModelHandle) -> None:
     """Model recovery restores the whole adaptive model, normalisation statistics included."""
     strategy = adapters.get_strategy("unmix_tns+sar")
-    cfg = strategy.parse_config({"unmix_tns": {"k": 4}, "sar": {"e_margin": 1.0, "reset_constant": 10.0}})
-    no_reset = strategy.parse_config({"unmix_tns": {"k": 4}, "sar": {"e_margin": 1.0, "reset_constant": 0.0}})
+    cfg = strategy.parse_config(
+        {
+            "unmix_tns": {"k": 4},
+            "sar": {"e_margin": 1.0, "reset_criterion": "reference", "reset_constant": 10.0},
+        }
+    )
+    no_reset = strategy.parse_config(
+        {
+            "unmix_tns": {"k": 4},
+            "sar": {"e_margin": 1.0, "reset_criterion": "reference", "reset_constant": 0.0},
+        }
+    )
     init = strategy.init_state(tiny_handle, cfg, seed=2)
     drifted = strategy.step(tiny_handle, make_batch(8, seed=8), init, no_reset)
     assert not drifted.stats.reset

@@ -45,7 +45,7 @@ def test_json_shape_and_values(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert torch.get_num_threads() == threads  # --threads does not leak into the calling process
 
     payload = json.loads(out.read_text())
-    assert set(payload) == {"results", "config"}
+    assert set(payload) == {"results", "config", "trace"}
     results = payload["results"]
     assert list(results) == ["source", "norm"]
     for errors in results.values():
@@ -126,6 +126,8 @@ def test_failing_strategy_is_reported_and_exits_non_zero(
         (["--strategies", "tent", "--config", 'tent={"nope": 1}'], "--config tent:"),
         (["--strategies", "source", "--config", 'tent={"lr": 1e-4}'], "not among --strategies"),
         (["--severity", "6"], "--severity must be one of"),
+        (["--passes", "2"], "--passes needs --setting continual"),
+        (["--setting", "mixed", "--reset", "never"], "--reset applies to --setting standard only"),
         (["--model", "nope", "--strategies", "source"], "unknown model 'nope'"),
     ],
 )
@@ -156,3 +158,48 @@ def test_format_table() -> None:
         "| source | 12.3 | 12.35 | 3 |",
         "| norm | 10.0 | 10.00 | 4 |",
     ]
+
+
+@pytest.mark.slow
+@needs_model
+def test_continual_with_two_passes_and_mixed_settings(tmp_path: Path) -> None:
+    """Continual: one state over both corruptions twice, rows per pass, a trace per batch and a PNG; mixed: one
+    shuffled stream whose errors still count per corruption."""
+    common = ["--corruptions", "none,gaussian_noise", "--n", "16", "--batch-size", "8", "--threads", "1"]
+    out = tmp_path / "continual.json"
+    argv = [
+        *common,
+        "--strategies",
+        "norm,tent",
+        "--setting",
+        "continual",
+        "--passes",
+        "2",
+        "--json",
+        str(out),
+    ]
+    assert accuracy.main([*argv, "--no-progress"]) == 0
+    payload = json.loads(out.read_text())
+    results, trace = payload["results"], payload["trace"]
+    assert list(results) == ["norm", "norm (pass 2)", "tent", "tent (pass 2)"]
+    assert results["norm"] == results["norm (pass 2)"]  # stateless: the same stream gives the same errors
+    assert [len(t) for t in trace["batches"].values()] == [8, 8]  # 2 passes x 2 corruptions x 2 batches
+    assert [(b["batch"], b["corruption"], b["pass"]) for b in trace["boundaries"]] == [
+        (0, "none", 1),
+        (2, "gaussian_noise", 1),
+        (4, "none", 2),
+        (6, "gaussian_noise", 2),
+    ]
+    assert payload["config"]["setting"] == "continual" and payload["config"]["passes"] == 2
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    mixed = tmp_path / "mixed.json"
+    argv = [*common, "--strategies", "norm", "--setting", "mixed", "--json", str(mixed), "--no-plot"]
+    assert accuracy.main([*argv, "--no-progress"]) == 0
+    payload = json.loads(mixed.read_text())
+    assert len(payload["trace"]["batches"]["norm"]) == 4 and len(payload["trace"]["boundaries"]) == 1
+    for c in ("none", "gaussian_noise"):
+        assert payload["results"]["norm"][c] * 16 / 100 == pytest.approx(
+            round(payload["results"]["norm"][c] * 16 / 100)
+        )
+    assert not mixed.with_suffix(".png").exists()

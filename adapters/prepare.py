@@ -1,0 +1,46 @@
+"""What source-dependent strategies need from a model's source data, made once into a source artefact.
+
+`prepare_source(handle)` computes EATA's Fisher for the default configs of the strategies that use it
+(`eata`, `unmix_tns+eata`) and the given stream seeds, keyed as `fisher_diagonal` looks them up in
+`ModelHandle.prepared`; `tta-bench prepare-source` writes them to the file the model's `source_artifact`
+names (safetensors, with the model's fingerprint in its metadata), and the server loads it at start.
+A stream whose Fisher is not in the artefact (another config or seed) computes it at first use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from adapters.base import ModelHandle
+from adapters.eata import EATAConfig, EATAUpdater, fisher_cache_key, fisher_diagonal, prepared_prefix
+from adapters.registry import get_strategy
+
+SOURCE_STRATEGIES = ("eata", "unmix_tns+eata")
+
+
+def prepare_source(
+    handle: ModelHandle, strategies: Sequence[str] = SOURCE_STRATEGIES, seeds: Sequence[int] = (0,)
+) -> dict[str, Tensor]:
+    """The artefact's tensors: each strategy's Fisher at its default config, per seed."""
+    out: dict[str, Tensor] = {}
+    for name in strategies:
+        strategy = get_strategy(name)
+        updater = strategy.updater
+        if not isinstance(updater, EATAUpdater):
+            raise ValueError(f"{name} needs nothing prepared from source data")
+        cfg = strategy.parse_config({})
+        upd_cfg = strategy.part_config(updater, cfg)
+        assert isinstance(upd_cfg, EATAConfig)
+        norm_cfg = strategy.part_config(strategy.normalizer, cfg)
+        for seed in seeds:
+            tensors = strategy.normalizer.init_tensors(handle, norm_cfg, seed)
+            forward = strategy._forward_fn(handle, norm_cfg, tensors, adapt=False)
+            key = fisher_cache_key(forward, upd_cfg, seed)
+            fisher = fisher_diagonal(
+                handle, forward, upd_cfg.fisher_size, upd_cfg.fisher_batch_size, seed, key
+            )
+            prefix = prepared_prefix(key)
+            out.update({prefix + k: v.detach().cpu().contiguous() for k, v in fisher.items()})
+    return out
