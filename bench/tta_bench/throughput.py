@@ -50,6 +50,8 @@ from torch import Tensor, nn
 
 import adapters
 from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult, StrategyConfig
+from adapters._bn import layer_kind
+from adapters.base import AFFINE_KINDS
 from adapters.models import ModelSpec, build_classifier, build_handle
 from adapters.serialization import state_from_bytes, state_to_bytes
 from tta_bench.opcount import count_call
@@ -299,9 +301,8 @@ class StrategyRun:
 
 
 def _norm_affine_parameters(net: nn.Module) -> list[nn.Parameter]:
-    """The weight and bias of every BatchNorm/LayerNorm/GroupNorm layer: what the gradient strategies adapt."""
-    kinds = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-    return [p for m in net.modules() if isinstance(m, kinds) for p in m.parameters(recurse=False)]
+    """The weight and bias of every layer of the kinds the gradient strategies adapt (`AFFINE_KINDS`)."""
+    return [p for m in net.modules() if layer_kind(m) in AFFINE_KINDS for p in m.parameters(recurse=False)]
 
 
 def bare_nets(spec: ModelSpec, device: torch.device, channels_last: bool) -> tuple[nn.Module, nn.Module]:
