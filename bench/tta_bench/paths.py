@@ -1,8 +1,11 @@
 """Where the benches, tests and scripts find the repository's files and the shared data (defined once, here).
 
 The benches run from a source checkout: ``REPO_ROOT`` is the checkout (the folder above ``bench/``), its
-``models.yaml`` declares the served model, and the shared CIFAR-10 archives sit in ``../shared`` next to it
-(``shared/README.md``). The server and the core know none of this: they get explicit paths.
+``models.yaml`` declares the served models (weights in ``models/``, source images in ``data/cifar10/``). The
+benchmarks read the full CIFAR-10 archives from ``../shared/data/cifar10`` next to the checkout, or from
+``$TTA_DATA_DIR``; the test suite points ``$TTA_DATA_DIR`` at the small subsets the checkout ships
+(:data:`REPO_DATA_DIR`), so a clone runs its tests alone. The server and the core know none of this: they
+get explicit paths.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Literal
 __all__ = [
     "CIFAR10_DIR",
     "MODELS_CONFIG",
+    "REPO_DATA_DIR",
     "REPO_ROOT",
     "SHARED_DIR",
     "cifar10_archive",
@@ -23,11 +27,14 @@ __all__ = [
 
 #: The source checkout: bench/tta_bench/paths.py -> the repository root.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-#: The served models of the checkout (weights and source data in ../shared).
+#: The served models of the checkout (weights in models/, source data in data/cifar10/).
 MODELS_CONFIG = REPO_ROOT / "models.yaml"
+#: The checkout's own CIFAR-10 subsets (3000 training and 1000 test images, scripts/make_repo_data.py), in
+#: the archive format: what the tests and the served models' source data use.
+REPO_DATA_DIR = REPO_ROOT / "data" / "cifar10"
 #: Data shared by every checkout of the project: models/ and data/ (see its README.md).
 SHARED_DIR = REPO_ROOT.parent / "shared"
-#: Default folder of train_jpeg.npz / test_jpeg.npz.
+#: Default folder of the full train_jpeg.npz / test_jpeg.npz (50000 / 10000 images) for the benchmarks.
 CIFAR10_DIR = SHARED_DIR / "data" / "cifar10"
 
 
@@ -59,6 +66,9 @@ def cifar10_archive(
     hint = (
         "pass --data-dir"
         if data_dir is not None
-        else f"the default is {CIFAR10_DIR}; set TTA_DATA_DIR or --data-dir to the folder holding it"
+        else (
+            f"the default is {CIFAR10_DIR}, the full archives described in ../shared/README.md; set "
+            f"TTA_DATA_DIR or --data-dir to the folder holding it ({REPO_DATA_DIR} holds small subsets)"
+        )
     )
     return require_file(folder / f"{split}_jpeg.npz", f"CIFAR-10 {split} archive", hint)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -12,24 +11,14 @@ from PIL import Image
 
 import adapters
 from adapters.base import ModelHandle
+from tests.adapters.conftest import REAL_DATA_MARKS
 from tests.conftest import CIFAR_TEST
 
 N_IMAGES = 500
 BATCH = 100
 SIGMA = 0.1
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not CIFAR_TEST.is_file(), reason="shared CIFAR-10 test set not available"),
-]
-
-
-@pytest.fixture(autouse=True)
-def _two_threads() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = REAL_DATA_MARKS
 
 
 @pytest.fixture(scope="module")

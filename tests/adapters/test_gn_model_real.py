@@ -1,11 +1,9 @@
 """The shipped GroupNorm ResNet (`cifar10_gn_resnet` in models.yaml, weights in the repository): it loads from
 its declared entry, keeps its measured clean accuracy, and `tent` and `sar` adapt its GroupNorm affine
-parameters (EATA lowers the error under noise), and the statistics strategies refuse it. docs/BENCHMARKS.md §1.7
+parameters (EATA lowers the error under noise), and the statistics strategies refuse it. docs/BENCHMARKS.md §1.6
 has the full table (where tent at its BN-model defaults does not gain on this model)."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -14,26 +12,16 @@ import torch
 import adapters
 from adapters.base import ModelHandle
 from adapters.models import ModelSpec, build_handle
+from tests.adapters.conftest import REAL_DATA_MARKS
 from tests.conftest import CIFAR_TEST, MODELS_YAML
 from tta_data import corrupt, decode_images, load_jpeg_npz
 from tta_server.model_pool import read_models_file
 
 MODEL_ID = "cifar10_gn_resnet"
-N_IMAGES = 512
+N_IMAGES = 1000  # every shipped test image
 BATCH = 64
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not CIFAR_TEST.is_file(), reason="shared CIFAR-10 test set not available"),
-]
-
-
-@pytest.fixture(autouse=True)
-def _two_threads() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = REAL_DATA_MARKS
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +71,8 @@ def test_clean_accuracy_is_the_measured_one(
 ) -> None:
     images, labels, _ = test_images
     error = _error(gn_handle, "source", images, labels)
-    # models.yaml records 19.0 % on the 1000-image subset of the bench; 512 other images sit within a few points.
+    # models.yaml records 19.0 % on the bench's 1000-image subset; the full test set gives 20.2 %, the shipped
+    # 1000 images 21.5 % (scripts/make_repo_data.py).
     assert error <= 23.0, error
 
 

@@ -19,8 +19,6 @@ from tests.conftest import CIFAR_WEIGHTS
 
 from ._reference import make_batch, replace_bn
 
-needs_checkpoint = pytest.mark.skipif(not CIFAR_WEIGHTS.is_file(), reason="shared checkpoint not available")
-
 
 def _cifar_spec(weights: Path) -> ModelSpec:
     return ModelSpec(id="cifar", arch="wide_resnet", depth=40, widen_factor=2, weights=weights)
@@ -30,7 +28,6 @@ def _weights(handle: ModelHandle) -> dict[str, torch.Tensor]:
     return dict(handle.model.state_dict())
 
 
-@needs_checkpoint
 def test_real_checkpoint_matches_the_architecture_strictly() -> None:
     state = load_checkpoint(CIFAR_WEIGHTS)
     net = WideResNet(depth=40, widen_factor=2, num_classes=10)
@@ -41,7 +38,6 @@ def test_real_checkpoint_matches_the_architecture_strictly() -> None:
     )
 
 
-@needs_checkpoint
 def test_real_handle_indexes_every_bn_layer(cifar_handle: ModelHandle) -> None:
     bns = [m for m in cifar_handle.model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(isinstance(m, AdaptiveBatchNorm2d) for m in bns)
@@ -53,7 +49,7 @@ def test_real_handle_indexes_every_bn_layer(cifar_handle: ModelHandle) -> None:
     assert cifar_handle.source_images is not None
 
 
-@pytest.mark.parametrize("model", ["tiny", pytest.param("cifar", marks=needs_checkpoint)])
+@pytest.mark.parametrize("model", ["tiny", "cifar"])
 def test_checkpoint_layouts_load_the_same_weights(tmp_path: Path, tiny_spec: ModelSpec, model: str) -> None:
     spec = tiny_spec if model == "tiny" else _cifar_spec(CIFAR_WEIGHTS)
     assert spec.weights is not None

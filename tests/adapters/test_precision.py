@@ -14,9 +14,6 @@ from adapters.base import ModelHandle
 from adapters.models import ModelSpec, build_handle
 from tests.conftest import CIFAR_TEST, CIFAR_WEIGHTS
 
-pytestmark = pytest.mark.skipif(
-    not (CIFAR_WEIGHTS.is_file() and CIFAR_TEST.is_file()), reason="shared checkpoint or test set missing"
-)
 SPEC = ModelSpec(id="cifar10_wrn40_2", arch="wide_resnet", depth=40, widen_factor=2, weights=CIFAR_WEIGHTS)
 
 

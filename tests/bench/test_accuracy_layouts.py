@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.bench.test_accuracy_bench import needs_model
 from tests.conftest import npy_bytes
 from tta_bench import accuracy, replay_data
 from tta_bench.paths import cifar10_archive
@@ -58,7 +57,6 @@ def served_error(client, strategy: str, images: np.ndarray, labels: np.ndarray) 
 
 
 @pytest.mark.slow
-@needs_model
 def test_accuracy_on_a_cifar_c_folder_equals_the_served_streams(tmp_path: Path, make_client) -> None:
     root = tmp_path / "CIFAR-10-C"
     labels = write_cifar_c(root)
@@ -108,7 +106,6 @@ def test_accuracy_dataset_usage_errors(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 @pytest.mark.slow
-@needs_model
 def test_stream_file_from_a_cifar_c_folder(tmp_path: Path) -> None:
     root = tmp_path / "CIFAR-10-C"
     labels = write_cifar_c(root)

@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 
 from tta_bench import cli, replay_data
-from tta_bench.paths import cifar10_dir
 from tta_client.replay import load_stream_file
 
-needs_cifar = pytest.mark.skipif(
-    not (cifar10_dir() / "test_jpeg.npz").is_file(), reason="CIFAR-10 test archive not present"
-)
 
-
-@needs_cifar
 def test_stream_file_switches_corruption_after_k_batches(tmp_path: Path, capsys) -> None:
     out = tmp_path / "drift.npz"
     argv = ["stream", "--streams", "2", "--corruptions", "none,gaussian_noise", "--switch-after", "1"]
@@ -43,7 +37,6 @@ def test_stream_file_switches_corruption_after_k_batches(tmp_path: Path, capsys)
     json.dumps(meta)
 
 
-@needs_cifar
 def test_the_file_holds_what_the_in_process_source_yields(tmp_path: Path) -> None:
     from tta_bench.paths import cifar10_archive
     from tta_data import load_jpeg_npz
@@ -76,8 +69,6 @@ def test_the_file_holds_what_the_in_process_source_yields(tmp_path: Path) -> Non
     ],
 )
 def test_bad_options_exit_2(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
-    if not (cifar10_dir() / "test_jpeg.npz").is_file() and "--streams" not in argv:
-        pytest.skip("CIFAR-10 test archive not present")
     assert replay_data.main([*argv, "--no-progress", "--out", str(tmp_path / "x.npz")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
