@@ -21,6 +21,7 @@ from adapters._bn import (
 )
 from adapters._strategy import ComposedStrategy
 from adapters.base import STAT_KINDS, ModelHandle, StrategyConfig
+from adapters.edge import NotExportableError
 from adapters.registry import register_strategy
 
 
@@ -51,6 +52,15 @@ class AlphaStats:
         record: bool,
     ) -> AlphaPlan:
         return AlphaPlan(cfg.test_weight, affine, record)
+
+    def edge_stats(
+        self, handle: ModelHandle, cfg: AlphaBNConfig, tensors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        if cfg.test_weight > 0:
+            raise NotExportableError(
+                f"it mixes each batch's BN statistics into the source ones (test_weight {cfg.test_weight:g})"
+            )
+        return {}
 
 
 class AlphaPlan(BasePlan):

@@ -92,7 +92,9 @@ class ModelHandle:
 
     `model` maps float images in [0, 1] (NCHW) to logits; input normalisation is inside it.
     `source_images(n, seed)` returns n clean in-distribution images for strategies that need source
-    data (EATA's Fisher); it is None when the model was declared without source data.
+    data (EATA's Fisher); it is None when the model was declared without source data. `source_labels(n,
+    seed)` returns the class labels of the same draw (RMT's prototypes and replay); None when the source
+    data has no labels.
     `autocast_dtype`: when set, forward passes run under torch.autocast with this dtype.
     `bn_layers` are the BatchNorm2d layers (statistics strategies adapt them); `affine_layers` every
     normalisation layer with trainable affine parameters (BN2d, LayerNorm, GroupNorm), in module order
@@ -109,6 +111,7 @@ class ModelHandle:
     classes: tuple[str, ...] = ()
     input_size: tuple[int, int] = (32, 32)
     source_images: Callable[[int, int], Tensor] | None = None
+    source_labels: Callable[[int, int], Tensor] | None = None
     channels_last: bool = False
     autocast_dtype: torch.dtype | None = None
     affine_layers: tuple[AffineLayer, ...] = ()

@@ -71,6 +71,17 @@ class EMAStats:
     ) -> EMAPlan:
         return EMAPlan(cfg.momentum, tensors, affine, update, record)
 
+    def edge_stats(
+        self, handle: ModelHandle, cfg: EMATBNConfig, tensors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """adapt=false normalises with the stored averages: they are the BN layers' running statistics."""
+        out: dict[str, Tensor] = {}
+        for layer in handle.bn_layers:
+            k_mean, k_var = keys(layer.name)
+            out[f"{layer.name}.running_mean"] = tensors[k_mean]
+            out[f"{layer.name}.running_var"] = tensors[k_var]
+        return out
+
 
 class EMAPlan(BasePlan):
     def __init__(

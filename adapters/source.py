@@ -9,6 +9,7 @@ from torch import Tensor
 from adapters._bn import BatchStatsPlan, SourcePlan
 from adapters._strategy import ComposedStrategy
 from adapters.base import STAT_KINDS, ModelHandle, StrategyConfig
+from adapters.edge import NotExportableError
 from adapters.registry import register_strategy
 
 
@@ -39,6 +40,11 @@ class SourceStats(_Stateless):
     ) -> _StatelessPlan:
         return _StatelessPlan(SourcePlan(affine, record))
 
+    def edge_stats(
+        self, handle: ModelHandle, cfg: StrategyConfig, tensors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        return {}  # the source statistics
+
 
 class BatchStats(_Stateless):
     """Current test batch's statistics (biased variance), source affine parameters.
@@ -66,6 +72,13 @@ class BatchStats(_Stateless):
         record: bool,
     ) -> _StatelessPlan:
         return _StatelessPlan(BatchStatsPlan(affine, record))
+
+    def edge_stats(
+        self, handle: ModelHandle, cfg: StrategyConfig, tensors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        if handle.bn_layers:
+            raise NotExportableError("its BatchNorm layers normalise each batch with that batch's statistics")
+        return {}  # no BatchNorm: LayerNorm/GroupNorm compute per-sample statistics, as at the edge
 
 
 class _StatelessPlan:

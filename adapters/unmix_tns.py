@@ -31,6 +31,7 @@ from torch import Tensor
 from adapters._bn import AdaptiveBatchNorm2d, BasePlan, fast_stats_ok, normalize_with
 from adapters._strategy import ComposedStrategy
 from adapters.base import STAT_KINDS, BatchTooSmallError, ModelHandle, StrategyConfig
+from adapters.edge import NotExportableError
 from adapters.registry import register_strategy
 
 PREFIX = "unmix."
@@ -93,6 +94,14 @@ class UnMixStats:
         record: bool,
     ) -> UnMixPlan:
         return UnMixPlan(cfg, tensors, affine, update, record)
+
+    def edge_stats(
+        self, handle: ModelHandle, cfg: UnMixTNSConfig, tensors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        raise NotExportableError(
+            "it normalises every sample with its own mixture of statistics components, weighted by that "
+            "sample's instance statistics (no single running mean and variance per layer)"
+        )
 
 
 def moment_matched(xi: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ ERROR_TYPES: dict[str, tuple[int, str]] = {
     "method_not_allowed": (405, "wrong HTTP method"),
     "state_mismatch": (409, "stored state does not fit the stream's policy or model; reset the stream"),
     "state_corrupt": (409, "a stored record cannot be decoded; reset (state) or DELETE (any record)"),
+    "not_exportable": (409, "the stream's predictions depend on each batch: no static patch reproduces them"),
     "request_timeout": (408, "the request body did not arrive within the body read timeout"),
     "payload_too_large": (413, "body, image count or decoded pixels over the limits"),
     "unsupported_media_type": (415, "predict body is neither multipart nor npy"),
@@ -88,6 +89,7 @@ OverloadedError = _kind("OverloadedError", "overloaded")
 DeadlineExceededError = _kind("DeadlineExceededError", "deadline_exceeded")
 RequestTimeoutError = _kind("RequestTimeoutError", "request_timeout")
 NotFoundError = _kind("NotFoundError", "not_found")
+NotExportableError = _kind("NotExportableError", "not_exportable")
 
 
 def to_http(exc: BaseException) -> TTAError | None:

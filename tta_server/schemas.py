@@ -140,6 +140,10 @@ class StrategyInfo(BaseModel):
 
 class StrategyList(BaseModel):
     strategies: list[StrategyInfo]
+    guide: str = Field(
+        "docs/STRATEGIES.md",
+        description="the guide to choosing a strategy, with measured tables (path in the project repository)",
+    )
 
 
 class ErrorBody(BaseModel):

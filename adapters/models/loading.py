@@ -400,6 +400,7 @@ def build_handle(
         classes=spec.classes or tuple(str(i) for i in range(spec.num_classes)),
         input_size=spec.input_size,
         source_images=_source_loader(spec) if spec.source_data else None,
+        source_labels=_label_loader(spec.source_data) if spec.source_data else None,
         channels_last=use_cl,
         autocast_dtype=torch.bfloat16 if (precision or spec.precision) == "bf16" else None,
         affine_layers=affine,
@@ -512,6 +513,26 @@ def _source_loader(spec: ModelSpec) -> Callable[[int, int], Tensor]:
         if tuple(x.shape[2:]) != tuple(spec.input_size):
             x = torch.nn.functional.interpolate(x, size=spec.input_size, mode="bilinear", antialias=True)
         return x
+
+    return load
+
+
+def _label_loader(path: Path) -> Callable[[int, int], Tensor] | None:
+    """Labels of `read_images`' draws from a JPEG archive with a `labels` field; None for a file without."""
+    if path.suffix == ".npy":
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "labels" not in archive.files:
+                return None
+    except (OSError, ValueError):
+        return None  # read_images reports the broken file when a strategy asks for images
+
+    def load(n: int, seed: int) -> Tensor:
+        with np.load(path, allow_pickle=False) as archive:
+            labels = np.asarray(archive["labels"]).astype(np.int64).reshape(-1)
+        idx = np.random.default_rng(seed).choice(len(labels), size=min(n, len(labels)), replace=False)
+        return torch.from_numpy(labels[idx])
 
     return load
 

@@ -198,10 +198,67 @@ def _cmd_models(ctx: _Context) -> int:
     return EXIT_OK
 
 
+def _parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"{option} takes comma-separated numbers such as 0.5,0.5,0.5, got {text!r}"
+        ) from None
+
+
+def _edge_config(a: argparse.Namespace) -> Any:
+    """``--edge-*``, ``--upload-*`` and ``--export-every`` as a ``replay.EdgeConfig`` (None without
+    ``--edge-net``, where the others are refused)."""
+    from tta_client import replay
+
+    edge_only = {
+        "--edge-kwargs": a.edge_kwargs,
+        "--edge-weights": a.edge_weights,
+        "--edge-mean": a.edge_mean,
+        "--edge-std": a.edge_std,
+        "--edge-threads": a.edge_threads,
+        "--upload-fraction": a.upload_fraction,
+        "--upload-max-entropy": a.upload_max_entropy,
+        "--export-every": a.export_every,
+    }
+    if a.edge_net is None:
+        given = [name for name, value in edge_only.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} need(s) --edge-net (the edge mode)")
+        return None
+    if a.upload_fraction is not None and a.upload_max_entropy is not None:
+        raise ValueError(
+            "give one of --upload-fraction and --upload-max-entropy (neither uploads every image)"
+        )
+    try:
+        kwargs = json.loads(a.edge_kwargs) if a.edge_kwargs is not None else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--edge-kwargs is not valid JSON: {exc}") from exc
+    if not isinstance(kwargs, dict):
+        raise ValueError(
+            f"--edge-kwargs must be a JSON object such as '{{\"depth\": 40}}', got {a.edge_kwargs!r}"
+        )
+    return replay.EdgeConfig(
+        net=a.edge_net,
+        kwargs=kwargs,
+        weights=a.edge_weights,
+        mean=_parse_floats(a.edge_mean, "--edge-mean"),
+        std=_parse_floats(a.edge_std, "--edge-std"),
+        upload_fraction=a.upload_fraction,
+        upload_max_entropy=a.upload_max_entropy,
+        export_every=1 if a.export_every is None else a.export_every,
+        threads=a.edge_threads,
+    )
+
+
 def _cmd_replay(ctx: _Context) -> int:
     from tta_client import replay
 
     a = ctx.args
+    edge = _edge_config(a)
     try:
         stream_file = replay.load_stream_file(a.file, batch_size=a.batch_size)
     except ImportError as exc:
@@ -220,6 +277,7 @@ def _cmd_replay(ctx: _Context) -> int:
         concurrency=a.concurrency,
         max_requests=a.max_requests,
         max_seconds=a.max_seconds,
+        edge=edge,
     )
     data = {"file": str(a.file), "file_streams": stream_file.num_streams, **stream_file.meta}
 
@@ -295,6 +353,46 @@ def _add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, help="stop sending after this many seconds")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="write the full report as JSON to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = p.add_argument_group(
+        "edge mode",
+        "predict locally with a torch copy of the source network patched by each stream's export (the "
+        "accuracy counts these predictions) and upload only the selected images for the server to adapt "
+        "on; needs the edge extra (pip install 'tta-client[edge]'). --max-requests counts batches here.",
+    )
+    e.add_argument(
+        "--edge-net",
+        metavar="MODULE:CALLABLE",
+        help="builds the source network, e.g. adapters.models.wide_resnet:WideResNet (turns edge mode on)",
+    )
+    e.add_argument(
+        "--edge-kwargs",
+        metavar="JSON",
+        help='its keyword arguments, e.g. \'{"depth": 40, "widen_factor": 2}\'',
+    )
+    e.add_argument(
+        "--edge-weights", metavar="FILE", help="the model's weights file (.safetensors, or .pt/.pth)"
+    )
+    e.add_argument("--edge-mean", metavar="R,G,B", help="input mean, where the served model declares one")
+    e.add_argument("--edge-std", metavar="R,G,B", help="input std, where the served model declares one")
+    e.add_argument("--edge-threads", type=int, metavar="N", help="torch threads of the local forward")
+    e.add_argument(
+        "--upload-fraction",
+        type=float,
+        metavar="F",
+        help="upload the ceil(F * batch) images of lowest local entropy (default: upload every image)",
+    )
+    e.add_argument(
+        "--upload-max-entropy",
+        type=float,
+        metavar="NATS",
+        help="upload the images whose local entropy is at most NATS (EATA's margin 0.4 ln 10 = 0.921)",
+    )
+    e.add_argument(
+        "--export-every",
+        type=int,
+        metavar="K",
+        help="download the stream's export again every K batches (default 1; always before the first)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -155,6 +155,11 @@ def _no_content(response: httpx.Response) -> None:
     raise_for_error(response)
 
 
+def _content(response: httpx.Response) -> bytes:
+    raise_for_error(response)
+    return response.content
+
+
 def _readiness(response: httpx.Response) -> dict[str, Any]:
     # A not-ready server (503) is an answer, not a failure: return its body so callers can read it.
     if response.status_code == 503:
@@ -228,6 +233,10 @@ class _BaseClient:
 
     def _reset_stream(self, stream_id: str) -> _Call[StreamPublic]:
         return _Call("POST", f"/v1/streams/{_check_stream_id(stream_id)}/reset", _parser(StreamPublic))
+
+    def _export_stream(self, stream_id: str) -> _Call[bytes]:
+        path = f"/v1/streams/{_check_stream_id(stream_id)}/export"
+        return _Call("GET", path, _content, headers={"Accept": "application/octet-stream, application/json"})
 
     def _predict_files(
         self, stream_id: str, images: ImageInput | Sequence[ImageInput], adapt: bool, top_k: int
@@ -371,6 +380,11 @@ class Client(_BaseClient):
         """Put a stream back to the source state, keeping its policy."""
         return self._send(self._reset_stream(stream_id))
 
+    def export_stream(self, stream_id: str) -> bytes:
+        """The stream's adapted state as a safetensors patch of its model (``tta_client.edge.load_export``
+        applies it); ``NotExportableError`` where the stream's predictions depend on each batch."""
+        return self._send(self._export_stream(stream_id))
+
     def predict_files(
         self, stream_id: str, images: ImageInput | Sequence[ImageInput], adapt: bool = True, top_k: int = 3
     ) -> PredictResponse:
@@ -475,6 +489,11 @@ class AsyncClient(_BaseClient):
     async def reset_stream(self, stream_id: str) -> StreamPublic:
         """Put a stream back to the source state, keeping its policy."""
         return await self._send(self._reset_stream(stream_id))
+
+    async def export_stream(self, stream_id: str) -> bytes:
+        """The stream's adapted state as a safetensors patch of its model (``tta_client.edge.load_export``
+        applies it); ``NotExportableError`` where the stream's predictions depend on each batch."""
+        return await self._send(self._export_stream(stream_id))
 
     async def predict_files(
         self, stream_id: str, images: ImageInput | Sequence[ImageInput], adapt: bool = True, top_k: int = 3

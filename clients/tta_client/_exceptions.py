@@ -12,6 +12,7 @@
         ├── RequestTimeoutError        408 request_timeout (the body arrived too slowly)
         ├── StateMismatchError         409 state_mismatch
         ├── StateCorruptError          409 state_corrupt
+        ├── NotExportableError         409 not_exportable
         ├── PayloadTooLargeError       413 payload_too_large
         ├── UnsupportedMediaTypeError  415 unsupported_media_type
         ├── ValidationError            422 validation
@@ -49,6 +50,7 @@ __all__ = [
     "IncompatibleModelError",
     "InvalidImageError",
     "MethodNotAllowedError",
+    "NotExportableError",
     "NotFoundError",
     "OverloadedError",
     "PayloadTooLargeError",
@@ -170,6 +172,12 @@ class StateCorruptError(APIError):
     ERROR_TYPE, STATUS = "state_corrupt", 409
 
 
+class NotExportableError(APIError):
+    """The stream's predictions depend on each batch: no static export reproduces them (the message says why)."""
+
+    ERROR_TYPE, STATUS = "not_exportable", 409
+
+
 class UnauthorizedError(APIError):
     """Missing or wrong API key."""
 
@@ -262,6 +270,7 @@ _BY_TYPE: dict[str, type[APIError]] = {
         PayloadTooLargeError,
         StateMismatchError,
         StateCorruptError,
+        NotExportableError,
         UnauthorizedError,
         RateLimitedError,
         StoreUnavailableError,

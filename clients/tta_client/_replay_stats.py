@@ -10,7 +10,15 @@ from typing import Any
 
 from tta_client._models import PredictResponse
 
-__all__ = ["BatchRecord", "ErrorRecord", "count_correct", "format_report", "percentile", "summarize"]
+__all__ = [
+    "BatchRecord",
+    "ErrorRecord",
+    "count_correct",
+    "edge_summary",
+    "format_report",
+    "percentile",
+    "summarize",
+]
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,15 @@ class BatchRecord:
     version: int
     mean_entropy: float | None = None
     bn_distance: float | None = None
+    # Edge mode (``ReplayConfig.edge``): ``correct`` counts the local predictions; these say what was sent.
+    #: Images of this batch uploaded for adaptation (None: not an edge replay, every image was sent).
+    uploaded: int | None = None
+    #: Request body bytes sent for them (0 without an upload), and what sending the whole batch would take.
+    upload_bytes: int | None = None
+    full_bytes: int | None = None
+    #: Exports downloaded before this batch was predicted, and their bytes.
+    exports: int = 0
+    export_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,42 @@ def _group(
     return dict(sorted(groups.items())) if sort else dict(groups)
 
 
+def _share(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _edge_totals(records: Iterable[BatchRecord]) -> dict[str, Any]:
+    g: dict[str, Any] = {"images": 0, "uploaded": 0, "upload_requests": 0, "upload_bytes": 0, "full_bytes": 0}
+    g |= {"exports": 0, "export_bytes": 0}
+    for r in records:
+        g["images"] += r.images
+        g["uploaded"] += r.uploaded or 0
+        g["upload_requests"] += int(bool(r.uploaded))
+        g["upload_bytes"] += r.upload_bytes or 0
+        g["full_bytes"] += r.full_bytes or 0
+        g["exports"] += r.exports
+        g["export_bytes"] += r.export_bytes
+    g["uploaded_share"] = _share(g["uploaded"], g["images"])
+    g["upload_bytes_share"] = _share(g["upload_bytes"], g["full_bytes"])
+    return g
+
+
+def edge_summary(records: Sequence[BatchRecord]) -> dict[str, Any] | None:
+    """What an edge replay sent and downloaded, overall and per stream; None for other replays.
+
+    ``uploaded``/``images``: images uploaded of those predicted locally; ``upload_bytes``: the request
+    bodies actually sent, ``full_bytes``: the bodies uploading every image would have sent; ``exports``,
+    ``export_bytes``: export downloads.
+    """
+    edge = [r for r in records if r.uploaded is not None]
+    if not edge:
+        return None
+    streams: dict[str, list[BatchRecord]] = defaultdict(list)
+    for r in edge:
+        streams[r.stream_id].append(r)
+    return _edge_totals(edge) | {"per_stream": {k: _edge_totals(v) for k, v in sorted(streams.items())}}
+
+
 def summarize(
     records: Sequence[BatchRecord],
     errors: Sequence[ErrorRecord] = (),
@@ -120,11 +173,38 @@ def summarize(
         "stopped_by": stopped_by,
         "per_stream": _group(records, Counter(e.stream_id for e in errors).items(), lambda r: r.stream_id),
         "per_corruption": _group(records, (), lambda r: r.corruption, sort=False),
+        "edge": edge_summary(records),
     }
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def _format_edge(edge: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"edge: uploaded {edge['uploaded']} of {edge['images']} images ({_pct(edge['uploaded_share'])}) in"
+        f" {edge['upload_requests']} requests, {edge['upload_bytes']} of {edge['full_bytes']} body bytes"
+        f" ({_pct(edge['upload_bytes_share'])}); {edge['exports']} exports downloaded,"
+        f" {edge['export_bytes']} bytes",
+    ]
+    groups = edge["per_stream"]
+    width = max([len("stream"), *(len(k) for k in groups)])
+    lines.append(
+        f"{'stream':<{width}}  {'images':>7}  {'uploaded':>8}  {'upload_bytes':>12}  {'full_bytes':>12}"
+        f"  {'exports':>7}  {'export_bytes':>12}"
+    )
+    for key, g in groups.items():
+        lines.append(
+            f"{key:<{width}}  {g['images']:>7}  {g['uploaded']:>8}  {g['upload_bytes']:>12}"
+            f"  {g['full_bytes']:>12}  {g['exports']:>7}  {g['export_bytes']:>12}"
+        )
+    return lines
 
 
 def format_report(summary: dict[str, Any]) -> str:
@@ -151,4 +231,6 @@ def format_report(summary: dict[str, Any]) -> str:
                 f"{key:<{width}}  {g['images']:>7}  {_fmt(g['accuracy']):>8}  {g['requests']:>8}"
                 f"  {g.get('errors', 0):>6}"
             )
+    if summary.get("edge"):
+        lines.extend(_format_edge(summary["edge"]))
     return "\n".join(lines)

@@ -6,12 +6,21 @@ corrupted CIFAR-10 test streams, or from any :data:`BatchSource`. Each stream se
 ``concurrency`` requests in flight. The run stops when the data is exhausted, ``max_requests`` requests were
 sent or ``max_seconds`` elapsed. Accuracy compares each prediction's top-1 index with the label. numpy,
 tqdm and Pillow are imported only when a replay runs; nothing else of the repository is imported.
+
+Edge mode (``ReplayConfig.edge``, :class:`EdgeConfig`) plays the device of a cloud-edge deployment: the
+replay holds a local torch copy of the source network per stream, applies the stream's export to it
+(downloaded before the first batch and every ``export_every`` batches), predicts every image locally (the
+accuracy counts these predictions), and uploads only the images :func:`tta_client.edge.select_uploads`
+picks (all of them without a selection) to the stream's ``predict`` with ``adapt=true``, for the server to
+adapt on. It reports the images and request-body bytes uploaded against the totals, and the exports'
+downloads and bytes. torch and safetensors (the ``edge`` extra) are imported in this mode only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import io
 import itertools
@@ -23,13 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import httpx
+
+from tta_client import edge as edge_lib
 from tta_client._client import AsyncClient
-from tta_client._exceptions import APIError, RateLimitedError, TransportError
+from tta_client._exceptions import APIError, NotExportableError, RateLimitedError, TransportError
 from tta_client._models import PredictResponse, StreamPublic
 from tta_client._replay_stats import (
     BatchRecord,
     ErrorRecord,
     count_correct,
+    edge_summary,
     format_report,
     percentile,
     summarize,
@@ -43,11 +56,13 @@ __all__ = [
     "Batch",
     "BatchLike",
     "BatchRecord",
+    "EdgeConfig",
     "ErrorRecord",
     "ReplayConfig",
     "ReplayResult",
     "StreamFile",
     "count_correct",
+    "edge_summary",
     "format_report",
     "load_stream_file",
     "percentile",
@@ -79,6 +94,54 @@ BatchSource = Callable[[int], Iterable[BatchLike]]
 
 
 @dataclass(frozen=True)
+class EdgeConfig:
+    """Edge mode: predict locally with the stream's export, upload only the selected images.
+
+    ``net`` (``package.module:callable``), ``kwargs`` and ``weights`` build the local copy of the source
+    network (:func:`tta_client.edge.build_net`; for models.yaml's WRN-40-2
+    ``adapters.models.wide_resnet:WideResNet``, ``{"depth": 40, "widen_factor": 2}`` and its weights file);
+    ``mean``/``std`` where the served model normalises its inputs. ``upload_fraction`` or
+    ``upload_max_entropy`` (nats) select the uploads (:func:`tta_client.edge.select_uploads`; at most one,
+    neither uploads every image); ``export_every`` batches the export is downloaded again (and before the
+    first); ``threads``: torch's intra-op threads for the local forward (None: torch's default).
+    """
+
+    net: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    upload_fraction: float | None = None
+    upload_max_entropy: float | None = None
+    export_every: int = 1
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.upload_fraction is not None and self.upload_max_entropy is not None:
+            raise ValueError("give at most one of upload_fraction and upload_max_entropy")
+        if self.upload_fraction is not None and not 0.0 <= self.upload_fraction <= 1.0:
+            raise ValueError(f"upload_fraction must be in [0, 1], got {self.upload_fraction}")
+        if self.upload_max_entropy is not None and not self.upload_max_entropy >= 0.0:
+            raise ValueError(f"upload_max_entropy must be >= 0 nats, got {self.upload_max_entropy}")
+        if self.export_every < 1:
+            raise ValueError(f"export_every must be >= 1, got {self.export_every}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+
+    def select(self, probs: np.ndarray) -> np.ndarray:
+        """Indices of the images to upload, ascending, for a batch's local probabilities."""
+        import numpy as np
+
+        if self.upload_fraction is None and self.upload_max_entropy is None:
+            return np.arange(len(probs))
+        return edge_lib.select_uploads(
+            probs, fraction=self.upload_fraction, max_entropy=self.upload_max_entropy
+        )
+
+
+@dataclass(frozen=True)
 class ReplayConfig:
     """How to replay; see ``tta replay --help`` for each field. What is replayed is the batch source's."""
 
@@ -95,8 +158,13 @@ class ReplayConfig:
     concurrency: int | None = None
     max_requests: int | None = None
     max_seconds: float | None = None
+    edge: EdgeConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.edge is not None and not self.adapt:
+            raise ValueError(
+                "edge mode uploads images for the server to adapt on: it does not go with adapt=False"
+            )
         if self.streams < 1:
             raise ValueError(f"streams must be >= 1, got {self.streams}")
         if self.seed < 0:
@@ -127,6 +195,8 @@ class ReplayResult:
     stopped_by: str | None = None
     final_streams: dict[str, StreamPublic] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    #: Edge mode: stream id -> each answered batch's local top-1 predictions (not in ``to_json``).
+    local_predictions: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Aggregated accuracy, throughput and latency (see :func:`summarize`)."""
@@ -347,6 +417,46 @@ class _Limits:
         return True
 
 
+class _BodyMeter:
+    """Counts the body bytes of every predict request the client sends, per stream (an httpx request hook:
+    what goes on the wire, retries included)."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = {}
+
+    async def __call__(self, request: httpx.Request) -> None:
+        parts = request.url.path.rstrip("/").split("/")
+        if len(parts) >= 3 and parts[-1] == "predict" and parts[-3] == "streams":
+            body = await request.aread()
+            self.bytes[parts[-2]] = self.bytes.get(parts[-2], 0) + len(body)
+
+
+def _body_bytes(client: AsyncClient, stream_id: str, payload: Payload, body: Any) -> int:
+    """Bytes of the body a predict request of ``body`` would send (built the client's way, not sent)."""
+    if payload == "jpeg":
+        call = client._predict_files(stream_id, body, True, 1)
+    else:
+        call = client._predict_array(stream_id, body, True, 1)
+    request = httpx.Request(
+        call.method,
+        "http://edge.invalid" + call.path,
+        content=call.content,
+        files=call.files,
+        headers=call.headers,
+    )
+    return len(request.read())
+
+
+@dataclass
+class _EdgeStream:
+    """One stream's local network and what the replay knows of the stream's state."""
+
+    net: Any
+    version: int = 0
+    needs_export: bool = True
+    predictions: list[list[int]] = field(default_factory=list)
+
+
 @dataclass
 class _Run:
     client: AsyncClient
@@ -356,24 +466,33 @@ class _Run:
     on_batch: Callable[[BatchRecord], None]
     records: list[BatchRecord] = field(default_factory=list)
     errors: list[ErrorRecord] = field(default_factory=list)
+    edge_streams: dict[str, _EdgeStream] = field(default_factory=dict)
+    meter: _BodyMeter = field(default_factory=_BodyMeter)
 
-    async def send(self, stream_id: str, body: Any) -> tuple[PredictResponse, float]:
-        """The answer and its latency in seconds; waits out ``rate_limited`` answers a few times."""
+    async def _retrying(self, call: Callable[[], Any]) -> tuple[Any, float]:
+        """``await call()`` and its latency in seconds; waits out ``rate_limited`` answers a few times."""
         retries = 0
         while True:
             try:
                 async with self.semaphore:
                     start = time.perf_counter()
-                    if self.cfg.payload == "jpeg":
-                        response = await self.client.predict_files(stream_id, body, self.cfg.adapt, top_k=1)
-                    else:
-                        response = await self.client.predict_array(stream_id, body, self.cfg.adapt, top_k=1)
+                    response = await call()
                     return response, time.perf_counter() - start
             except RateLimitedError as exc:
                 retries += 1
                 if retries > _MAX_RATE_LIMIT_RETRIES:
                     raise
                 await asyncio.sleep(min(1.0 if exc.retry_after is None else exc.retry_after, 30.0))
+
+    async def send(self, stream_id: str, body: Any) -> tuple[PredictResponse, float]:
+        """The answer and its latency in seconds; waits out ``rate_limited`` answers a few times."""
+        if self.cfg.payload == "jpeg":
+            return await self._retrying(
+                lambda: self.client.predict_files(stream_id, body, self.cfg.adapt, top_k=1)
+            )
+        return await self._retrying(
+            lambda: self.client.predict_array(stream_id, body, self.cfg.adapt, top_k=1)
+        )
 
     async def stream(self, stream_id: str, batches: Iterable[BatchLike]) -> None:
         queue: asyncio.Queue[tuple[BatchLike, Any] | None] = asyncio.Queue(maxsize=2)
@@ -405,8 +524,12 @@ class _Run:
                 return
             batch, body = item
             try:
-                response, latency = await self.send(stream_id, body)
-                correct = count_correct(response, batch.labels.tolist())
+                if self.cfg.edge is not None:
+                    record = await self._edge_batch(stream_id, index, batch, body)
+                else:
+                    record = await self._server_batch(stream_id, index, batch, body)
+            except NotExportableError:
+                raise  # the strategy has no export: no batch of any stream can be played
             except (APIError, TransportError, ValueError) as exc:
                 error_type = getattr(exc, "error_type", None) or type(exc).__name__
                 self.errors.append(ErrorRecord(stream_id, index, error_type, str(exc)))
@@ -415,21 +538,93 @@ class _Run:
                     return
                 continue
             consecutive_errors = 0
-            record = BatchRecord(
-                stream_id=stream_id,
-                batch=index,
-                corruption=batch.corruption,
-                images=len(batch.labels),
-                correct=correct,
-                latency_s=latency,
-                adapted=response.adapted,
-                conflict=response.conflict,
-                version=response.version,
-                mean_entropy=response.stats.mean_entropy,
-                bn_distance=response.stats.bn_distance,
-            )
             self.records.append(record)
             self.on_batch(record)
+
+    async def _server_batch(self, stream_id: str, index: int, batch: BatchLike, body: Any) -> BatchRecord:
+        response, latency = await self.send(stream_id, body)
+        return BatchRecord(
+            stream_id=stream_id,
+            batch=index,
+            corruption=batch.corruption,
+            images=len(batch.labels),
+            correct=count_correct(response, batch.labels.tolist()),
+            latency_s=latency,
+            adapted=response.adapted,
+            conflict=response.conflict,
+            version=response.version,
+            mean_entropy=response.stats.mean_entropy,
+            bn_distance=response.stats.bn_distance,
+        )
+
+    async def _edge_batch(self, stream_id: str, index: int, batch: BatchLike, body: Any) -> BatchRecord:
+        """Refresh the export when due, predict locally, upload the selected images."""
+        import numpy as np
+
+        edge = self.cfg.edge
+        assert edge is not None
+        local = self.edge_streams[stream_id]
+        start = time.perf_counter()
+        exports = export_bytes = 0
+        if local.needs_export or index % edge.export_every == 0:
+            local.needs_export = True  # until a download succeeds
+            blob, _ = await self._retrying(lambda: self.client.export_stream(stream_id))
+            manifest = await asyncio.to_thread(edge_lib.load_export, local.net, blob)
+            local.needs_export, local.version = False, int(manifest.get("version", local.version))
+            exports, export_bytes = 1, len(blob)
+        probs = await asyncio.to_thread(edge_lib.predict_probs, local.net, batch.images, edge.mean, edge.std)
+        labels = np.asarray(batch.labels).reshape(-1)
+        if len(probs) != len(labels):
+            raise ValueError(f"{len(probs)} local predictions for {len(labels)} images")
+        top1 = probs.argmax(1)
+        entropy = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1)
+        chosen = edge.select(probs)
+        full_bytes = await asyncio.to_thread(_body_bytes, self.client, stream_id, self.cfg.payload, body)
+        adapted = conflict = False
+        version, bn_distance, upload_bytes = local.version, None, 0
+        if len(chosen):
+            part = [body[i] for i in chosen.tolist()] if self.cfg.payload == "jpeg" else body[chosen]
+            sent_before = self.meter.bytes.get(stream_id, 0)
+            response, _ = await self.send(stream_id, part)
+            upload_bytes = self.meter.bytes.get(stream_id, 0) - sent_before
+            if len(response.predictions) != len(chosen):
+                raise ValueError(f"{len(response.predictions)} predictions for {len(chosen)} uploaded images")
+            adapted, conflict, version = response.adapted, response.conflict, response.version
+            bn_distance = response.stats.bn_distance
+        local.predictions.append(top1.tolist())
+        return BatchRecord(
+            stream_id=stream_id,
+            batch=index,
+            corruption=batch.corruption,
+            images=len(labels),
+            correct=int((top1 == labels).sum()),
+            latency_s=time.perf_counter() - start,
+            adapted=adapted,
+            conflict=conflict,
+            version=version,
+            mean_entropy=float(entropy.mean()) if len(entropy) else None,
+            bn_distance=bn_distance,
+            uploaded=len(chosen),
+            upload_bytes=upload_bytes,
+            full_bytes=full_bytes,
+            exports=exports,
+            export_bytes=export_bytes,
+        )
+
+
+async def _edge_streams(cfg: ReplayConfig) -> dict[str, _EdgeStream]:
+    """Each stream's own copy of the edge network (built once, then copied)."""
+    edge = cfg.edge
+    assert edge is not None
+    try:
+        if edge.threads is not None:
+            edge_lib.set_threads(edge.threads)
+        net = await asyncio.to_thread(edge_lib.build_net, edge.net, edge.kwargs, edge.weights)
+    except ImportError as exc:
+        raise ValueError(
+            f"edge mode needs torch and safetensors ({exc}): pip install 'tta-client[edge]'"
+        ) from exc
+    return {sid: _EdgeStream(net if i == 0 else copy.deepcopy(net)) for i, sid in enumerate(cfg.stream_ids)}
 
 
 async def _prepare_streams(client: AsyncClient, cfg: ReplayConfig) -> None:
@@ -482,7 +677,11 @@ async def run_replay(
         limits=_Limits(cfg.max_requests, cfg.max_seconds),
         semaphore=asyncio.Semaphore(cfg.concurrency or cfg.streams),
         on_batch=on_batch,
+        edge_streams=await _edge_streams(cfg) if cfg.edge is not None else {},
     )
+    # Edge mode counts the upload bytes as httpx sends them.
+    hooks = client._http.event_hooks["request"] if cfg.edge is not None else []
+    hooks.append(run.meter)
     start = time.perf_counter()
     tasks = [asyncio.create_task(run.stream(sid, b)) for sid, b in zip(cfg.stream_ids, batches, strict=True)]
     try:
@@ -491,6 +690,7 @@ async def run_replay(
         for task in tasks:  # one stream failing (e.g. a data error) stops the others
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        hooks.remove(run.meter)
         if bar is not None:
             bar.close()
     wall = time.perf_counter() - start
@@ -498,4 +698,7 @@ async def run_replay(
     for stream_id in cfg.stream_ids:
         with contextlib.suppress(APIError, TransportError):
             final[stream_id] = await client.get_stream(stream_id)
-    return ReplayResult(cfg, run.records, run.errors, wall, run.limits.stopped_by, final, dict(data or {}))
+    local = {sid: e.predictions for sid, e in run.edge_streams.items()}
+    return ReplayResult(
+        cfg, run.records, run.errors, wall, run.limits.stopped_by, final, dict(data or {}), local
+    )

@@ -25,6 +25,7 @@ CONTRACT = [
     ("batch_too_small", 422, tta_client.BatchTooSmallError),
     ("state_mismatch", 409, tta_client.StateMismatchError),
     ("state_corrupt", 409, tta_client.StateCorruptError),
+    ("not_exportable", 409, tta_client.NotExportableError),
     ("unauthorized", 401, tta_client.UnauthorizedError),
     ("rate_limited", 429, tta_client.RateLimitedError),
     ("state_store_unavailable", 503, tta_client.StoreUnavailableError),

@@ -31,6 +31,7 @@ EXPECTED = {
     "DeadlineExceededError",
     "IncompatibleModelError",
     "MethodNotAllowedError",
+    "NotExportableError",
     "NotFoundError",
     "OverloadedError",
     "StoreFullError",

@@ -431,3 +431,85 @@ def test_tta_replay_no_longer_generates_streams_itself(capsys) -> None:
     """Corrupted streams are made by `tta-bench stream`: the client has no data options any more."""
     assert main(["replay", "x.npz", "--corruptions", "fog"], transport=replay_server().transport) == 2
     assert "--corruptions" in capsys.readouterr().err
+
+
+# Edge mode: option checks (tests/server/test_edge_replay.py runs it against the real server).
+
+EDGE = ["--edge-net", "adapters.models.wide_resnet:WideResNet"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--upload-fraction", "0.5"], "--upload-fraction need(s) --edge-net"),
+        (
+            ["--export-every", "2", "--edge-weights", "w.pt"],
+            "--edge-weights, --export-every need(s) --edge-net",
+        ),
+        ([*EDGE, "--upload-fraction", "0.5", "--upload-max-entropy", "0.9"], "one of --upload-fraction and"),
+        ([*EDGE, "--upload-fraction", "1.5"], "upload_fraction must be in [0, 1]"),
+        ([*EDGE, "--upload-max-entropy", "-1"], "upload_max_entropy must be >= 0"),
+        ([*EDGE, "--export-every", "0"], "export_every must be >= 1"),
+        ([*EDGE, "--edge-kwargs", "[40]"], "--edge-kwargs must be a JSON object"),
+        ([*EDGE, "--edge-kwargs", "{depth: 40}"], "--edge-kwargs is not valid JSON"),
+        ([*EDGE, "--edge-mean", "0.5,0.5,0.5"], "give both mean and std"),
+        ([*EDGE, "--edge-mean", "a,b", "--edge-std", "1,1"], "--edge-mean takes comma-separated numbers"),
+        ([*EDGE, "--no-adapt"], "does not go with adapt=False"),
+        (["--edge-net", "no_colon"], "package.module:callable"),
+        (
+            [*EDGE, "--edge-kwargs", '{"depth": 10, "widen_factor": 1}', "--edge-weights", "absent.pt"],
+            "edge weights not found: absent.pt",
+        ),
+        (["--edge-net", "no_such_module_here:f"], "cannot import 'no_such_module_here'"),
+        (["--edge-net", "json:no_such"], "json has no 'no_such'"),
+        (["--edge-net", "json:dumps"], "cannot build the edge network json:dumps: TypeError"),
+        (["--edge-net", "json:JSONDecoder"], "built a JSONDecoder, not a torch nn.Module"),
+    ],
+)
+def test_tta_replay_refuses_bad_edge_options(tmp_path, capsys, args, message) -> None:
+    server = replay_server(streams=2)
+    argv = ["replay", str(_stream_file(tmp_path)), "--no-progress", *args]
+    assert main(argv, transport=server.transport) == 2
+    assert message in capsys.readouterr().err
+    assert not any(r.url.path.endswith(("/predict", "/export")) for r in server.requests)
+
+
+def test_edge_config_selects_all_a_fraction_or_by_entropy() -> None:
+    probs = np.array([[0.98, 0.01, 0.01], [1 / 3, 1 / 3, 1 / 3], [0.6, 0.3, 0.1], [0.9, 0.05, 0.05]])
+    assert rp.EdgeConfig("m:f").select(probs).tolist() == [0, 1, 2, 3]
+    assert rp.EdgeConfig("m:f", upload_fraction=0.5).select(probs).tolist() == [0, 3]
+    assert rp.EdgeConfig("m:f", upload_fraction=0.0).select(probs).tolist() == []
+    assert rp.EdgeConfig("m:f", upload_max_entropy=0.4 * np.log(3)).select(probs).tolist() == [0, 3]
+    with pytest.raises(ValueError, match="at most one"):
+        rp.EdgeConfig("m:f", upload_fraction=0.5, upload_max_entropy=1.0)
+    with pytest.raises(ValueError, match="threads"):
+        rp.EdgeConfig("m:f", threads=0)
+
+
+def test_the_edge_summary_totals_uploads_and_exports() -> None:
+    records = [
+        record(
+            "s0", "gn", 10, 7, 0.1, uploaded=5, upload_bytes=500, full_bytes=1000, exports=1, export_bytes=64
+        ),
+        record("s0", "gn", 10, 8, 0.1, uploaded=0, upload_bytes=0, full_bytes=1000),
+        record(
+            "s1",
+            "gn",
+            10,
+            9,
+            0.1,
+            uploaded=10,
+            upload_bytes=1000,
+            full_bytes=1000,
+            exports=1,
+            export_bytes=64,
+        ),
+    ]
+    e = rp.summarize(records)["edge"]
+    assert (e["images"], e["uploaded"], e["upload_requests"], e["exports"]) == (30, 15, 2, 2)
+    assert e["uploaded_share"] == pytest.approx(0.5)
+    assert e["upload_bytes_share"] == pytest.approx(0.5)
+    assert e["export_bytes"] == 128
+    assert e["per_stream"]["s0"]["uploaded"] == 5 and e["per_stream"]["s1"]["upload_bytes_share"] == 1.0
+    assert rp.summarize([record("s0", "gn", 1, 1, 0.1)])["edge"] is None
+    assert "edge: uploaded 15 of 30 images (50.0 %) in 2 requests" in rp.format_report(rp.summarize(records))

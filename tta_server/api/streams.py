@@ -128,6 +128,30 @@ async def reset_stream(stream_id: StreamId, engine: EngineDep, ns: NamespaceDep)
     return await _describe(engine, ns, stream_id)
 
 
+#: The export's answer in the OpenAPI document: a safetensors file, not JSON.
+EXPORT_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": (
+            "safetensors file: the stream's adapted normalisation statistics and affine parameters under the "
+            "model network's state_dict names, with a JSON manifest in its metadata (`tta_edge_manifest`)"
+        ),
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.get("/streams/{stream_id}/export", response_class=Response, responses=EXPORT_RESPONSE)
+async def export_stream(stream_id: StreamId, engine: EngineDep, ns: NamespaceDep) -> Response:
+    """The stream's state as a patch of the source model, which reproduces its adapt=false predictions
+    when loaded into the source network in eval mode (409 `not_exportable` where they depend on the batch)."""
+    blob = await engine.export(ns, stream_id)
+    return Response(
+        blob,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{stream_id}.safetensors"'},
+    )
+
+
 @router.get("/drift/top", response_model=DriftTop)
 async def drift_top(
     engine: EngineDep, ns: NamespaceDep, n: Annotated[int, Query(ge=1, le=1000)] = 10

@@ -75,6 +75,7 @@ GRPC_STATUS: dict[str, str] = {
     "method_not_allowed": "UNIMPLEMENTED",
     "state_mismatch": "FAILED_PRECONDITION",
     "state_corrupt": "FAILED_PRECONDITION",
+    "not_exportable": "FAILED_PRECONDITION",
     "request_timeout": "DEADLINE_EXCEEDED",
     "payload_too_large": "RESOURCE_EXHAUSTED",
     "unsupported_media_type": "INVALID_ARGUMENT",
