@@ -6,7 +6,7 @@ importing this package imports the built-in strategies' modules and so registers
 
 # isort: off
 # The built-in strategies: importing a module registers its strategies, so this order is the registry's.
-from adapters import source, alpha_bn, unmix_tns, tent, eata, sar, ema_tbn, roid, cotta
+from adapters import source, alpha_bn, unmix_tns, tent, eata, sar, ema_tbn, roid, cotta, rmt, petal
 
 # isort: on
 from adapters._strategy import ComposedStrategy, Forward, Normalizer, StatPlan, UpdateOutcome, Updater
@@ -49,7 +49,9 @@ __all__ = [
     "ema_tbn",
     "get_strategy",
     "list_strategies",
+    "petal",
     "register_strategy",
+    "rmt",
     "roid",
     "sar",
     "source",

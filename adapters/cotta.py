@@ -32,6 +32,7 @@ from adapters._bn import BatchStatsPlan, active_plan
 from adapters._optim import OPT_PREFIX, OptimConfig, init_optim_state, optim_step
 from adapters._strategy import ComposedStrategy, Forward, StatPlan, UpdateOutcome
 from adapters.base import AFFINE_KINDS, AdaptationState, ModelHandle
+from adapters.edge import network_name
 from adapters.registry import register_strategy
 from adapters.source import BatchStats
 
@@ -66,6 +67,21 @@ def working_copy(handle: ModelHandle) -> nn.Module:
 
 def source_params(handle: ModelHandle) -> dict[str, Tensor]:
     return {n: p.detach() for n, p in handle.model.named_parameters()}
+
+
+def labelled_source(handle: ModelHandle, n: int, seed: int, batch_size: int) -> tuple[Tensor, Tensor]:
+    """n source images (CPU) and their labels; source data without labels (a `.npy` array) is labelled
+    with the source model's own predictions. The caller checks that the model has source data."""
+    assert handle.source_images is not None
+    images = handle.source_images(n, seed)
+    if handle.source_labels is not None:
+        return images, handle.source_labels(n, seed)
+    with torch.no_grad():
+        labels = [
+            handle.model(images[i : i + batch_size].to(handle.device)).argmax(1).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+    return images, torch.cat(labels)
 
 
 class _Plan:
@@ -114,6 +130,12 @@ class CoTTAUpdater:
         teacher = {n: state.tensors[TEACHER + n] for n, _ in handle.model.named_parameters()}
         return run(handle, teacher, x, record=True)
 
+    def edge_params(self, handle: ModelHandle, state: AdaptationState) -> dict[str, Tensor]:
+        """The export (adapters.edge): adapt=false predicts with the teacher, every parameter of it."""
+        return {
+            network_name(handle, n): state.tensors[TEACHER + n] for n, _ in handle.model.named_parameters()
+        }
+
     def step(
         self, handle: ModelHandle, x: Tensor, state: AdaptationState, cfg: CoTTAConfig, forward: Forward
     ) -> UpdateOutcome:
@@ -138,16 +160,15 @@ class CoTTAUpdater:
         with torch.enable_grad():
             student_logits, _ = run(handle, student, x)
             loss = -(teacher_logits.softmax(1) * student_logits.log_softmax(1)).sum(1).mean()
+            loss = loss + self.extra_loss(handle, student, src, cfg, seed)
             grads = torch.autograd.grad(loss, list(student.values()))
         opt_state = {k: v for k, v in state.tensors.items() if k.startswith(OPT_PREFIX)}
         step = int(state.meta.get("opt_steps", 0))
-        new_student, new_opt = optim_step(student, dict(zip(names, grads, strict=True)), opt_state, step, cfg)
+        by_name = dict(zip(names, grads, strict=True))
+        new_student, new_opt = optim_step(student, by_name, opt_state, step, cfg)
         m = cfg.teacher_momentum
         new_teacher = {n: torch.lerp(new_student[n], teacher[n], m) for n in names}
-        if cfg.rst > 0:
-            for n in names:
-                mask = torch.rand(src[n].shape, generator=gen).to(src[n].device) < cfg.rst
-                new_student[n] = torch.where(mask, src[n], new_student[n])
+        new_student = self.restore(new_student, by_name, src, gen, cfg)
         tensors: dict[str, Tensor] = {STUDENT + n: v for n, v in new_student.items()}
         tensors.update({TEACHER + n: v for n, v in new_teacher.items()})
         tensors.update(new_opt)
@@ -155,6 +176,32 @@ class CoTTAUpdater:
         return UpdateOutcome(
             teacher_logits, plan, tensors, meta, used=x.shape[0], updated=True, loss=loss.detach()
         )
+
+    def extra_loss(
+        self,
+        handle: ModelHandle,
+        student: Mapping[str, Tensor],
+        src: Mapping[str, Tensor],
+        cfg: Any,
+        seed: int,
+    ) -> Tensor | float:
+        """A term added to the loss (PETAL's prior); none for CoTTA."""
+        return 0.0
+
+    def restore(
+        self,
+        student: dict[str, Tensor],
+        grads: Mapping[str, Tensor],
+        src: Mapping[str, Tensor],
+        gen: torch.Generator,
+        cfg: Any,
+    ) -> dict[str, Tensor]:
+        """Stochastic restoration: each weight returns to its source value with probability `rst`."""
+        if cfg.rst > 0:
+            for n in student:
+                mask = torch.rand(src[n].shape, generator=gen).to(src[n].device) < cfg.rst
+                student[n] = torch.where(mask, src[n], student[n])
+        return student
 
 
 @register_strategy

@@ -2,7 +2,9 @@
 
 `prepare_source(handle)` computes EATA's Fisher for the default configs of the strategies that use it
 (`eata`, `unmix_tns+eata`) and the given stream seeds, keyed as `fisher_diagonal` looks them up in
-`ModelHandle.prepared`; `tta-bench prepare-source` writes them to the file the model's `source_artifact`
+`ModelHandle.prepared`; asked for `rmt`, it also makes RMT's warmed-up start and source prototypes
+(`adapters.rmt.warm_start`, minutes at the default 50000 warm-up samples, so not by default), and for
+`petal` its source posterior's variance (`adapters.petal.posterior_variance`); `tta-bench prepare-source` writes them to the file the model's `source_artifact`
 names (safetensors, with the model's fingerprint in its metadata), and the server loads it at start.
 A stream whose Fisher is not in the artefact (another config or seed) computes it at first use.
 """
@@ -15,7 +17,11 @@ from torch import Tensor
 
 from adapters.base import ModelHandle
 from adapters.eata import EATAConfig, EATAUpdater, fisher_cache_key, fisher_diagonal, prepared_prefix
+from adapters.petal import PETALConfig, PETALUpdater, posterior_variance
+from adapters.petal import prepared_prefix as petal_prefix
 from adapters.registry import get_strategy
+from adapters.rmt import RMTConfig, RMTUpdater, warm_start
+from adapters.rmt import prepared_prefix as rmt_prefix
 
 SOURCE_STRATEGIES = ("eata", "unmix_tns+eata")
 
@@ -28,6 +34,20 @@ def prepare_source(
     for name in strategies:
         strategy = get_strategy(name)
         updater = strategy.updater
+        if isinstance(updater, RMTUpdater):
+            rmt_cfg = strategy.part_config(updater, strategy.parse_config({}))
+            assert isinstance(rmt_cfg, RMTConfig)
+            for seed in seeds:
+                start = warm_start(handle, rmt_cfg, seed)
+                out.update({rmt_prefix(rmt_cfg, seed) + k: v.cpu().contiguous() for k, v in start.items()})
+            continue
+        if isinstance(updater, PETALUpdater):
+            petal_cfg = strategy.part_config(updater, strategy.parse_config({}))
+            assert isinstance(petal_cfg, PETALConfig)
+            for seed in seeds:
+                var = posterior_variance(handle, petal_cfg, seed)
+                out.update({petal_prefix(petal_cfg, seed) + k: v.cpu().contiguous() for k, v in var.items()})
+            continue
         if not isinstance(updater, EATAUpdater):
             raise ValueError(f"{name} needs nothing prepared from source data")
         cfg = strategy.parse_config({})

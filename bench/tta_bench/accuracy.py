@@ -443,6 +443,26 @@ def trace_boundaries(segments: Sequence[Segment]) -> list[dict[str, Any]]:
     return out
 
 
+def images_seen(n_batches: int, boundaries: list[dict[str, Any]], batch_size: int) -> list[int]:
+    """Images seen after each batch. A segment's last batch may be short (1000 images are 15 batches of 64
+    and one of 40), so the count restarts from each segment's first image instead of batch x batch_size.
+    The last segment is taken to be as long as the first (every corruption has n images)."""
+    starts = {int(b["batch"]): int(b["image"]) for b in boundaries}
+    order = sorted(starts)
+    first_len = starts[order[1]] - starts[order[0]] if len(order) > 1 else None
+    out: list[int] = []
+    base_batch, base_image = 0, 0
+    for i in range(n_batches):
+        if i in starts:
+            base_batch, base_image = i, starts[i]
+        nxt = next((starts[b] for b in order if b > i), None)
+        if nxt is None and first_len is not None:
+            nxt = base_image + first_len
+        seen = base_image + (i - base_batch + 1) * batch_size
+        out.append(min(seen, nxt) if nxt is not None else seen)
+    return out
+
+
 def write_plot(
     path: Path, traces: dict[str, list[float]], boundaries: list[dict[str, Any]], batch_size: int, title: str
 ) -> None:
@@ -462,7 +482,7 @@ def write_plot(
             sum(trace[max(0, i - window + 1) : i + 1]) / len(trace[max(0, i - window + 1) : i + 1])
             for i in range(len(trace))
         ]
-        ax.plot([(i + 1) * batch_size for i in range(len(trace))], smooth, label=name, linewidth=1.1)
+        ax.plot(images_seen(len(trace), boundaries, batch_size), smooth, label=name, linewidth=1.1)
     for b in boundaries[1:]:
         ax.axvline(b["image"], color="0.8", linewidth=0.6, zorder=0)
     if len(boundaries) > 1:
@@ -580,7 +600,9 @@ def run(args: argparse.Namespace) -> int:
         + (f" (delta {args.delta})" if args.order == "dirichlet" else "")
         + f", batch {args.batch_size}, setting {args.setting}"
         + (f" x{args.passes}" if args.passes > 1 else "")
-        + f", reset {args.reset}, seed {args.seed}",
+        # The continual and mixed settings never reset, whatever --reset says.
+        + (f", reset {args.reset}" if args.setting == "standard" else "")
+        + f", seed {args.seed}",
         flush=True,
     )
     config = config_dict(args, strategies, corruptions, overrides, handle)

@@ -14,6 +14,7 @@ COMMANDS = {
     "stream": "tta_bench.replay_data",
     "prepare-source": "tta_bench.prepare_source",
     "state": "tta_bench.state_size",
+    "merge": "tta_bench.merge_runs",
 }
 
 

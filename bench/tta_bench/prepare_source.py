@@ -1,4 +1,5 @@
-"""`tta-bench prepare-source --model ID`: make a model's source artefact (EATA's Fisher) from its source data.
+"""`tta-bench prepare-source --model ID`: make a model's source artefact (EATA's Fisher; with `--strategies
+rmt`, RMT's warmed-up start and prototypes) from its source data.
 
 Writes the safetensors file that the model's `source_artifact` in the models file names (or `--out`), with
 the model's fingerprint in its metadata; the server loads it at start instead of computing the Fisher on
@@ -24,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="artefact path (default: the model's source_artifact)"
     )
     p.add_argument("--seeds", default="0", help="comma list of stream seeds to prepare the Fisher for")
+    p.add_argument(
+        "--strategies",
+        default="eata,unmix_tns+eata",
+        help="comma list of the strategies to prepare for (also: rmt, its warm-up and prototypes; petal, its source posterior)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     return p
 
@@ -32,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from safetensors.torch import save_file
 
+    from adapters import AdaptError
     from adapters.models import build_handle
     from adapters.prepare import prepare_source
     from tta_server.model_pool import read_models_file, resolve_device
@@ -57,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     handle = build_handle(spec.model_copy(update={"source_artifact": None}), resolve_device(args.device))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     start = time.perf_counter()
-    tensors = prepare_source(handle, seeds=seeds)
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    try:
+        tensors = prepare_source(handle, strategies=names, seeds=seeds)
+    except (ValueError, AdaptError) as exc:
+        print(f"tta-bench prepare-source: error: {exc}", file=sys.stderr)
+        return 2
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata={"fingerprint": handle.fingerprint, "model": chosen})
     print(f"{out}: {len(tensors)} tensors for {chosen} (seeds {seeds}), {time.perf_counter() - start:.1f} s")

@@ -1,10 +1,13 @@
-"""A strategy that is not built in, defined and registered in this one file: a moving average of test-batch
-statistics with the biased variance (the built-in `ema_tbn`, docs/ALGORITHMS.md §8, is the reference's).
+"""A strategy that is not built in, defined and registered in this one file: DUA's running statistics with a
+decaying momentum (Mirza et al., "The Norm Must Go On: Dynamic Unsupervised Domain Adaptation by
+Normalization", CVPR 2022; reference: github.com/jmiemirza/DUA).
 
-Each BN layer normalises with an exponential moving average of test-batch statistics, the current
-batch included: mu <- (1 - m) mu + m mu_B, var <- (1 - m) var + m var_B (biased), starting from the
-source statistics. `ema_plugin` is the normaliser alone, `ema_plugin+tent` adds Tent's update; its config
-nests per part, so the normaliser's `momentum` and the optimiser's `momentum` are different fields.
+Each BN layer keeps running statistics, starting from the source ones, and moves them towards every test batch
+with a momentum that decays with the number of batches seen: m_t = momentum * decay^(t+1) + min_momentum, so the
+first batches adapt the statistics quickly and later ones only refine them. Deviations from the reference: no
+augmented copies of each image (the reference adapts on a batch of augmentations of one image), and the biased
+batch variance. `dua_plugin` is the normaliser alone, `dua_plugin+tent` adds Tent's update; its config nests
+per part, so the normaliser's `momentum` and the optimiser's `momentum` are different fields.
 
 Importing this module registers both (tests/adapters/conftest.py does), and the contract suite, which
 is parametrised over the registry, covers them like the built-ins.
@@ -29,28 +32,32 @@ from adapters._bn import (
 from adapters.base import STAT_KINDS
 from adapters.tent import TentUpdater
 
-PREFIX = "ema_plugin."
+PREFIX = "dua_plugin."
+STEPS = f"{PREFIX}batches"
 
 
-class EMAPluginConfig(StrategyConfig):
-    momentum: float = Field(
-        0.1, gt=0, le=1, description="weight of each test batch in the running statistics"
-    )
+class DUAConfig(StrategyConfig):
+    momentum: float = Field(0.1, gt=0, le=1, description="initial momentum of the running statistics")
+    decay: float = Field(0.94, gt=0, le=1, description="factor applied to the momentum after every batch")
+    min_momentum: float = Field(0.005, ge=0, le=1, description="floor added to the decayed momentum")
+
+    def momentum_at(self, batches_seen: Tensor) -> Tensor:
+        return (self.momentum * self.decay ** (batches_seen + 1) + self.min_momentum).clamp(max=1.0)
 
 
 def _keys(layer_name: str) -> tuple[str, str]:
     return f"{PREFIX}{layer_name}.mean", f"{PREFIX}{layer_name}.var"
 
 
-class EMAStats:
-    name = "ema_plugin"
-    config_cls = EMAPluginConfig
+class DUAStats:
+    name = "dua_plugin"
+    config_cls = DUAConfig
     min_batch_size = 1
     stat_kinds = STAT_KINDS
     requires_stats = True
 
-    def init_tensors(self, handle: ModelHandle, cfg: EMAPluginConfig, seed: int) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
+    def init_tensors(self, handle: ModelHandle, cfg: DUAConfig, seed: int) -> dict[str, Tensor]:
+        out = {STEPS: torch.zeros((), device=handle.device)}
         for layer in handle.bn_layers:
             k_mean, k_var = _keys(layer.name)
             out[k_mean], out[k_var] = layer.running_mean.float().clone(), layer.running_var.float().clone()
@@ -59,20 +66,20 @@ class EMAStats:
     def plan(
         self,
         handle: ModelHandle,
-        cfg: EMAPluginConfig,
+        cfg: DUAConfig,
         tensors: Mapping[str, Tensor],
         affine: Mapping[str, Tensor] | None,
         *,
         update: bool,
         record: bool,
-    ) -> EMAPlan:
-        return EMAPlan(cfg.momentum, tensors, affine, update, record)
+    ) -> DUAPlan:
+        return DUAPlan(cfg.momentum_at(tensors[STEPS]), tensors, affine, update, record)
 
 
-class EMAPlan(BasePlan):
+class DUAPlan(BasePlan):
     def __init__(
         self,
-        momentum: float,
+        momentum: Tensor,
         tensors: Mapping[str, Tensor],
         affine: Mapping[str, Tensor] | None,
         update: bool,
@@ -80,7 +87,7 @@ class EMAPlan(BasePlan):
     ) -> None:
         super().__init__(affine, record)
         self.momentum, self.tensors, self.update = momentum, tensors, update
-        self._updated: dict[str, Tensor] = {}
+        self._updated: dict[str, Tensor] = {STEPS: tensors[STEPS] + 1} if update else {}
 
     def normalize(self, layer: AdaptiveBatchNorm2d, x: Tensor) -> Tensor:
         check_batch_stats_possible(x, layer.layer_name)
@@ -99,11 +106,11 @@ class EMAPlan(BasePlan):
 
 
 @register_strategy
-def ema_plugin() -> ComposedStrategy:
-    return ComposedStrategy("ema_plugin", "moving average of test-batch BN statistics", EMAStats())
+def dua_plugin() -> ComposedStrategy:
+    return ComposedStrategy("dua_plugin", "DUA: running BN statistics with a decaying momentum", DUAStats())
 
 
 @register_strategy
-def ema_plugin_tent() -> ComposedStrategy:
-    summary = "entropy minimisation of BN affine parameters over EMA-TBN statistics"
-    return ComposedStrategy("ema_plugin+tent", summary, EMAStats(), TentUpdater())
+def dua_plugin_tent() -> ComposedStrategy:
+    summary = "entropy minimisation of BN affine parameters over DUA's running statistics"
+    return ComposedStrategy("dua_plugin+tent", summary, DUAStats(), TentUpdater())

@@ -143,7 +143,17 @@ def assert_states_equal(a: AdaptationState, b: AdaptationState) -> None:
     assert dict(a.meta) == dict(b.meta)
 
 
-SMALL = {"fisher_size": 16, "fisher_batch_size": 8, "k": 4, "n_augmentations": 2}
+SMALL = {
+    "fisher_size": 16,
+    "fisher_batch_size": 8,
+    "k": 4,
+    "n_augmentations": 2,
+    "warmup_samples": 16,
+    "source_size": 16,
+    "source_batch_size": 8,
+    "posterior_size": 16,
+    "posterior_batch_size": 8,
+}
 
 
 def small_config(strategy: ComposedStrategy, **overrides: Any) -> StrategyConfig:

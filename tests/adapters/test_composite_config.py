@@ -16,7 +16,7 @@ from adapters.sar import SARConfig
 from adapters.tent import TentConfig
 from adapters.unmix_tns import UnMixTNSConfig
 
-from ._plugin_strategy import EMAPluginConfig
+from ._plugin_strategy import PREFIX, DUAConfig
 from ._reference import make_batch, small_config
 
 COMPOSITES = {
@@ -103,21 +103,25 @@ def test_the_json_schema_nests_per_part() -> None:
 
 
 def test_parts_may_use_the_same_field_names(tiny_handle: ModelHandle) -> None:
-    """EMA-TBN's `momentum` and Tent's optimiser `momentum` are two fields; each part sees its own."""
-    strategy = adapters.get_strategy("ema_plugin+tent")
-    assert set(EMAPluginConfig.model_fields) & set(TentConfig.model_fields) == {"momentum"}
+    """DUA's `momentum` and Tent's optimiser `momentum` are two fields; each part sees its own."""
+    strategy = adapters.get_strategy("dua_plugin+tent")
+    assert set(DUAConfig.model_fields) & set(TentConfig.model_fields) == {"momentum"}
     cfg = strategy.parse_config(
-        {"ema_plugin": {"momentum": 0.3}, "tent": {"optimizer": "sgd", "momentum": 0.5}}
+        {"dua_plugin": {"momentum": 0.3}, "tent": {"optimizer": "sgd", "momentum": 0.5}}
     )
     dumped = cfg.model_dump()
-    assert (dumped["ema_plugin"]["momentum"], dumped["tent"]["momentum"]) == (0.3, 0.5)
-    alone = adapters.get_strategy("ema_plugin")
+    assert (dumped["dua_plugin"]["momentum"], dumped["tent"]["momentum"]) == (0.3, 0.5)
+    alone = adapters.get_strategy("dua_plugin")
     x = make_batch(6, seed=0)
     # The first step trains from the source affine parameters, so its statistics match EMA-TBN alone's.
     got = strategy.step(tiny_handle, x, strategy.init_state(tiny_handle, cfg), cfg).state.tensors
-    ref_cfg = EMAPluginConfig(momentum=0.3)
+    ref_cfg = DUAConfig(momentum=0.3)
     want = alone.step(tiny_handle, x, alone.init_state(tiny_handle, ref_cfg), ref_cfg).state.tensors
-    for key in (k for k in want if k.startswith("ema.")):
+    keys = [k for k in want if k.startswith(PREFIX)]
+    assert keys and all(
+        not torch.equal(want[k], alone.init_state(tiny_handle, ref_cfg).tensors[k]) for k in keys
+    )
+    for key in keys:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
 
 

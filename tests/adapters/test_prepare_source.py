@@ -66,3 +66,47 @@ def test_the_command_writes_the_artefact_the_models_file_names(tiny_spec: ModelS
     assert command.main(["--models-config", str(models), "--model", "tiny"]) == 0
     handle = build_handle(tiny_spec.model_copy(update={"source_artifact": tmp_path / "art/tiny.safetensors"}))
     assert handle.prepared and all(k.startswith(FISHER_PREFIX) for k in handle.prepared)
+
+
+def test_a_prepared_rmt_start_is_used_instead_of_a_warm_up(tiny_spec: ModelSpec, tmp_path: Path) -> None:
+    from adapters.rmt import PROTOTYPES, STUDENT
+
+    rmt = adapters.get_strategy("rmt")
+    cfg = rmt.parse_config({})
+    small = {"warmup_samples": 16, "source_size": 16, "source_batch_size": 8}
+    handle = build_handle(tiny_spec)
+    tensors = prepare_source(handle, strategies=("rmt",), seeds=(0,))
+    assert any(k.endswith(PROTOTYPES) for k in tensors) and all(k.startswith("rmt.start.") for k in tensors)
+    # Marked values in the file: a stream of the default config starts from them, without a warm-up.
+    path = tmp_path / "tiny.source.safetensors"
+    marked = {k: (v + 1 if v.is_floating_point() else v) for k, v in tensors.items()}
+    save_file(marked, str(path), metadata={"fingerprint": handle.fingerprint})
+    loaded = build_handle(tiny_spec.model_copy(update={"source_artifact": path}))
+    state = rmt.init_state(loaded, cfg, 0)
+    name = STUDENT + next(n for n, _ in handle.model.named_parameters())
+    key = next(k for k in marked if k.endswith(name))
+    assert torch.equal(state.tensors[name], marked[key])
+    assert state.meta["opt_steps"] == 50000 // 200
+    # Another config is not in the file: warmed up here.
+    other = rmt.init_state(loaded, rmt.parse_config(small), 0)
+    assert other.meta["opt_steps"] == 2 and not torch.equal(other.tensors[name], marked[key])
+
+
+def test_a_prepared_petal_posterior_is_used_instead_of_a_recomputed_one(
+    tiny_spec: ModelSpec, tmp_path: Path
+) -> None:
+    from adapters.petal import PETALConfig, posterior_variance
+
+    handle = build_handle(tiny_spec)
+    tensors = prepare_source(handle, strategies=("petal",), seeds=(0,))
+    names = [n for n, _ in handle.model.named_parameters()]
+    assert len(tensors) == len(names) and all(k.startswith("petal.variance.") for k in tensors)
+    computed = posterior_variance(handle, PETALConfig(), 0)
+    for key, value in tensors.items():
+        assert torch.equal(value, computed[key.split(".", 3)[-1]])
+    path = tmp_path / "tiny.source.safetensors"
+    save_file({k: v / 2 for k, v in tensors.items()}, str(path), metadata={"fingerprint": handle.fingerprint})
+    loaded = build_handle(tiny_spec.model_copy(update={"source_artifact": path}))
+    from_file = posterior_variance(loaded, PETALConfig(), 0)
+    for name in names:
+        assert torch.equal(from_file[name], computed[name] / 2), name

@@ -8,12 +8,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import adapters
 from adapters import registry
+from adapters.base import ModelHandle
 from adapters.source import BatchStats
 
 from . import _plugin_strategy, test_contract
+from ._reference import make_batch
 
 REPO = Path(__file__).resolve().parents[2]
 BUILT_IN = [
@@ -32,6 +35,8 @@ BUILT_IN = [
     "ema_tbn",
     "roid",
     "cotta",
+    "rmt",
+    "petal",
 ]
 
 
@@ -50,11 +55,11 @@ def test_importing_adapters_registers_exactly_the_built_ins() -> None:
 
 def test_a_strategy_defined_in_one_file_is_registered_and_under_contract() -> None:
     """`_plugin_strategy` is the whole of two new strategies; the contract suite runs on them."""
-    for name in ("ema_plugin", "ema_plugin+tent"):
+    for name in ("dua_plugin", "dua_plugin+tent"):
         strategy = adapters.get_strategy(name)
-        assert isinstance(strategy.normalizer, _plugin_strategy.EMAStats)
+        assert isinstance(strategy.normalizer, _plugin_strategy.DUAStats)
         assert name in test_contract.NAMES
-    assert adapters.get_strategy("ema_plugin+tent").needs_grad
+    assert adapters.get_strategy("dua_plugin+tent").needs_grad
 
 
 @pytest.mark.usefixtures("scratch_registry")
@@ -82,3 +87,25 @@ def test_names_are_lowercase_without_spaces(name: str) -> None:
     with pytest.raises(ValueError, match="lowercase"):
         adapters.register_strategy(adapters.ComposedStrategy(name, "x", BatchStats()))
     assert name not in adapters.list_strategies()
+
+
+def test_the_plugin_momentum_decays_with_the_batches_seen(tiny_handle: ModelHandle) -> None:
+    """DUA: the counter in the state counts adapting batches, and each batch moves the statistics with the
+    decayed momentum: on a repeated batch, step t moves them by m_t (mu_B - mu_t), so the second move is the
+    first times m_1 (1 - m_0) / m_0 (a constant momentum would give 1 - m)."""
+    strategy = adapters.get_strategy("dua_plugin")
+    cfg = _plugin_strategy.DUAConfig()
+    x = make_batch(8, seed=0)
+    state = strategy.init_state(tiny_handle, cfg)
+    key = next(k for k in state.tensors if k.endswith(".mean"))
+    moves = []
+    for t in range(2):
+        new = strategy.step(tiny_handle, x, state, cfg).state
+        assert float(new.tensors[_plugin_strategy.STEPS]) == t + 1
+        moves.append(new.tensors[key] - state.tensors[key])
+        state = new
+    m0, m1 = (float(cfg.momentum_at(torch.tensor(float(t)))) for t in range(2))
+    assert (round(m0, 6), round(m1, 6)) == (0.099, 0.09336)
+    torch.testing.assert_close(moves[1], moves[0] * m1 * (1 - m0) / m0, rtol=1e-4, atol=1e-7)
+    frozen = strategy.step(tiny_handle, x, state, cfg, adapt=False).state
+    assert float(frozen.tensors[_plugin_strategy.STEPS]) == 2

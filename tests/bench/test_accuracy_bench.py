@@ -1,4 +1,4 @@
-"""`tta-bench accuracy` end to end on a tiny stream of the shared CIFAR-10 model, and its usage errors."""
+"""`tta-bench accuracy` end to end on a tiny stream of the shipped CIFAR-10 model, and its usage errors."""
 
 from __future__ import annotations
 
@@ -9,26 +9,11 @@ import pytest
 import torch
 
 from tta_bench import accuracy
-from tta_bench.paths import MODELS_CONFIG, cifar10_dir
+from tta_bench.paths import MODELS_CONFIG
 from tta_server.model_pool import read_models_file
 
 
-def _shared_files_present() -> bool:
-    try:
-        models = read_models_file(MODELS_CONFIG)
-    except (FileNotFoundError, ValueError):
-        return False
-    weights = [m.weights for m in models.models if m.weights is not None]
-    return all(w.is_file() for w in weights) and (cifar10_dir() / "test_jpeg.npz").is_file()
-
-
-needs_model = pytest.mark.skipif(
-    not _shared_files_present(), reason="shared CIFAR-10 checkpoint or test archive not found"
-)
-
-
 @pytest.mark.slow
-@needs_model
 def test_json_shape_and_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "acc.json"
     argv = [
@@ -71,7 +56,6 @@ def test_json_shape_and_values(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 @pytest.mark.slow
-@needs_model
 def test_strategy_needing_larger_batches_is_skipped(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -95,7 +79,6 @@ def test_strategy_needing_larger_batches_is_skipped(
 
 
 @pytest.mark.slow
-@needs_model
 def test_failing_strategy_is_reported_and_exits_non_zero(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -161,7 +144,6 @@ def test_format_table() -> None:
 
 
 @pytest.mark.slow
-@needs_model
 def test_continual_with_two_passes_and_mixed_settings(tmp_path: Path) -> None:
     """Continual: one state over both corruptions twice, rows per pass, a trace per batch and a PNG; mixed: one
     shuffled stream whose errors still count per corruption."""
@@ -203,3 +185,13 @@ def test_continual_with_two_passes_and_mixed_settings(tmp_path: Path) -> None:
             round(payload["results"]["norm"][c] * 16 / 100)
         )
     assert not mixed.with_suffix(".png").exists()
+
+
+def test_the_plot_counts_images_not_batches() -> None:
+    from tta_bench.accuracy import images_seen
+
+    # 3 corruptions x 1000 images in batches of 64: 15 full batches and one of 40 each.
+    bounds = [{"batch": 16 * i, "image": 1000 * i} for i in range(3)]
+    x = images_seen(48, bounds, 64)
+    assert x[15] == 1000 and x[16] == 1064 and x[31] == 2000 and x[-1] == 3000
+    assert x == sorted(x) and len(set(x)) == 48

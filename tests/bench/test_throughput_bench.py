@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from adapters.models import ModelSpec
-from tests.conftest import CIFAR_WEIGHTS, require_redis_server
+from tests.conftest import require_redis_server
 from tta_bench import cli, throughput
 
 
@@ -24,8 +24,6 @@ def _positive(value: object) -> bool:
 @pytest.mark.redis
 @pytest.mark.timeout(240)
 def test_tiny_throughput_run_writes_the_documented_json(tmp_path: Path) -> None:
-    if not CIFAR_WEIGHTS.is_file():
-        pytest.skip(f"shared checkpoint not found at {CIFAR_WEIGHTS}")
     require_redis_server()
     out = tmp_path / "throughput.json"
     argv = ["throughput", "--model", "wrn", "--iters", "2", "--warmup", "1", "--batch-size", "8"]
@@ -111,8 +109,6 @@ def test_bad_arguments_are_refused() -> None:
 
 
 def test_ops_command_counts_kernels_and_syncs_per_call(tmp_path: Path) -> None:
-    if not CIFAR_WEIGHTS.is_file():
-        pytest.skip(f"shared checkpoint not found at {CIFAR_WEIGHTS}")
     out = tmp_path / "ops.json"
     argv = ["ops", "--batch-size", "4", "--strategies", "source,sar", "--device", "cpu", "--json", str(out)]
     assert cli.main(argv) == 0
