@@ -88,6 +88,18 @@ class Metrics:
             MS,
             registry=r,
         )
+        self.state_cache = Counter(
+            "tta_state_cache_lookups",
+            "Steps that started from a committed state, by where it came from: hit (this replica's cache "
+            "held the stored version or a newer one) or miss (decoded from the store's blob)",
+            ("result",),
+            registry=r,
+        )
+        self.state_cache_bytes = Gauge(
+            "tta_state_cache_bytes",
+            "Bytes of stream states this replica keeps on its device between steps (TTA_STATE_CACHE_BYTES bounds it)",
+            registry=r,
+        )
         self.discarded = Counter(
             "tta_updates_discarded",
             "Adapting steps computed but not stored, by reason (conflict, stream_replaced, non_finite, "
@@ -172,6 +184,8 @@ class Metrics:
                     self.class_shift,
                 ):  # fmt: skip
                     metric.labels(model, strategy)
+        for result in ("hit", "miss"):
+            self.state_cache.labels(result)
         for event in ("created_implicit", "lost_state", "lost_policy"):
             self.stream_events.labels(event)
         self.store_writable.set(1)

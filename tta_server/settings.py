@@ -62,6 +62,14 @@ class Settings(BaseSettings):
         2, ge=0, le=10, description="re-runs of a step when another replica won the race"
     )
     state_cache_size: int = Field(256, ge=0, description="streams whose latest state stays on the device")
+    state_cache_bytes: int = Field(
+        2 * 1024**3,
+        ge=0,
+        description=(
+            "bytes of cached states at most (mean-teacher states are 4x the network each); the least recently "
+            "used go first, and a state larger than this is not cached"
+        ),
+    )
     require_configured_streams: bool = Field(
         False,
         description=(

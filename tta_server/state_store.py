@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import secrets
 import time
 import zlib
 from collections.abc import Sequence
@@ -53,7 +55,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.typing import EncodableT
 
-from tta_server.errors import StateCorruptError, StoreFullError, StoreUnavailableError
+from tta_server.errors import StateCorruptError, StoreFullError, StoreUnavailableError, TTAError
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +341,10 @@ for _, x in ipairs(s) do out[#out + 1] = x end
 return out
 """
 
-# KEYS: policy, state. ARGV: incarnation, expected version, blob, meta, policy copy, TTL ms.
+# KEYS: policy, state. ARGV: incarnation, expected version, blob, meta, policy copy, TTL ms, commit token.
+# The token makes a re-sent commit idempotent: redis-py re-sends a command whose connection dropped (a Cluster
+# failover), and when the first send had been applied the second finds its own token and answers the version
+# it wrote, instead of a conflict that would make the engine apply the same batch a second time.
 _CAS = """
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return -2 end
 if redis.call('HGET', KEYS[1], 'inc') ~= ARGV[1] then return -2 end
@@ -347,9 +352,11 @@ local t = redis.call('TYPE', KEYS[2])['ok']
 if t ~= 'hash' and t ~= 'none' then return -3 end
 local cur = 0
 if redis.call('HGET', KEYS[2], 'inc') == ARGV[1] then cur = tonumber(redis.call('HGET', KEYS[2], 'v')) or -1 end
+if cur == tonumber(ARGV[2]) + 1 and redis.call('HGET', KEYS[2], 'tok') == ARGV[7] then return cur end
 if cur ~= tonumber(ARGV[2]) then return -1 end
 local nv = cur + 1
-redis.call('HSET', KEYS[2], 'inc', ARGV[1], 'v', nv, 'blob', ARGV[3], 'meta', ARGV[4], 'policy', ARGV[5])
+redis.call('HSET', KEYS[2], 'inc', ARGV[1], 'v', nv, 'blob', ARGV[3], 'meta', ARGV[4], 'policy', ARGV[5],
+  'tok', ARGV[7])
 redis.call('HSET', KEYS[1], 'v', nv)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
@@ -459,9 +466,13 @@ class RedisStateStore:
                 raise StateCorruptError(
                     "a stored record has the wrong type; DELETE the stream", detail={"store": text}
                 ) from exc
-            raise StoreUnavailableError(f"state store error: {text}") from exc
+            raise _unavailable(f"state store error: {text}") from exc
         except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
-            raise StoreUnavailableError(f"state store unavailable: {type(exc).__name__}: {exc}") from exc
+            raise _unavailable(f"state store unavailable: {type(exc).__name__}: {exc}") from exc
+        except RuntimeError as exc:
+            if not _closed_transport(exc):
+                raise  # any other RuntimeError is a bug: 500 with a request id
+            raise _unavailable(f"state store connection lost: {exc}") from exc
 
     async def ping(self) -> None:
         await self._call(self.client.ping())
@@ -508,7 +519,8 @@ class RedisStateStore:
         this stream's; a replaced stream's entry is removed again (rare, one more round trip), and readers
         skip streams that no longer exist."""
         keys = [policy_key(ns, stream), state_key(ns, stream)]
-        args: list[EncodableT] = [inc, expected, blob, meta, rec, self.ttl_ms]
+        token = secrets.token_hex(8)  # one per commit; every re-send of it carries the same
+        args: list[EncodableT] = [inc, expected, blob, meta, rec, self.ttl_ms, token]
         board = drift_key(ns, drift_shard(stream))
         extra: list[tuple[Any, ...]] = (
             [("ZREM", board, stream)]
@@ -570,7 +582,7 @@ class RedisStateStore:
                     )
                 return [first, *replies[2:]]
             return list(replies)
-        raise StoreUnavailableError("state store lost its scripts twice in a row")
+        raise _unavailable("state store lost its scripts twice in a row")
 
     async def set_drift(self, ns: str, stream: str, score: float | None) -> None:
         key = drift_key(ns, drift_shard(stream))
@@ -607,3 +619,29 @@ def _pairs(flat: Sequence[Any]) -> dict[str, bytes]:
 
 async def _raise(exc: Exception) -> Any:
     raise exc
+
+
+def _unavailable(message: str) -> TTAError:
+    # Every store outage answers 503 with Retry-After, as an overloaded replica does: the client's
+    # retry waits that long instead of its own backoff's guess.
+    return StoreUnavailableError(message, headers={"Retry-After": "1"})
+
+
+# uvloop's transports (uvicorn runs on uvloop when it is installed) raise this RuntimeError, not an
+# OSError, on a write to a transport that is already closed; redis-py maps only OSError to its
+# ConnectionError, so a pooled connection whose peer vanished (a Redis primary killed mid-failover)
+# lets it through. It is a connection loss like any other, so it is matched by uvloop's exact wording
+# *and* by a redis-py frame in its traceback: a RuntimeError of our own code (or a closed transport
+# that is not the store's) stays a bug and answers 500.
+_UVLOOP_CLOSED = re.compile(r"unable to perform operation on <\w+Transport .*>; the handler is closed")
+
+
+def _closed_transport(exc: RuntimeError) -> bool:
+    if not _UVLOOP_CLOSED.fullmatch(str(exc)):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").startswith("redis."):
+            return True
+        tb = tb.tb_next
+    return False

@@ -18,7 +18,10 @@ Checks and figures (the exit status is 1 when a check fails):
     seconds after it); the measured window is the time from the primary's kill to the end of the last
     request that failed because of it;
   * every stored state decodes and its `steps` equals its version (`soak.check_store_integrity`).
-Figures: requests/s, CAS conflicts (answers with `conflict: true`), affinity (a request reaching the
+Figures: requests/s, CAS conflicts (answers with `conflict: true`), the replicas' own counters
+(`replica_metrics`: commits `tta_state_updates_total`, CAS conflicts `tta_state_conflicts_total`, state
+cache hits and misses `tta_state_cache_lookups_total`, scraped from each replica's /metrics before and
+after the run and summed), affinity (a request reaching the
 replica that served its stream's previous request, whose state cache holds the stream), the proxy's
 fallbacks.
 """
@@ -135,7 +138,8 @@ async def _run(args: argparse.Namespace, topo: PrivateCluster | PrivateSentinel,
         for i, port in enumerate(ports)
     ]
     bases = [f"http://127.0.0.1:{p}" for p in ports]
-    proxy = ProxyApp(bases, args.mode)
+    # The proxy waits as long as the clients do: a slower limit would cut requests the replicas still serve.
+    proxy = ProxyApp(bases, args.mode, timeout=args.request_timeout)
     server = task = None
     try:
         t0 = time.monotonic()
@@ -154,6 +158,7 @@ async def _run(args: argparse.Namespace, topo: PrivateCluster | PrivateSentinel,
                     await client.put(f"{front[0]}/v1/streams/{s}", json={"strategy": args.strategy})
                 ).raise_for_status()
             proxy.log.upstream.clear()
+            before = await _scrape(client, bases, procs)
             run = Run()
             kills: dict[str, float] = {}
             side = []
@@ -162,7 +167,11 @@ async def _run(args: argparse.Namespace, topo: PrivateCluster | PrivateSentinel,
                     _kill_later(args.kill_primary_at, "redis primary", _primary_killer(topo), run, kills, log)
                 )
             if args.kill_replica_at is not None:
-                victim, victim_url = procs[-1], bases[-1]
+                # Kill the replica that owns the most streams on the ring: with few streams, a fixed pick
+                # may own none, and then nothing shows the proxy falling back.
+                owners = [proxy.ring.order(s)[0] for s in streams]
+                victim_url = max(bases, key=owners.count)
+                victim = procs[bases.index(victim_url)]
 
                 def kill_replica() -> str:
                     victim.kill()
@@ -185,7 +194,7 @@ async def _run(args: argparse.Namespace, topo: PrivateCluster | PrivateSentinel,
                 resp = await client.get(f"{front[0]}/v1/streams/{s}")
                 view = resp.json()
                 stored[s] = (view["incarnation"], view["steps"]) if resp.status_code == 200 else None
-            conflicts_metric = await _scrape_sum(client, bases, procs, "tta_state_conflicts_total")
+            after = await _scrape(client, bases, procs)
         integrity = await asyncio.to_thread(check_store_integrity, url)
     finally:
         if server is not None and task is not None:
@@ -195,21 +204,49 @@ async def _run(args: argparse.Namespace, topo: PrivateCluster | PrivateSentinel,
         for proc in procs:
             stop_process(proc)
     report = _report(args, run, stored, integrity, kills, proxy, elapsed)
-    report["cas_conflicts_discarded"] = conflicts_metric
+    report["replica_metrics"] = _metric_deltas(before, after)
     return report
 
 
-async def _scrape_sum(client: httpx.AsyncClient, bases: list[str], procs: list[Any], name: str) -> float:
-    """Sum of a counter over the replicas still running (a killed replica's count is lost with it)."""
-    total = 0.0
-    for base, proc in zip(bases, procs, strict=True):
+# The replicas' own counters, summed over replicas: (report key, sample name, label filter).
+SCRAPED = (
+    ("state_updates", "tta_state_updates_total", ""),
+    ("cas_conflicts", "tta_state_conflicts_total", ""),
+    ("state_cache_hits", "tta_state_cache_lookups_total", 'result="hit"'),
+    ("state_cache_misses", "tta_state_cache_lookups_total", 'result="miss"'),
+)
+
+
+async def _scrape(
+    client: httpx.AsyncClient, bases: list[str], procs: list[Any]
+) -> dict[int, dict[str, float]]:
+    """Per running replica (by index), the SCRAPED counters from its /metrics."""
+    out: dict[int, dict[str, float]] = {}
+    for i, (base, proc) in enumerate(zip(bases, procs, strict=True)):
         if proc.poll() is not None:
             continue
         with contextlib.suppress(httpx.HTTPError):
-            for line in (await client.get(f"{base}/metrics")).text.splitlines():
-                if line.startswith((name + "{", name + " ")):
-                    total += float(line.rsplit(" ", 1)[1])
-    return total
+            text = (await client.get(f"{base}/metrics")).text
+            sums = dict.fromkeys((key for key, _, _ in SCRAPED), 0.0)
+            for line in text.splitlines():
+                for key, name, label in SCRAPED:
+                    if line.startswith((name + "{", name + " ")) and label in line:
+                        sums[key] += float(line.rsplit(" ", 1)[1])
+            out[i] = sums
+    return out
+
+
+def _metric_deltas(before: dict[int, dict[str, float]], after: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """after - before, summed over the replicas scraped both times (a killed replica's counts die with it:
+    `replicas_counted` says how many were summed) and the cache hit rate hits / (hits + misses)."""
+    both = sorted(set(before) & set(after))
+    out: dict[str, Any] = {
+        key: int(sum(after[i][key] - before[i][key] for i in both)) for key, _, _ in SCRAPED
+    }
+    looked = out["state_cache_hits"] + out["state_cache_misses"]
+    out["state_cache_hit_rate"] = round(out["state_cache_hits"] / looked, 3) if looked else None
+    out["replicas_counted"] = len(both)
+    return out
 
 
 def _primary_killer(topo: PrivateCluster | PrivateSentinel) -> Any:
@@ -354,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
             report["passed"] = True
         else:
             report = asyncio.run(_run(args, topo, log))
+    if "replica_metrics" in report:
+        m = report["replica_metrics"]
+        log(
+            f"replica metrics ({m['replicas_counted']} replicas): {m['state_updates']} commits, "
+            f"{m['cas_conflicts']} CAS conflicts, state cache {m['state_cache_hits']} hits / "
+            f"{m['state_cache_misses']} misses (hit rate {m['state_cache_hit_rate']})"
+        )
     text = json.dumps(report, indent=1, default=str)
     if args.json:
         args.json.write_text(text)

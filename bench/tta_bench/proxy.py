@@ -98,16 +98,20 @@ class ProxyApp:
         up = [u for u in order if self.down_until.get(u, 0.0) <= now]
         return stream, up + [u for u in order if u not in up]  # all down: try them anyway
 
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.client.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await self.client.aclose()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await self._lifespan(receive, send)
+            return
         body = b""
         while True:
             message = await receive()
@@ -134,9 +138,13 @@ class ProxyApp:
                 if i + 1 < len(order):
                     self.log.fallbacks += 1
                 continue
-            except httpx.TransportError:
-                # It went mid-request: the request may have been applied, so it is not sent again; the
-                # client gets a 503 (retry later), as from a replica whose store failed mid-commit.
+            except httpx.TransportError as exc:
+                # It went (or is too slow) mid-request: the request may have been applied, so it is not
+                # sent again. A timeout is a slow replica, which stays in rotation (504); a lost one is
+                # taken out and the client gets a 503 (retry later), as from a store failing mid-commit.
+                if isinstance(exc, httpx.TimeoutException):
+                    await _plain(send, 504, b"replica did not answer in time")
+                    return
                 self.down_until[base] = time.monotonic() + self.down_seconds
                 await _plain(send, 503, b"replica lost mid-request")
                 return

@@ -334,6 +334,15 @@ def test_compose_servers_wait_for_redis_and_mount_models_read_only() -> None:
         for target, var in (("/models", "TTA_MODELS_DIR"), ("/data", "TTA_DATA_DIR")):
             mount = next(v for v in volumes if v.split(":")[-2] == target)
             assert mount.startswith(f"${{{var}:-") and mount.endswith(":ro"), mount
+        # The default host folders hold every file the mounted models.yaml names.
+        host = {v.split(":")[-2]: v.split(":-")[1].split("}")[0] for v in volumes if v.startswith("${")}
+        for model in yaml.safe_load(MODELS_CONFIG.read_text())["models"]:
+            for path in (model["weights"], model["source_data"]):
+                top, rest = "/" + path.split("/")[1], path.split("/", 2)[2]
+                assert (COMPOSE.parent / host[top] / rest).is_file(), (name, path)
+        # gRPC beside HTTP, published per replica.
+        assert env["TTA_GRPC_PORT"] == "8001", name
+        assert any(str(p).endswith(":8001") for p in service["ports"]), name
 
 
 def test_compose_proxy_hashes_streams_over_every_server() -> None:
@@ -435,6 +444,7 @@ ALL_ON = {
     "apiKeys": {"existingSecret": "tta-api-keys"},
     "redis": {"bundled": {"enabled": True}},
     "ingress": {"enabled": True, "host": "tta.example.org"},
+    "server": {"grpcPort": 8001},
 }
 
 
@@ -500,6 +510,7 @@ def test_helm_default_render(render: Any, tmp_path: Path) -> None:
     assert env["TTA_REDIS_URL"]["value"].startswith("redis://")
     assert env["TTA_MODELS_CONFIG"]["value"] == "/etc/tta/models.yaml"
     assert "TTA_API_KEYS" not in env
+    assert "TTA_GRPC_PORT" not in env and [p["name"] for p in container["ports"]] == ["http"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/models"]["readOnly"] and mounts["/data"]["readOnly"]
     configmap = _kind(docs, "ConfigMap")
@@ -533,6 +544,13 @@ def test_helm_render_with_everything_enabled(render: Any, tmp_path: Path) -> Non
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
     assert env["TTA_REDIS_URL"]["value"] == "redis://tta-tta-server-redis:6379/0"
+    # gRPC (Open Inference Protocol) on its own named port, in the container and the Service.
+    assert env["TTA_GRPC_PORT"]["value"] == "8001"
+    assert {"name": "grpc", "containerPort": 8001, "protocol": "TCP"} in container["ports"]
+    name = _kind(docs, "Deployment")["metadata"]["name"]
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == name]
+    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert service_ports["grpc"]["targetPort"] == "grpc" and service_ports["grpc"]["port"] == 8001
 
 
 def test_chart_copies_stay_in_sync() -> None:

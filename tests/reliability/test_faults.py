@@ -4,6 +4,7 @@ non-finite stored states, stale compare-and-set writes, a replica SIGKILLed mid-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import threading
@@ -39,6 +40,7 @@ def test_closed_port_answers_503_fast_and_readyz_503(make_client) -> None:
         assert time.monotonic() - t0 < FAST
         assert r.status_code == 503, r.text
         assert r.json()["error_type"] == "state_store_unavailable" and r.json()["error"]
+        assert r.headers["Retry-After"] == "1"
     for method, path in (("get", "/v1/streams/cam"), ("post", "/v1/streams/cam/reset")):
         r = getattr(client, method)(path)
         assert r.status_code == 503 and r.json()["error_type"] == "state_store_unavailable"
@@ -125,6 +127,91 @@ def test_store_reconnects_every_pooled_connection_after_redis_restart(private_re
         private_redis.stop()
         private_redis.start()
         assert await burst(1) == []
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def _pooled_connections(client: Any) -> list[Any]:
+    from redis.asyncio.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        return [c for node in client.get_nodes() for c in node._connections]
+    pool = client.connection_pool
+    return [*pool._available_connections, *pool._in_use_connections]
+
+
+def test_a_closed_transport_under_uvloop_is_a_store_outage_with_retry_after(redis_url) -> None:
+    """uvicorn runs on uvloop, whose closed transports raise RuntimeError (not OSError) on write, and
+    redis-py lets it through: seen as a 500 when a Cluster primary was killed. It must be a 503."""
+    import uvloop
+
+    from tta_server.errors import StoreUnavailableError
+
+    async def scenario() -> None:
+        store = RedisStateStore(redis_url, 3600, STORE_TIMEOUT)
+        await store.create("ns", "s", "inc", b"{}")
+        broken = [c for c in _pooled_connections(store.client) if c.is_connected]
+        for conn in broken:
+            conn._writer.transport.abort()  # what a peer's death does to a pooled connection
+        with pytest.raises(StoreUnavailableError) as caught:
+            await store.load("ns", "s", None)
+        assert isinstance(caught.value.__cause__, RuntimeError)
+        assert "the handler is closed" in str(caught.value.__cause__)
+        assert caught.value.status_code == 503 and dict(caught.value.headers or {}) == {"Retry-After": "1"}
+        # Each broken connection is dropped after its failure (a 503 too): then the store works again.
+        for _ in broken:
+            with contextlib.suppress(StoreUnavailableError):
+                got = await store.load("ns", "s", None)
+                break
+        assert got.policy is not None and got.policy["inc"] == b"inc"
+        await store.close()
+
+    uvloop.run(scenario())
+
+
+CLOSED = (
+    "unable to perform operation on <TCPTransport closed=True reading=False 0x7f00>; the handler is closed"
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "status"), [(CLOSED, 503), ("cannot schedule new futures after shutdown", 500)]
+)
+def test_only_the_closed_transport_runtime_error_of_redis_py_answers_503(
+    make_client, redis_url, monkeypatch, message, status
+) -> None:
+    """Through the API: the closed-transport RuntimeError inside redis-py's send is a 503 with
+    Retry-After; any other RuntimeError there stays a bug (500 internal)."""
+    from redis.asyncio.connection import AbstractConnection
+
+    client = make_client(redis_url=redis_url)
+    assert predict(client, "cam").status_code == 200
+
+    async def broken(self: Any, command: Any) -> None:
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(AbstractConnection, "_send_packed_command", broken)
+    r = predict(client, "cam", seed=1)
+    assert r.status_code == status, r.text
+    if status == 503:
+        assert r.json()["error_type"] == "state_store_unavailable" and r.headers["Retry-After"] == "1"
+    else:
+        assert r.json()["error_type"] == "internal" and "retry-after" not in r.headers
+    monkeypatch.undo()
+    assert predict(client, "cam", seed=2).status_code == 200
+
+
+def test_the_closed_transport_message_outside_redis_py_is_not_a_store_outage() -> None:
+    """The match needs redis-py in the traceback, not the words alone."""
+    store = RedisStateStore(f"redis://127.0.0.1:{free_port()}/0", 3600, STORE_TIMEOUT)
+
+    async def raises() -> None:
+        raise RuntimeError(CLOSED)
+
+    async def scenario() -> None:
+        with pytest.raises(RuntimeError, match="the handler is closed"):
+            await store._call(raises())
         await store.close()
 
     asyncio.run(scenario())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import npy_bytes
+from tests.conftest import REPO, npy_bytes
 
 NPY = {"content-type": "application/x-npy"}
 
@@ -166,7 +166,9 @@ def test_batch_too_small_for_gradient_strategy(make_client, cifar_array) -> None
 
 def test_discovery_endpoints(make_client) -> None:
     client = make_client()
-    strategies = client.get("/v1/strategies").json()["strategies"]
+    listing = client.get("/v1/strategies").json()
+    strategies = listing["strategies"]
+    assert (REPO / listing["guide"]).is_file()
     names = {s["name"] for s in strategies}
     assert {"source", "norm", "alpha_bn", "unmix_tns", "tent", "eata", "sar", "unmix_tns+tent"} <= names
     tent = next(s for s in strategies if s["name"] == "tent")

@@ -14,7 +14,7 @@ batches (the same ratio the dashboard and the recording rules take over a time w
 
 The per-stream moving averages of ``GET /v1/streams/{id}`` must follow the same course. The server runs
 with ``drift_momentum=0.5`` so that two batches move them decisively (the default 0.9 needs ~20).
-Phases are short (2 batches of 32 per stream) to keep the test well under a minute on two CPU cores.
+Phases are short (4 batches of 32 per stream) to keep the test well under a minute on two CPU cores.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from tta_data import JpegDataset, load_jpeg_npz
 STRATEGIES = ("source", "norm")  # stream drift-{i} uses STRATEGIES[i]
 ENTROPY_RISE = {"source": 0.1, "norm": 0.05}  # nats, noisy phase over clean phase (at least)
 PREFIX = "drift"
-N_PER_PHASE = 64
+N_PER_PHASE = 128
 BATCH = 32
 HISTOGRAMS = ("tta_bn_distance", "tta_prediction_entropy_nats")
 COUNTERS = ("tta_samples_total", "tta_state_resets_total")

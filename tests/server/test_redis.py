@@ -157,6 +157,31 @@ def test_store_compare_and_set_refuses_stale_versions(kind, request) -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.redis
+@pytest.mark.parametrize("kind", REDIS_KINDS)
+def test_a_re_sent_commit_is_applied_once(kind, request, monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py re-sends a command whose connection dropped; a commit that the first send had applied
+    answers its version again (same token), never a conflict that would have the batch applied twice."""
+    urls = fresh_store_url(request, kind)
+    url = next(urls)
+    request.addfinalizer(urls.close)
+    store = RedisStateStore(url, 60, 1.0)
+    monkeypatch.setattr("tta_server.state_store.secrets.token_hex", lambda n: "same-token")
+
+    async def scenario() -> None:
+        assert await store.create("ns", "s", "inc-a", b"{}")
+        assert await store.cas("ns", "s", "inc-a", 0, b"one", b"{}", b"{}", 0.1) == 1
+        assert await store.cas("ns", "s", "inc-a", 0, b"one", b"{}", b"{}", 0.1) == 1  # the re-send
+        got = await store.load("ns", "s", None)
+        assert got.state is not None and (got.state["v"], got.state["blob"]) == (b"1", b"one")
+        monkeypatch.setattr("tta_server.state_store.secrets.token_hex", lambda n: "another-commit")
+        assert await store.cas("ns", "s", "inc-a", 0, b"stale", b"{}", b"{}", 0.1) == CasOutcome.CONFLICT
+        assert await store.cas("ns", "s", "inc-a", 1, b"two", b"{}", b"{}", 0.1) == 2
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_unreachable_redis_fails_fast_with_503(make_client, cifar_array) -> None:
     client = make_client(
         redis_url=f"redis://127.0.0.1:{free_port()}/0", store_timeout_seconds=0.5, store_grace_seconds=0

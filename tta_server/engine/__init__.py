@@ -15,6 +15,7 @@ one place (tta_server.errors.to_http).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,8 +24,10 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, TypedDict, TypeVar
 
 import torch
+from safetensors.torch import save as st_save
 
-from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult, StrategyConfig
+from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult, StrategyConfig, edge
+from adapters.serialization import to_host
 from tta_server.engine.observer import Observer
 from tta_server.engine.repository import CasOutcome, Prepared, StateRepository, prepare
 from tta_server.engine.scheduler import Deadline, Pending, Scheduler
@@ -121,7 +124,9 @@ class Engine:
         )
         self.observer = Observer(metrics)
         self.scheduler = Scheduler(self.executor, settings.max_step_images, settings.max_stream_queue)
-        self.repository = StateRepository(store, self.executor, metrics, settings.state_cache_size)
+        self.repository = StateRepository(
+            store, self.executor, metrics, settings.state_cache_size, settings.state_cache_bytes
+        )
         self.default_policy = validate_policy(
             pool, None, settings.default_strategy, settings.default_config, 0
         )
@@ -196,6 +201,26 @@ class Engine:
         resolved = await self.resolve(ns, stream, create=False)
         meta = resolved.state.meta if resolved.state is not None else {}
         return StreamView(resolved.policy, meta, resolved.version)
+
+    async def export(self, ns: str, stream: str) -> bytes:
+        """The stream's committed state as a safetensors patch of its model's network (adapters.edge), with
+        the manifest (and the stream's version and incarnation) in its metadata."""
+        for _ in range(self.settings.conflict_retries + 1):
+            resolved = await self.resolve(ns, stream, create=False)
+            policy = resolved.policy
+            handle = self.pool.get(policy.model)
+            strat = strategy(policy.strategy)
+            cfg = parse_config(strat, policy.config)
+            loaded = await self.repository.state_for(ns, stream, policy, resolved.state, handle, strat, cfg)
+            if loaded is None:  # the skipped blob's cache entry is gone: read it again
+                continue
+            version, state = loaded
+            info = {**edge.manifest(strat, handle, state, cfg), "stream_id": stream, "version": version}
+            info["incarnation"] = policy.incarnation
+            return await asyncio.get_running_loop().run_in_executor(
+                self.executor, _encode_patch, strat, handle, state, cfg, info
+            )
+        raise StateMismatchError(f"stream {stream!r} is changing too fast to export; retry")
 
     async def top_drift(self, ns: str, n: int) -> list[tuple[str, StreamView]]:
         """The namespace's streams with the largest BN distance; streams gone or unreadable are skipped
@@ -440,6 +465,18 @@ def _to_unit_float(batches: list[torch.Tensor], device: torch.device) -> torch.T
     on_device = [b.to(device, non_blocking=True) for b in batches]
     x = on_device[0] if len(on_device) == 1 else torch.cat(on_device)
     return x.float().div_(255.0)
+
+
+def _encode_patch(
+    strat: ComposedStrategy,
+    handle: ModelHandle,
+    state: AdaptationState,
+    cfg: StrategyConfig,
+    info: dict[str, Any],
+) -> bytes:
+    """Compute thread: the patch's tensors on the host, in safetensors with the manifest as JSON."""
+    patch = to_host(edge.edge_patch(strat, handle, state, cfg))
+    return st_save(patch, metadata={edge.MANIFEST_KEY: json.dumps(info, sort_keys=True)})
 
 
 def _carry_counters(state: AdaptationState) -> dict[str, Any]:

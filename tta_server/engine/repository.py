@@ -62,16 +62,27 @@ class _Cached:
     version: int
     state: AdaptationState
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state.tensors.values())
+
 
 class StateRepository:
     def __init__(
-        self, store: StateStore, executor: ThreadPoolExecutor, metrics: Metrics, cache_size: int
+        self,
+        store: StateStore,
+        executor: ThreadPoolExecutor,
+        metrics: Metrics,
+        cache_size: int,
+        cache_bytes: int = 2 * 1024**3,
     ) -> None:
         self.store = store
         self.executor = executor
         self.metrics = metrics
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
+        self._bytes = 0  # sum of the entries' nbytes
         self.writable = True  # False after the store refused a write for lack of memory
 
     def cached_version(self, ns: str, stream: str) -> tuple[str, int] | None:
@@ -80,7 +91,17 @@ class StateRepository:
         return (hit.incarnation, hit.version) if hit else None
 
     def forget(self, ns: str, stream: str) -> None:
-        self._cache.pop((ns, stream), None)
+        gone = self._cache.pop((ns, stream), None)
+        if gone is not None:
+            self._account(-gone.nbytes)
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._bytes
+
+    def _account(self, delta: int) -> None:
+        self._bytes += delta
+        self.metrics.state_cache_bytes.set(self._bytes)
 
     async def state_for(
         self,
@@ -101,11 +122,13 @@ class StateRepository:
             stored = record.version if record is not None else 0
             if hit.version >= stored:
                 self._cache.move_to_end((ns, stream))
+                self.metrics.state_cache.labels("hit").inc()
                 return hit.version, hit.state
-        if record is None:
+        if record is None:  # a stream's first step: nothing stored, neither hit nor miss
             return 0, await self._run(strat.init_state, handle, cfg, policy.seed)
         if record.blob is None:
             return None
+        self.metrics.state_cache.labels("miss").inc()
         if record.meta.get("policy") != policy.config_hash():
             raise StateMismatchError(
                 "stored state was written under another policy; reset the stream", detail={"stream": stream}
@@ -144,12 +167,17 @@ class StateRepository:
         return result
 
     def _remember(self, ns: str, stream: str, entry: _Cached) -> None:
-        if self.cache_size <= 0:
+        """Cache `entry`, then drop the least recently used entries beyond the count and byte bounds. A state
+        larger than the byte bound is not cached (its next step decodes the store's blob)."""
+        self.forget(ns, stream)
+        size = entry.nbytes
+        if self.cache_size <= 0 or size > self.cache_bytes:
             return
         self._cache[(ns, stream)] = entry
-        self._cache.move_to_end((ns, stream))
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        self._account(size)
+        while len(self._cache) > self.cache_size or self._bytes > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._account(-old.nbytes)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
