@@ -43,7 +43,9 @@ def test_a_primary_and_a_replica_die_and_every_acknowledged_step_is_accounted_fo
     # The replicas' own counters: with affinity a stream's steps run on one replica at a time (its lock
     # orders them), so the state comes from that replica's cache and commits do not conflict, except once
     # per stream whose acknowledged commit the dead primary took with it: the replica's cache is then ahead
-    # of the promoted store, its next commit conflicts and the step is redone from the store.
+    # of the promoted store, its next commit conflicts and the step is redone from the store. A commit that
+    # failed mid-flight (503) may still have landed: its replica drops the cached state, so the next step
+    # reads the store (a cache miss, not a conflict).
     m = report["replica_metrics"]
     assert m["cas_conflicts"] <= report["lost_acknowledged_streams"] and m["state_updates"] > 10, json.dumps(
         {k: report[k] for k in ("replica_metrics", "lost_acknowledged_streams", "errors", "proxy_fallbacks")}

@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 
 from adapters import AdaptationState
-from tta_server.engine.repository import Prepared, StateRepository
+from tta_server.engine.repository import Prepared, StateRepository, _Cached
 from tta_server.metrics import Metrics
 from tta_server.records import Policy
-from tta_server.state_store import InMemoryStateStore
+from tta_server.state_store import InMemoryStateStore, StoreUnavailableError
 
 NS = "ns"
 
@@ -69,5 +70,32 @@ def test_recommitting_a_stream_replaces_its_entry_without_double_counting() -> N
                 assert await repo.commit(NS, "s", policy, version, _prepared(50)) == version + 1
             assert repo.cached_version(NS, "s") == ("inc", 3)
             assert repo.cached_bytes == 200 == _gauge(metrics)
+
+    asyncio.run(scenario())
+
+
+class _FailingCas(InMemoryStateStore):
+    """Applies the commit, then fails as a store does when the reply is lost (a primary dying mid-commit)."""
+
+    async def cas(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        await super().cas(*args, **kwargs)
+        raise StoreUnavailableError("connection lost mid-commit")
+
+
+def test_a_commit_whose_outcome_is_unknown_drops_the_cached_state() -> None:
+    async def scenario() -> None:
+        store = _FailingCas(ttl_seconds=60)
+        with ThreadPoolExecutor(1) as pool:
+            repo = StateRepository(store, pool, Metrics(), cache_size=10, cache_bytes=10**6)
+            policy = Policy("m", "norm", {}, incarnation="inc-a")
+            await store.create(NS, "a", policy.incarnation, policy.encode())
+            repo._remember(NS, "a", _Cached(policy.incarnation, 0, _prepared(4).state))
+            assert repo.cached_version(NS, "a") == ("inc-a", 0)
+            with pytest.raises(StoreUnavailableError):
+                await repo.commit(NS, "a", policy, 0, _prepared(4))
+            # The write landed as version 1; a cache still at 0 would make the next step conflict.
+            assert repo.cached_version(NS, "a") is None and repo.cached_bytes == 0
+            raw = await store.load(NS, "a", None)
+            assert raw.state is not None and int(raw.state["v"]) == 1
 
     asyncio.run(scenario())

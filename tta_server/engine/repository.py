@@ -156,6 +156,12 @@ class StateRepository:
             self.writable = False
             self.metrics.store_writable.set(0)
             raise
+        except BaseException:
+            # The store failed mid-commit (or the step was cancelled): the write may still have landed, so
+            # the cached state may be a version behind. Drop it: the next step reads the store (a miss)
+            # instead of computing on a stale state and losing a CAS round.
+            self.forget(ns, stream)
+            raise
         self.metrics.store_duration.labels("save").observe(time.perf_counter() - t0)
         self.metrics.store_up.set(1)
         self.metrics.store_writable.set(1)
