@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from adapters import losses
 from adapters._grad import apply_gradients, init_affine_state, leaf_params
+from adapters._memo import Memo
 from adapters._optim import OptimConfig
 from adapters._strategy import ComposedStrategy, Forward, UpdateOutcome
 from adapters.base import AFFINE_KINDS, AdaptationState, IncompatibleModelError, ModelHandle
@@ -180,10 +180,13 @@ def fisher_diagonal(
     if all(prefix + k in handle.prepared for k in names):  # made by `tta-bench prepare-source`
         return {k: handle.prepared[prefix + k] for k in names}
     key = (handle.fingerprint, str(handle.device), *cache_key)
-    with _FISHER_LOCK:
-        cached = _FISHER_CACHE.get(key)
-    if cached is not None:
-        return cached
+    return _FISHERS.get(key, lambda: _compute_fisher(handle, forward, names, n, batch_size, seed))
+
+
+def _compute_fisher(
+    handle: ModelHandle, forward: Forward, names: list[str], n: int, batch_size: int, seed: int
+) -> dict[str, Tensor]:
+    assert handle.source_images is not None
     images = handle.source_images(n, seed)
     source = handle.source_affine()
     acc = {k: torch.zeros_like(source[k]) for k in names}
@@ -200,12 +203,7 @@ def fisher_diagonal(
         for k, g in zip(names, grads, strict=True):
             acc[k] += g.detach() ** 2
         batches += 1
-    fisher = {k: v / max(batches, 1) for k, v in acc.items()}
-    with _FISHER_LOCK:
-        if len(_FISHER_CACHE) >= 8:
-            _FISHER_CACHE.pop(next(iter(_FISHER_CACHE)))
-        _FISHER_CACHE[key] = fisher
-    return fisher
+    return {k: v / max(batches, 1) for k, v in acc.items()}
 
 
 def prepared_prefix(cache_key: tuple[str, str, str, int]) -> str:
@@ -219,11 +217,8 @@ def fisher_cache_key(forward: Forward, cfg: EATAConfig, seed: int) -> tuple[str,
     return (forward.identity, type(cfg).__name__, cfg.model_dump_json(), seed)
 
 
-# The Fisher is a deterministic function of the (immutable) model and these arguments, so it is
-# memoised per process: every stream reset would otherwise cost fisher_size forward+backward passes.
-# Steps run on several executor threads; two may compute the same Fisher once each, never corrupt the cache.
-_FISHER_CACHE: dict[tuple[str, str, str, str, str, int], dict[str, Tensor]] = {}
-_FISHER_LOCK = threading.Lock()
+# Per process: every stream reset would otherwise cost fisher_size forward+backward passes.
+_FISHERS: Memo[tuple[str, str, str, str, str, int], dict[str, Tensor]] = Memo(8)
 
 
 EATA_SUMMARY = "filtered, reweighted entropy minimisation with Fisher penalty"

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from adapters._memo import Memo
 from adapters._strategy import ComposedStrategy, Forward
 from adapters.base import IncompatibleModelError, ModelHandle
 from adapters.cotta import CoTTAConfig, CoTTAUpdater, labelled_source, run, source_params
@@ -100,15 +100,7 @@ def posterior_variance(handle: ModelHandle, cfg: PETALConfig, seed: int) -> dict
             "set spw=0 to adapt without the prior"
         )
     key = (handle.fingerprint, str(handle.device), prefix)
-    with _LOCK:
-        hit = _CACHE.get(key)
-    if hit is None:
-        hit = _compute_variance(handle, cfg, seed)
-        with _LOCK:
-            if len(_CACHE) >= 8:
-                _CACHE.pop(next(iter(_CACHE)))
-            _CACHE[key] = hit
-    return hit
+    return _VARIANCES.get(key, lambda: _compute_variance(handle, cfg, seed))
 
 
 def _compute_variance(handle: ModelHandle, cfg: PETALConfig, seed: int) -> dict[str, Tensor]:
@@ -129,8 +121,7 @@ def _compute_variance(handle: ModelHandle, cfg: PETALConfig, seed: int) -> dict[
     return {n: 1.0 / (cfg.prior_samples * a / max(batches, 1) + 1.0) for n, a in acc.items()}
 
 
-_CACHE: dict[tuple[str, str, str], dict[str, Tensor]] = {}
-_LOCK = threading.Lock()
+_VARIANCES: Memo[tuple[str, str, str], dict[str, Tensor]] = Memo(8)
 
 
 class PETALUpdater(CoTTAUpdater):

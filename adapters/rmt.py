@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from adapters._augment import generator_for, tta_augment
 from adapters._bn import active_plan
+from adapters._memo import Memo
 from adapters._optim import OPT_PREFIX, OptimConfig, init_optim_state, optim_step
 from adapters._strategy import ComposedStrategy, Forward, StatPlan, UpdateOutcome
 from adapters.base import AFFINE_KINDS, AdaptationState, IncompatibleModelError, ModelHandle
@@ -84,13 +85,13 @@ class RMTConfig(OptimConfig):
 # The source pools and warmed-up starts are deterministic functions of the (immutable) model handle (its
 # weights and source data), the config and the seed, so they are memoised per handle for the handle's life
 # (a warm-up costs warmup_samples forward+backward passes).
-_CACHE: weakref.WeakKeyDictionary[ModelHandle, dict[Any, Any]] = weakref.WeakKeyDictionary()
+_MEMOS: weakref.WeakKeyDictionary[ModelHandle, Memo[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
-def _cache(handle: ModelHandle) -> dict[Any, Any]:
+def _memo(handle: ModelHandle) -> Memo[tuple[Any, ...], Any]:
     with _LOCK:
-        return _CACHE.setdefault(handle, {})
+        return _MEMOS.setdefault(handle, Memo(16))
 
 
 def _classifier(net: nn.Module) -> nn.Linear:
@@ -182,14 +183,10 @@ def source_pool(handle: ModelHandle, cfg: RMTConfig, seed: int) -> tuple[Tensor,
             "need"
         )
     key = ("pool", cfg.source_size, seed)
-    cache = _cache(handle)
-    with _LOCK:
-        hit = cache.get(key)
-    if hit is None:
-        hit = labelled_source(handle, cfg.source_size, seed, cfg.source_batch_size)
-        with _LOCK:
-            cache[key] = hit
-    return hit
+    pool: tuple[Tensor, Tensor] = _memo(handle).get(
+        key, lambda: labelled_source(handle, cfg.source_size, seed, cfg.source_batch_size)
+    )
+    return pool
 
 
 def start_key(cfg: RMTConfig, seed: int) -> str:
@@ -220,17 +217,8 @@ def warm_start(handle: ModelHandle, cfg: RMTConfig, seed: int) -> dict[str, Tens
     prepared = {k.removeprefix(prefix): v for k, v in handle.prepared.items() if k.startswith(prefix)}
     if prepared:  # made by `tta-bench prepare-source`
         return {k: v.to(handle.device) for k, v in prepared.items()}
-    key = ("start", prefix)
-    cache = _cache(handle)
-    with _LOCK:
-        hit = cache.get(key)
-    if hit is None:
-        hit = _compute_start(handle, cfg, seed)
-        with _LOCK:
-            if len(cache) >= 16:
-                cache.pop(next(iter(cache)))
-            cache[key] = hit
-    return hit
+    start: dict[str, Tensor] = _memo(handle).get(("start", prefix), lambda: _compute_start(handle, cfg, seed))
+    return start
 
 
 def _compute_start(handle: ModelHandle, cfg: RMTConfig, seed: int) -> dict[str, Tensor]:
