@@ -3,6 +3,12 @@
 For each strategy: a fresh state, `--steps` adapting steps on random batches of `--batch-size` images, then
 the state's stored form (`adapters.serialization.state_to_bytes`, safetensors + JSON meta): its bytes, the
 number of tensors, and the median time of `--repeats` encodes and decodes. Prints a markdown table.
+
+`--compress` adds what two lossless representations would store (a design study; the server stores the plain
+form): the blob through zlib (level 1), and "XOR vs source + zlib": every state tensor that is a copy of a
+network weight (same name suffix, shape and dtype) replaced by the bitwise XOR of its float32 bits with the
+source weight's before zlib, so the sign, exponent and leading mantissa bits that a small update leaves alone
+become zero bytes. `--corruption NAME` steps on corrupted CIFAR-10 test images instead of uniform noise.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tta_bench.paths import MODELS_CONFIG as DEFAULT_MODELS_CONFIG
 
@@ -25,7 +32,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compress", action="store_true", help="add zlib and XOR-vs-source + zlib sizes")
+    p.add_argument(
+        "--corruption",
+        default=None,
+        help="step on CIFAR-10 test images with this corruption at severity 5 (default: uniform noise)",
+    )
+    p.add_argument("--data-dir", type=Path, default=None, help="folder of test_jpeg.npz (with --corruption)")
     return p
+
+
+def xor_against_source(tensors: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """Each float32 tensor whose name ends in a source weight's name (same shape) as the XOR of its bits with
+    that weight's; the others unchanged. XOR again with the source restores it bit for bit."""
+    import torch
+
+    by_suffix = sorted(source, key=len, reverse=True)
+    out = {}
+    for key, t in tensors.items():
+        match = next((n for n in by_suffix if key.endswith(n) and source[n].shape == t.shape), None)
+        if match is None or t.dtype != torch.float32:
+            out[key] = t
+            continue
+        ref = source[match].detach().to(t.device, torch.float32).contiguous()
+        out[key] = (t.contiguous().view(torch.int32) ^ ref.view(torch.int32)).view(torch.float32)
+    return out
+
+
+def compressed_sizes(state: Any, source: dict[str, Any]) -> tuple[int, int]:
+    """(zlib-1 bytes of the stored blob, zlib-1 bytes of the blob with the XOR-vs-source tensors)."""
+    import zlib
+
+    from adapters import AdaptationState
+    from adapters.serialization import state_to_bytes
+
+    plain = zlib.compress(state_to_bytes(state), 1)
+    xored = AdaptationState(xor_against_source(dict(state.tensors), source), dict(state.meta))
+    return len(plain), len(zlib.compress(state_to_bytes(xored), 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     names = adapters.list_strategies() if args.strategies == "all" else args.strategies.split(",")
     gen = torch.Generator().manual_seed(0)
     h, w = handle.input_size
+    batches = _batches(args, handle) if args.corruption else None
+    source = dict(handle.model.named_parameters())
     print(f"model {handle.model_id}, batch {args.batch_size}, {args.steps} steps, median of {args.repeats}")
-    print("| strategy | state bytes | tensors | encode (ms) | decode (ms) |")
-    print("|---|---:|---:|---:|---:|")
+    extra = (" zlib bytes | XOR vs source + zlib |", "---:|---:|") if args.compress else ("", "")
+    print("| strategy | state bytes | tensors | encode (ms) | decode (ms) |" + extra[0])
+    print("|---|---:|---:|---:|---:|" + extra[1])
     for name in names:
         strategy = adapters.get_strategy(name)
         cfg = strategy.parse_config({})
@@ -53,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         except adapters.AdaptError as exc:
             print(f"| {name} | refused: {exc} | | | |")
             continue
-        for _ in range(args.steps):
-            x = torch.rand(args.batch_size, 3, h, w, generator=gen)
+        for i in range(args.steps):
+            x = batches[i] if batches is not None else torch.rand(args.batch_size, 3, h, w, generator=gen)
             state = strategy.step(handle, x, state, cfg).state
         enc, dec = [], []
         blob = b""
@@ -66,12 +112,29 @@ def main(argv: list[str] | None = None) -> int:
             t2 = time.perf_counter()
             enc.append(t1 - t0)
             dec.append(t2 - t1)
-        print(
+        row = (
             f"| {name} | {len(blob):,} | {len(state.tensors)} | {1e3 * statistics.median(enc):.2f} | "
-            f"{1e3 * statistics.median(dec):.2f} |",
-            flush=True,
+            f"{1e3 * statistics.median(dec):.2f} |"
         )
+        if args.compress:
+            plain, xored = compressed_sizes(state, source)
+            row += f" {plain:,} ({plain / len(blob):.2f}) | {xored:,} ({xored / len(blob):.2f}) |"
+        print(row, flush=True)
     return 0
+
+
+def _batches(args: argparse.Namespace, handle: Any) -> list[Any]:
+    """`--steps` batches of the corrupted test split, shuffled with seed 0."""
+    import torch
+
+    from tta_bench.accuracy import StreamCache
+    from tta_bench.paths import cifar10_archive
+    from tta_data.cifar import load_jpeg_npz
+
+    dataset = load_jpeg_npz(cifar10_archive("test", args.data_dir))
+    n = args.steps * args.batch_size
+    cache = StreamCache(dataset, 5, n, "iid", 0.1, 0, args.batch_size)
+    return [b.images.to(torch.float32).div(255) for b in cache.batches(args.corruption)]
 
 
 if __name__ == "__main__":
