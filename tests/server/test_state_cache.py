@@ -12,9 +12,10 @@ import torch
 
 from adapters import AdaptationState
 from tta_server.engine.repository import Prepared, StateRepository, _Cached
+from tta_server.errors import StoreUnavailableError
 from tta_server.metrics import Metrics
 from tta_server.records import Policy
-from tta_server.state_store import InMemoryStateStore, StoreUnavailableError
+from tta_server.state_store import InMemoryStateStore
 
 NS = "ns"
 
@@ -77,8 +78,18 @@ def test_recommitting_a_stream_replaces_its_entry_without_double_counting() -> N
 class _FailingCas(InMemoryStateStore):
     """Applies the commit, then fails as a store does when the reply is lost (a primary dying mid-commit)."""
 
-    async def cas(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        await super().cas(*args, **kwargs)
+    async def cas(
+        self,
+        ns: str,
+        stream: str,
+        inc: str,
+        expected: int,
+        blob: bytes,
+        meta: bytes,
+        rec: bytes,
+        drift: float | None,
+    ) -> int:
+        await super().cas(ns, stream, inc, expected, blob, meta, rec, drift)
         raise StoreUnavailableError("connection lost mid-commit")
 
 
