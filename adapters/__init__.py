@@ -6,7 +6,7 @@ importing this package imports the built-in strategies' modules and so registers
 
 # isort: off
 # The built-in strategies: importing a module registers its strategies, so this order is the registry's.
-from adapters import source, alpha_bn, unmix_tns, tent, eata, sar, ema_tbn, roid, cotta, rmt, petal
+from adapters import source, alpha_bn, unmix_tns, tent, eata, sar, ema_tbn, roid, cotta, rmt, petal, ecotta
 
 # isort: on
 from adapters._strategy import ComposedStrategy, Forward, Normalizer, StatPlan, UpdateOutcome, Updater
@@ -46,6 +46,7 @@ __all__ = [
     "alpha_bn",
     "cotta",
     "eata",
+    "ecotta",
     "ema_tbn",
     "get_strategy",
     "list_strategies",

@@ -4,7 +4,8 @@
 (`eata`, `unmix_tns+eata`) and the given stream seeds, keyed as `fisher_diagonal` looks them up in
 `ModelHandle.prepared`; asked for `rmt`, it also makes RMT's warmed-up start and source prototypes
 (`adapters.rmt.warm_start`, minutes at the default 50000 warm-up samples, so not by default), and for
-`petal` its source posterior's variance (`adapters.petal.posterior_variance`); `tta-bench prepare-source` writes them to the file the model's `source_artifact`
+`petal` its source posterior's variance (`adapters.petal.posterior_variance`), for `ecotta` its warmed-up
+meta networks (`adapters.ecotta.warm_meta`); `tta-bench prepare-source` writes them to the file the model's `source_artifact`
 names (safetensors, with the model's fingerprint in its metadata), and the server loads it at start.
 A stream whose Fisher is not in the artefact (another config or seed) computes it at first use.
 """
@@ -17,6 +18,8 @@ from torch import Tensor
 
 from adapters.base import ModelHandle
 from adapters.eata import EATAConfig, EATAUpdater, fisher_cache_key, fisher_diagonal, prepared_prefix
+from adapters.ecotta import EcoTTAConfig, EcoTTAUpdater, warm_meta
+from adapters.ecotta import prepared_prefix as ecotta_prefix
 from adapters.petal import PETALConfig, PETALUpdater, posterior_variance
 from adapters.petal import prepared_prefix as petal_prefix
 from adapters.registry import get_strategy
@@ -40,6 +43,13 @@ def prepare_source(
             for seed in seeds:
                 start = warm_start(handle, rmt_cfg, seed)
                 out.update({rmt_prefix(rmt_cfg, seed) + k: v.cpu().contiguous() for k, v in start.items()})
+            continue
+        if isinstance(updater, EcoTTAUpdater):
+            eco_cfg = strategy.part_config(updater, strategy.parse_config({}))
+            assert isinstance(eco_cfg, EcoTTAConfig)
+            for seed in seeds:
+                warm = warm_meta(handle, eco_cfg, seed)
+                out.update({ecotta_prefix(eco_cfg, seed) + k: v.cpu().contiguous() for k, v in warm.items()})
             continue
         if isinstance(updater, PETALUpdater):
             petal_cfg = strategy.part_config(updater, strategy.parse_config({}))

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strategies",
         default="eata,unmix_tns+eata",
-        help="comma list of the strategies to prepare for (also: rmt, its warm-up and prototypes; petal, its source posterior)",
+        help="comma list of the strategies to prepare for (also: rmt, its warm-up and prototypes; petal, its source posterior; ecotta, its warmed-up meta networks)",
     )
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     return p

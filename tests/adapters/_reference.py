@@ -153,6 +153,8 @@ SMALL = {
     "source_batch_size": 8,
     "posterior_size": 16,
     "posterior_batch_size": 8,
+    "warmup_steps": 2,
+    "warmup_batch_size": 8,
 }
 
 

@@ -37,6 +37,7 @@ BUILT_IN = [
     "cotta",
     "rmt",
     "petal",
+    "ecotta",
 ]
 
 
