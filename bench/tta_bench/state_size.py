@@ -43,14 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def xor_against_source(tensors: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
-    """Each float32 tensor whose name ends in a source weight's name (same shape) as the XOR of its bits with
-    that weight's; the others unchanged. XOR again with the source restores it bit for bit."""
+    """Each float32 tensor named like a source weight (one name ends with the other, same shape) as the XOR of
+    its bits with that weight's; the others unchanged. XOR again with the source restores it bit for bit."""
     import torch
 
     by_suffix = sorted(source, key=len, reverse=True)
     out = {}
     for key, t in tensors.items():
-        match = next((n for n in by_suffix if key.endswith(n) and source[n].shape == t.shape), None)
+        # A state key may carry a prefix (`cotta.student.`) or lack the model wrapper's (`net.`).
+        match = next(
+            (
+                n
+                for n in by_suffix
+                if (key.endswith(n) or n.endswith("." + key)) and source[n].shape == t.shape
+            ),
+            None,
+        )
         if match is None or t.dtype != torch.float32:
             out[key] = t
             continue

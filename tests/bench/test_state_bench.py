@@ -17,11 +17,13 @@ def test_xor_against_source_zeroes_unchanged_weights_and_restores_bit_for_bit() 
         "s.teacher.fc.bias": source["fc.bias"].clone(),
         "s.moments": torch.randn(3),  # no source weight of that name: kept as it is
         "s.other.fc.bias": torch.randn(5),  # a name match with another shape: kept
+        "conv.weight": source["block.conv.weight"] + 1e-4,  # a name without the wrapper's prefix
     }
     out = state_size.xor_against_source(tensors, source)
     assert torch.equal(out["s.moments"], tensors["s.moments"])
     assert torch.equal(out["s.other.fc.bias"], tensors["s.other.fc.bias"])
     assert not out["s.teacher.fc.bias"].view(torch.int32).any()  # an unchanged copy: all zero bits
+    assert not torch.equal(out["conv.weight"], tensors["conv.weight"])
     back = state_size.xor_against_source(out, source)
     for k, v in tensors.items():
         assert torch.equal(back[k].view(torch.int32), v.view(torch.int32)), k
