@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,16 +54,26 @@ _LOCAL = threading.local()
 
 
 def working_copy(handle: ModelHandle) -> nn.Module:
-    """This thread's private copy of the handle's network (frozen, eval mode), for forwards over other weights."""
-    copies: dict[str, nn.Module] = getattr(_LOCAL, "copies", None) or {}
-    _LOCAL.copies = copies
+    """This thread's private copy of the handle's network (frozen, eval mode), for forwards over other weights.
+
+    At most `_COPIES_PER_THREAD` per thread, the least recently used dropped first: a replica serves a few
+    models, while a process that loads many (the architecture tests) must not keep a copy of each forever."""
+    copies: OrderedDict[str, nn.Module] | None = getattr(_LOCAL, "copies", None)
+    if copies is None:
+        copies = _LOCAL.copies = OrderedDict()
     key = f"{handle.fingerprint}/{handle.device}"
     net = copies.get(key)
     if net is None:
         net = copy.deepcopy(handle.model).eval()
         net.requires_grad_(False)
         copies[key] = net
+        while len(copies) > _COPIES_PER_THREAD:
+            copies.popitem(last=False)
+    copies.move_to_end(key)
     return net
+
+
+_COPIES_PER_THREAD = 4
 
 
 def source_params(handle: ModelHandle) -> dict[str, Tensor]:

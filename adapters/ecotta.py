@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import threading
@@ -73,8 +74,9 @@ class Part:
 
 
 def residual_blocks(net: nn.Module) -> list[str]:
-    """Names of the network's blocks, in forward order: the children of `nn.Sequential` containers that each
-    hold a convolution and a normalisation layer (WideResNet's and torchvision ResNet's blocks)."""
+    """Names of the network's blocks, in forward order: the children of `nn.Sequential` stages that hold a
+    convolution and a normalisation layer (WideResNet's and torchvision ResNet's blocks, DenseNet's dense
+    blocks and transitions), in stages of at least two such children."""
 
     def is_block(m: nn.Module) -> bool:
         mods = list(m.modules())
@@ -86,11 +88,14 @@ def residual_blocks(net: nn.Module) -> list[str]:
     for name, module in net.named_modules():
         if not isinstance(module, nn.Sequential) or len(module) == 0:
             continue
-        if any(name.startswith(b + ".") for b in blocks):
-            continue  # inside a block already taken (e.g. a downsample branch)
+        if any(name == b or name.startswith(b + ".") for b in blocks):
+            continue  # a block already taken, or inside one (e.g. a downsample branch)
+        # A stage: a Sequential of blocks, or with two or more among its children (DenseNet's `features` also
+        # holds its stem convolution, pooling and the final norm, which stay inside or outside the parts).
         children = list(module.named_children())
-        if all(is_block(child) for _, child in children):
-            blocks.extend(f"{name}.{child}" if name else child for child, _ in children)
+        found = [f"{name}.{child}" if name else child for child, m in children if is_block(m)]
+        if len(found) >= 2 or (found and len(found) == len(children)):
+            blocks.extend(found)
     return blocks
 
 
@@ -117,16 +122,16 @@ def _find_parts(handle: ModelHandle, k: int) -> list[Part]:
     for size in partition_sizes(len(blocks), k):
         groups.append((blocks[start], blocks[start + size - 1]))
         start += size
-    shapes: dict[str, tuple[int, ...]] = {}
+    # A probe forward records each block's input and output, to check that the blocks form one chain (each
+    # block consumes its predecessor's output, or both sit in one Sequential) and to size the meta convs.
+    seen: list[tuple[str, Tensor, Tensor]] = []
 
-    def record(key: str, t: Tensor) -> None:  # a hook that returns None leaves the forward as it is
-        shapes.setdefault(key, tuple(t.shape))
+    def record(name: str, args: tuple[Any, ...], out: Any) -> None:  # returns None: the forward is unchanged
+        if args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+            seen.append((name, args[0], out))
 
     modules = dict(net.named_modules())
-    hooks = []
-    for first, last in groups:
-        hooks.append(modules[first].register_forward_pre_hook(lambda m, a, n=first: record(n + "<", a[0])))
-        hooks.append(modules[last].register_forward_hook(lambda m, a, o, n=last: record(n + ">", o)))
+    hooks = [modules[b].register_forward_hook(lambda m, a, o, n=b: record(n, a, o)) for b in blocks]
     h, w = handle.input_size
     try:
         with torch.no_grad():
@@ -134,15 +139,26 @@ def _find_parts(handle: ModelHandle, k: int) -> list[Part]:
     finally:
         for hook in hooks:
             hook.remove()
+    order = [name for name, _, _ in seen]
+    chained = order == blocks and all(
+        prev[0].rsplit(".", 1)[0] == cur[0].rsplit(".", 1)[0] or prev[2] is cur[1]
+        for prev, cur in itertools.pairwise(seen)
+    )
+    if not chained:
+        raise IncompatibleModelError(
+            f"ecotta: the blocks of model {handle.model_id!r} do not form one chain (parallel branches, or "
+            "blocks run out of order), so no partition of them has one input and one output"
+        )
+    shapes = {name: (tuple(x.shape), tuple(y.shape)) for name, x, y in seen}
     parts = []
     for first, last in groups:
-        x, y = shapes[first + "<"], shapes[last + ">"]
-        if len(x) != 4 or len(y) != 4 or y[2] == 0 or x[2] % y[2] or x[3] // max(y[3], 1) != x[2] // y[2]:
+        x, y = shapes[first][0], shapes[last][1]
+        if len(x) != 4 or len(y) != 4 or not (0 < y[2] <= x[2] and 0 < y[3] <= x[3]):
             raise IncompatibleModelError(
                 f"ecotta: the blocks {first}..{last} of model {handle.model_id!r} map {tuple(x)} to "
                 f"{tuple(y)}, which a strided convolution cannot follow"
             )
-        parts.append(Part(first, last, int(x[1]), int(y[1]), int(x[2] // y[2])))
+        parts.append(Part(first, last, int(x[1]), int(y[1]), max(1, round(x[2] / y[2]))))
     return parts
 
 
@@ -162,6 +178,8 @@ def init_meta(handle: ModelHandle, cfg: EcoTTAConfig, seed: int) -> dict[str, Te
 def meta_output(meta: Mapping[str, Tensor], i: int, part: Part, x: Tensor, frozen_out: Tensor) -> Tensor:
     """part_k(x) = BN_k(f_k(x)) + ReLU(BN'_k(conv_k(x))), both BatchNorms over the batch's statistics."""
     z = F.conv2d(x, meta[f"{META}{i}.conv"], stride=part.stride, padding=1)
+    if z.shape[-2:] != frozen_out.shape[-2:]:  # an odd size the stride does not hit (Inception's 35 -> 17)
+        z = F.adaptive_avg_pool2d(z, (int(frozen_out.shape[-2]), int(frozen_out.shape[-1])))
     z = F.batch_norm(z, None, None, meta[f"{META}{i}.conv_bn_w"], meta[f"{META}{i}.conv_bn_b"], training=True)
     y = F.batch_norm(
         frozen_out, None, None, meta[f"{META}{i}.out_bn_w"], meta[f"{META}{i}.out_bn_b"], training=True

@@ -121,7 +121,7 @@ def _compute_variance(handle: ModelHandle, cfg: PETALConfig, seed: int) -> dict[
     return {n: 1.0 / (cfg.prior_samples * a / max(batches, 1) + 1.0) for n, a in acc.items()}
 
 
-_VARIANCES: Memo[tuple[str, str, str], dict[str, Tensor]] = Memo(8)
+_VARIANCES: Memo[tuple[str, str, str], dict[str, Tensor]] = Memo(4)
 
 
 class PETALUpdater(CoTTAUpdater):

@@ -8,6 +8,10 @@ the model lacks the layer kinds it adapts, refuses with IncompatibleModelError.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +51,26 @@ TORCHVISION = [
     ("inception_v3", 75),
     ("vgg11_bn", 64),
 ]
+# ecotta needs one chain of residual blocks to cut into parts: GoogLeNet's blocks are parallel branches,
+# Inception-v3 and VGG have no Sequential stages of convolution+norm blocks. It refuses those, naming why.
+ECOTTA_REFUSES = {"googlenet", "inception_v3", "vgg11_bn"}
 STATISTICS = ("norm", "alpha_bn", "unmix_tns")
 UPDATERS = ("tent", "eata", "eta", "sar")
 FACTORY = "tests.adapters._user_models"
 BATCH = 4
+
+
+@pytest.fixture(autouse=True)
+def _return_freed_memory() -> Iterator[None]:
+    """After each test, give the freed tensors of its networks back to the OS: the mean-teacher strategies
+    hold several copies of a 67 M-parameter network at their peak, and glibc keeps freed chunks below its
+    (raised) mmap threshold in the heap, so without a trim the suite's resident memory grows test by test."""
+    yield
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 def _config(strategy: adapters.ComposedStrategy) -> adapters.StrategyConfig:
@@ -96,7 +116,16 @@ def _exercise(handle: ModelHandle, size: int, too_small: tuple[str, ...] = ()) -
             outcomes[name] = "refused"
             continue
         try:
-            state = strategy.init_state(handle, cfg)  # EATA's Fisher pass already runs the normaliser
+            try:
+                state = strategy.init_state(handle, cfg)  # EATA's Fisher pass already runs the normaliser
+            except IncompatibleModelError as exc:
+                # The one strategy that also refuses by the network's structure, not its layer kinds.
+                assert name == "ecotta" and ("residual blocks" in str(exc) or "chain" in str(exc)), (
+                    name,
+                    exc,
+                )
+                outcomes[name] = "refused"
+                continue
             for x in _batches(size):
                 result = strategy.step(handle, x, state, cfg)
                 state = result.state
@@ -119,7 +148,8 @@ def test_torchvision_architecture_runs_every_strategy(tmp_path: Path, name: str,
     handle = build_handle(_saved_spec(tmp_path, spec))
     assert handle.layer_counts.get("batchnorm2d", 0) == len(handle.bn_layers) > 0
     outcomes = _exercise(handle, size, too_small=("unmix_tns",) if name == "inception_v3" else ())
-    assert all(outcome != "refused" for outcome in outcomes.values()), outcomes
+    refused = {s for s, outcome in outcomes.items() if outcome == "refused"}
+    assert refused == ({"ecotta"} if name in ECOTTA_REFUSES else set()), outcomes
     assert handle.top_modules == (("layer4",) if "res" in name else ())
 
 
@@ -162,6 +192,7 @@ def test_models_without_batchnorm_adapt_their_affine_parameters(tmp_path: Path, 
     outcomes = _exercise(handle, 16)
     for strategy, outcome in outcomes.items():
         refused = strategy.startswith(("norm", "alpha_bn", "unmix_tns", "ema_tbn", "dua_plugin"))
+        refused |= strategy == "ecotta" and name == "tiny_vit"  # no convolution blocks to attach to
         assert outcome == ("refused" if refused else "stepped"), (strategy, outcome)
     assert {"source", *UPDATERS} <= {s for s, o in outcomes.items() if o == "stepped"}
 
@@ -225,7 +256,9 @@ def test_sar_freezes_the_declared_top_modules(tmp_path: Path) -> None:
 def test_a_factory_without_num_classes_takes_its_kwargs(tmp_path: Path) -> None:
     handle = _factory_handle(tmp_path, "bn_convnet", width=6)
     assert handle.layer_counts == {"batchnorm2d": 2} and handle.bn_layers[0].num_features == 6
-    assert set(_exercise(handle, 16).values()) == {"stepped"}
+    outcomes = _exercise(handle, 16)
+    # A plain Sequential of layers has no blocks for ecotta's meta networks; everything else steps.
+    assert outcomes.pop("ecotta") == "refused" and set(outcomes.values()) == {"stepped"}
 
 
 def test_shared_forward_of_layernorm_streams_matches_separate_steps(tmp_path: Path) -> None:
