@@ -12,21 +12,33 @@ A stream whose Fisher is not in the artefact (another config or seed) computes i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import Tensor
 
 from adapters.base import ModelHandle
 from adapters.eata import EATAConfig, EATAUpdater, fisher_cache_key, fisher_diagonal, prepared_prefix
-from adapters.ecotta import EcoTTAConfig, EcoTTAUpdater, warm_meta
+from adapters.ecotta import EcoTTAUpdater, warm_meta
 from adapters.ecotta import prepared_prefix as ecotta_prefix
-from adapters.petal import PETALConfig, PETALUpdater, posterior_variance
+from adapters.petal import PETALUpdater, posterior_variance
 from adapters.petal import prepared_prefix as petal_prefix
 from adapters.registry import get_strategy
-from adapters.rmt import RMTConfig, RMTUpdater, warm_start
+from adapters.rmt import RMTUpdater, warm_start
 from adapters.rmt import prepared_prefix as rmt_prefix
 
 SOURCE_STRATEGIES = ("eata", "unmix_tns+eata")
+
+
+# Updaters whose source-derived start is a function of (handle, config, seed), stored under a prefix of the
+# same arguments: the updater class, then (tensors of a seed, their key prefix).
+_PREPARED: list[
+    tuple[type[Any], Callable[[ModelHandle, Any, int], dict[str, Tensor]], Callable[[Any, int], str]]
+] = [
+    (RMTUpdater, warm_start, rmt_prefix),
+    (EcoTTAUpdater, warm_meta, ecotta_prefix),
+    (PETALUpdater, posterior_variance, petal_prefix),
+]
 
 
 def prepare_source(
@@ -37,26 +49,14 @@ def prepare_source(
     for name in strategies:
         strategy = get_strategy(name)
         updater = strategy.updater
-        if isinstance(updater, RMTUpdater):
-            rmt_cfg = strategy.part_config(updater, strategy.parse_config({}))
-            assert isinstance(rmt_cfg, RMTConfig)
+        made = next(((make, prefix) for cls, make, prefix in _PREPARED if isinstance(updater, cls)), None)
+        if made is not None:
+            make, prefix = made
+            assert updater is not None
+            upd_cfg = strategy.part_config(updater, strategy.parse_config({}))
             for seed in seeds:
-                start = warm_start(handle, rmt_cfg, seed)
-                out.update({rmt_prefix(rmt_cfg, seed) + k: v.cpu().contiguous() for k, v in start.items()})
-            continue
-        if isinstance(updater, EcoTTAUpdater):
-            eco_cfg = strategy.part_config(updater, strategy.parse_config({}))
-            assert isinstance(eco_cfg, EcoTTAConfig)
-            for seed in seeds:
-                warm = warm_meta(handle, eco_cfg, seed)
-                out.update({ecotta_prefix(eco_cfg, seed) + k: v.cpu().contiguous() for k, v in warm.items()})
-            continue
-        if isinstance(updater, PETALUpdater):
-            petal_cfg = strategy.part_config(updater, strategy.parse_config({}))
-            assert isinstance(petal_cfg, PETALConfig)
-            for seed in seeds:
-                var = posterior_variance(handle, petal_cfg, seed)
-                out.update({petal_prefix(petal_cfg, seed) + k: v.cpu().contiguous() for k, v in var.items()})
+                tensors = make(handle, upd_cfg, seed)
+                out.update({prefix(upd_cfg, seed) + k: v.cpu().contiguous() for k, v in tensors.items()})
             continue
         if not isinstance(updater, EATAUpdater):
             raise ValueError(f"{name} needs nothing prepared from source data")
@@ -71,6 +71,6 @@ def prepare_source(
             fisher = fisher_diagonal(
                 handle, forward, upd_cfg.fisher_size, upd_cfg.fisher_batch_size, seed, key
             )
-            prefix = prepared_prefix(key)
-            out.update({prefix + k: v.detach().cpu().contiguous() for k, v in fisher.items()})
+            fisher_prefix = prepared_prefix(key)
+            out.update({fisher_prefix + k: v.detach().cpu().contiguous() for k, v in fisher.items()})
     return out
