@@ -10,9 +10,10 @@ rare and bounded), and neither can corrupt the memo.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -41,3 +42,16 @@ class Memo(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._values)
+
+
+# Per owner object (a model handle) and name: memos that live as long as the owner does.
+_PER_OWNER: weakref.WeakKeyDictionary[object, dict[str, Memo[Any, Any]]] = weakref.WeakKeyDictionary()
+_PER_OWNER_LOCK = threading.Lock()
+
+
+def memo_of(owner: object, name: str, size: int) -> Memo[Any, Any]:
+    """The memo `name` of `owner`, made on first use and dropped with the owner (for values derived from one
+    model handle, which must not outlive it)."""
+    with _PER_OWNER_LOCK:
+        memos = _PER_OWNER.setdefault(owner, {})
+        return memos.setdefault(name, Memo(size))

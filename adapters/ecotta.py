@@ -24,8 +24,6 @@ import hashlib
 import itertools
 import json
 import math
-import threading
-import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +34,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from adapters._augment import generator_for
-from adapters._memo import Memo
+from adapters._memo import Memo, memo_of
 from adapters._optim import OPT_PREFIX, OptimConfig, init_optim_state, optim_step
 from adapters._strategy import ComposedStrategy, Forward, StatPlan, UpdateOutcome
 from adapters.base import AFFINE_KINDS, AdaptationState, IncompatibleModelError, ModelHandle
@@ -47,6 +45,7 @@ from adapters.source import BatchStats
 
 META = "ecotta.meta."
 WARM_PREFIX = "ecotta.warm."
+# Each meta network's tensors, `ecotta.meta.<part>.<name>`: the conv, then the two BatchNorms' affines.
 _PARTS = ("conv", "conv_bn_w", "conv_bn_b", "out_bn_w", "out_bn_b")
 
 
@@ -170,7 +169,7 @@ def init_meta(handle: ModelHandle, cfg: EcoTTAConfig, seed: int) -> dict[str, Te
         fan_in = p.in_channels * 9
         w = torch.randn(p.out_channels, p.in_channels, 3, 3, generator=gen) * math.sqrt(2.0 / fan_in)
         out[f"{META}{i}.conv"] = w.to(handle.device)
-        for name, value in (("conv_bn_w", 1.0), ("conv_bn_b", 0.0), ("out_bn_w", 1.0), ("out_bn_b", 0.0)):
+        for name, value in zip(_PARTS[1:], (1.0, 0.0, 1.0, 0.0), strict=True):
             out[f"{META}{i}.{name}"] = torch.full((p.out_channels,), value, device=handle.device)
     return out
 
@@ -246,7 +245,7 @@ def prepared_prefix(cfg: EcoTTAConfig, seed: int) -> str:
 def warm_meta(handle: ModelHandle, cfg: EcoTTAConfig, seed: int) -> dict[str, Tensor]:
     """The meta networks every stream of `seed` starts from: prepared, memoised or warmed up now."""
     prefix = prepared_prefix(cfg, seed)
-    names = list(init_meta(handle, cfg, seed))
+    names = [f"{META}{i}.{t}" for i in range(len(_parts(handle, cfg.partitions))) for t in _PARTS]
     if all(prefix + n in handle.prepared for n in names):  # made by `tta-bench prepare-source`
         return {n: handle.prepared[prefix + n].to(handle.device) for n in names}
     if cfg.warmup_steps > 0 and handle.source_images is None:
@@ -288,13 +287,8 @@ def _warm_up(handle: ModelHandle, cfg: EcoTTAConfig, seed: int) -> dict[str, Ten
 
 # Per handle, for its life: the parts (a probe forward) and the warmed-up meta networks (warmup_steps
 # forward and backward passes) are deterministic functions of the immutable handle, the config and the seed.
-_MEMOS: weakref.WeakKeyDictionary[ModelHandle, Memo[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
-
-
 def _memo(handle: ModelHandle) -> Memo[tuple[Any, ...], Any]:
-    with _LOCK:
-        return _MEMOS.setdefault(handle, Memo(8))
+    return memo_of(handle, "ecotta", 8)
 
 
 # ---------------------------------------------------------------------------------------------- updater

@@ -32,8 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import threading
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,7 +42,7 @@ from torch import Tensor, nn
 
 from adapters._augment import generator_for, tta_augment
 from adapters._bn import active_plan
-from adapters._memo import Memo
+from adapters._memo import Memo, memo_of
 from adapters._optim import OPT_PREFIX, OptimConfig, init_optim_state, optim_step
 from adapters._strategy import ComposedStrategy, Forward, StatPlan, UpdateOutcome
 from adapters.base import AFFINE_KINDS, AdaptationState, IncompatibleModelError, ModelHandle
@@ -85,13 +83,8 @@ class RMTConfig(OptimConfig):
 # The source pools and warmed-up starts are deterministic functions of the (immutable) model handle (its
 # weights and source data), the config and the seed, so they are memoised per handle for the handle's life
 # (a warm-up costs warmup_samples forward+backward passes).
-_MEMOS: weakref.WeakKeyDictionary[ModelHandle, Memo[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
-
-
 def _memo(handle: ModelHandle) -> Memo[tuple[Any, ...], Any]:
-    with _LOCK:
-        return _MEMOS.setdefault(handle, Memo(16))
+    return memo_of(handle, "rmt", 16)
 
 
 def _classifier(net: nn.Module) -> nn.Linear:
