@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -310,8 +311,16 @@ def fit_to_size(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized[..., top : top + th, left : left + tw]
 
 
-def npy_shape(data: bytes) -> tuple[int, ...]:
-    """Shape of an `np.save` uint8 array, from its header alone, checked against the body's length.
+# numpy parses .npy headers with `ast.literal_eval`, and CPython 3.11 keeps the AST constructor's recursion
+# depth in per-interpreter state: two threads parsing at once (the event loop and a decode thread) can fail
+# with "SystemError: AST constructor recursion depth mismatch", seen under load. One parse at a time
+# (a header is a few hundred bytes), and each upload's header is parsed once.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def npy_header(data: bytes) -> tuple[tuple[int, ...], int, bool]:
+    """(shape, offset of the array data, Fortran order) of an `np.save` uint8 array, from its header
+    alone, checked against the body's length.
 
     A 100-byte body can claim petabytes, and a forged header can make numpy's header parser raise
     anything (ValueError, SyntaxError, tokenize.TokenError, ...): each is a 400 here.
@@ -326,7 +335,8 @@ def npy_shape(data: bytes) -> tuple[int, ...]:
         read_header = (
             np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         )
-        shape, _, dtype = read_header(fp)
+        with _NPY_HEADER_LOCK:
+            shape, fortran, dtype = read_header(fp)
     except MemoryError:
         raise
     except Exception as exc:
@@ -335,7 +345,12 @@ def npy_shape(data: bytes) -> tuple[int, ...]:
         raise InvalidImageError(f"array dtype must be uint8, got {dtype}")
     if any(d < 0 for d in shape) or math.prod(shape) > len(data) - fp.tell():
         raise InvalidImageError(f"declared shape {tuple(shape)} does not match the array data")
-    return tuple(int(d) for d in shape)
+    return tuple(int(d) for d in shape), fp.tell(), bool(fortran)
+
+
+def npy_shape(data: bytes) -> tuple[int, ...]:
+    """Shape of an `np.save` uint8 array (`npy_header`)."""
+    return npy_header(data)[0]
 
 
 def npy_images(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -349,11 +364,10 @@ def npy_images(shape: tuple[int, ...]) -> tuple[int, int]:
 
 def decode_npy(data: bytes, size: tuple[int, int]) -> torch.Tensor:
     """An `np.save` uint8 array, (N, H, W, 3) or (H, W, 3) -> uint8 (N, 3, H, W). Never unpickles."""
-    npy_shape(data)  # the header, before np.load allocates what it declares
-    try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise InvalidImageError(f"unreadable .npy array: {exc}") from exc
+    # The header first, before anything allocates what it declares; the data is then read in place.
+    shape, offset, fortran = npy_header(data)
+    flat = np.frombuffer(data, dtype=np.uint8, count=math.prod(shape), offset=offset)
+    arr = flat.reshape(shape, order="F" if fortran else "C")
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3:
@@ -364,4 +378,5 @@ def decode_npy(data: bytes, size: tuple[int, int]) -> torch.Tensor:
         raise InvalidImageError(
             f"images must be {size[0]}x{size[1]} for this model, got {arr.shape[1]}x{arr.shape[2]}"
         )
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+    # A copy: `data` is immutable, and the tensor must own memory that outlives the request body.
+    return torch.from_numpy(np.array(arr, order="C")).permute(0, 3, 1, 2)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -104,3 +108,33 @@ def test_gpu_decode_matches_cpu_decode(photos: list[np.ndarray]) -> None:
     assert gpu.device.type == "cuda"
     # nvJPEG and libjpeg-turbo may round the inverse DCT differently.
     assert float((gpu.cpu().float() - cpu.float()).abs().mean()) < 1.0
+
+
+def test_npy_headers_are_parsed_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy's header parser (ast.literal_eval) is not safe to run in two threads at once on CPython 3.11:
+    the event loop and the decode threads parse headers under one lock."""
+    real = np.lib.format.read_array_header_1_0
+    inside = 0
+    overlaps = 0
+    guard = threading.Lock()
+
+    def watched(fp: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal inside, overlaps
+        with guard:
+            inside += 1
+            overlaps += inside > 1
+        time.sleep(0.002)  # widen the window in which a second thread could enter
+        try:
+            return real(fp, *args, **kwargs)
+        finally:
+            with guard:
+                inside -= 1
+
+    monkeypatch.setattr(np.lib.format, "read_array_header_1_0", watched)
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 8, 8, 3), np.uint8))
+    data = buf.getvalue()
+    with ThreadPoolExecutor(4) as pool:
+        shapes = list(pool.map(lambda _: codec.decode_npy(data, (8, 8)).shape, range(16)))
+    assert shapes == [torch.Size([2, 3, 8, 8])] * 16
+    assert overlaps == 0
