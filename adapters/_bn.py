@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -252,18 +252,129 @@ def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+def instance_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample, per-channel mean and biased variance over (H, W), in float32, shapes (B, C)."""
+    x = x.float()
+    if not fast_stats_ok(x):
+        var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
+        return mean, var
+    # Two passes (mean, then mean squared deviation), a few samples at a time: with a small temporary this
+    # memory-bound work stays in cache. On CPU it is 3-10x faster than var_mean's Welford reduction.
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    step = max(1, (1 << 18) // x[0].numel())
+    chunks = zip(x.split(step), mean.split(step), strict=True)
+    parts = [torch.sub(xs, ms).square_().mean(dim=(2, 3)) for xs, ms in chunks]
+    return mean.view(x.shape[:2]), torch.cat(parts)
+
+
+class Segments:
+    """The row segments of a batch stacked from several streams (`sizes[i]` rows of stream i, in order).
+
+    Segment reductions are matrix products with a (streams, rows) 0/1 membership matrix: one kernel
+    for all streams, deterministic (unlike scatter-adds on a GPU), and no per-stream slicing.
+    `memo` keeps what several layers of one forward share (e.g. the streams' stacked tables).
+    """
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        self.sizes = list(sizes)
+        self.rows = sum(self.sizes)
+        self.singletons = all(n == 1 for n in self.sizes)
+        self.memo: dict[str, Any] = {}
+        self._device: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(membership (S, B), rows per stream (S, 1), stream of each row (B,)) on `device`."""
+        got = self._device.get(device)
+        if got is None:
+            # Built from Python lists on the host: nothing reads device data (no host synchronisation).
+            counts = torch.tensor([[n] for n in self.sizes], dtype=torch.float32)
+            owner = torch.tensor([i for i, n in enumerate(self.sizes) for _ in range(n)])
+            member = torch.zeros(len(self.sizes), self.rows)
+            member[owner, torch.arange(self.rows)] = 1.0
+            got = (member.to(device), counts.to(device), owner.to(device))
+            self._device[device] = got
+        return got
+
+    def counts(self, device: torch.device) -> Tensor:
+        """Rows per stream, (S, 1) float32."""
+        return self._on(device)[1]
+
+    def owner(self, device: torch.device) -> Tensor:
+        """The stream index of every row, (B,)."""
+        return self._on(device)[2]
+
+    def sum(self, rows: Tensor) -> Tensor:
+        """Per-stream sums of per-row values (B, ...) -> (S, ...)."""
+        if self.singletons:
+            return rows
+        member = self._on(rows.device)[0]
+        return (member @ rows.reshape(self.rows, -1)).view(len(self.sizes), *rows.shape[1:])
+
+    def pool(self, mu_i: Tensor, var_i: Tensor) -> tuple[Tensor, Tensor]:
+        """Each stream's batch mean and biased variance from its rows' instance statistics (B, C): the mean
+        of mu_i, and the mean of var_i + (mu_i - mean)^2 (law of total variance; every row has the same
+        number of values)."""
+        if self.singletons:
+            return mu_i, var_i
+        counts = self.counts(mu_i.device)
+        mean = self.sum(mu_i) / counts
+        return mean, self.sum(var_i + (mu_i - self.expand(mean)).square_()) / counts
+
+    def expand(self, per_stream: Tensor) -> Tensor:
+        """Per-stream values (S, ...) -> per-row values (B, ...)."""
+        if self.singletons:
+            return per_stream
+        return per_stream.index_select(0, self.owner(per_stream.device))
+
+    def split(self, rows: Tensor) -> tuple[Tensor, ...]:
+        return rows.split(self.sizes)
+
+    def check_batch_stats_possible(self, x: Tensor, layer_name: str) -> None:
+        """`check_batch_stats_possible` for the smallest stream's rows."""
+        check_batch_stats_possible(x[: min(self.sizes)], layer_name)
+
+
+def stacked_affine(
+    plans: Sequence[BasePlan], layer: AdaptiveBatchNorm2d, seg: Segments
+) -> tuple[Tensor, Tensor]:
+    """The plans' affine parameters of `layer`: the shared (C,) tensors when every plan uses the same
+    ones (the common case: source parameters), else per row (B, C)."""
+    pairs = [plan.weight_bias(layer) for plan in plans]
+    if all(w is pairs[0][0] and b is pairs[0][1] for w, b in pairs):
+        return pairs[0]
+    return seg.expand(torch.stack([w for w, _ in pairs])), seg.expand(torch.stack([b for _, b in pairs]))
+
+
+class ManyPlan(Protocol):
+    """A plan class that normalises the rows of several streams' plans (all of its type) in one pass."""
+
+    @staticmethod
+    def normalize_many(
+        plans: Sequence[NormPlan], layer: AdaptiveBatchNorm2d, x: Tensor, seg: Segments
+    ) -> Tensor: ...
+
+
 class GroupedPlan:
     """Several streams in one forward pass: each BN layer normalises each stream's rows with that stream's plan.
 
     Everything else in an eval-mode network acts on each sample alone, so a forward under this plan
-    gives every stream exactly what its own forward would: statistics, updates and drift are per plan.
+    gives every stream exactly what its own forward would (up to float rounding): statistics, updates
+    and drift are per plan. Plans of one type with a `normalize_many` (source, norm, alpha_bn,
+    unmix_tns) are served in one pass over the stacked batch, with segmented reductions; any other
+    mix, one plan at a time on its rows.
     """
 
     def __init__(self, plans: Sequence[NormPlan], sizes: list[int]) -> None:
         self.plans = plans
         self.sizes = sizes
+        self.segments = Segments(sizes)
+        kinds = {type(plan) for plan in plans}
+        many = getattr(next(iter(kinds)), "normalize_many", None) if len(kinds) == 1 else None
+        self._many: ManyPlan | None = type(plans[0]) if many is not None else None  # type: ignore[assignment]
 
     def normalize(self, layer: AdaptiveBatchNorm2d, x: Tensor) -> Tensor:
+        if self._many is not None:
+            return self._many.normalize_many(self.plans, layer, x, self.segments)
         parts = x.split(self.sizes)  # views: the batch is the outermost dimension in both memory layouts
         return torch.cat([plan.normalize(layer, part) for plan, part in zip(self.plans, parts, strict=True)])
 
@@ -311,6 +422,17 @@ class SourcePlan(BasePlan):
         w, b = self.weight_bias(layer)
         return F.batch_norm(x, layer.running_mean, layer.running_var, w, b, False, 0.0, layer.eps)
 
+    @staticmethod
+    def normalize_many(
+        plans: Sequence[SourcePlan], layer: AdaptiveBatchNorm2d, x: Tensor, seg: Segments
+    ) -> Tensor:
+        if any(plan.record for plan in plans):
+            record_many(plans, layer, *seg.pool(*instance_mean_var(x.detach())))
+        w, b = stacked_affine(plans, layer, seg)
+        if w.ndim == 1:
+            return F.batch_norm(x, layer.running_mean, layer.running_var, w, b, False, 0.0, layer.eps)
+        return normalize_with(x, layer.running_mean, layer.running_var, w, b, layer.eps)
+
 
 class BatchStatsPlan(BasePlan):
     """Normalise with the current batch's mean and biased variance (TBN; Tent/EATA/SAR forward)."""
@@ -328,3 +450,19 @@ class BatchStatsPlan(BasePlan):
         n = x.shape[0] * x.shape[2] * x.shape[3]
         self._record(layer, rm, rv * ((n - 1) / n))
         return y
+
+    @staticmethod
+    def normalize_many(
+        plans: Sequence[BatchStatsPlan], layer: AdaptiveBatchNorm2d, x: Tensor, seg: Segments
+    ) -> Tensor:
+        seg.check_batch_stats_possible(x, layer.layer_name)
+        mean, var = seg.pool(*instance_mean_var(x))
+        record_many(plans, layer, mean, var)
+        w, b = stacked_affine(plans, layer, seg)
+        return normalize_with(x, seg.expand(mean), seg.expand(var), w, b, layer.eps)
+
+
+def record_many(plans: Sequence[BasePlan], layer: AdaptiveBatchNorm2d, mean: Tensor, var: Tensor) -> None:
+    """Give each recording plan its row of the per-stream (S, C) statistics."""
+    for plan, m, v in zip(plans, mean, var, strict=True):
+        plan._record(layer, m, v)

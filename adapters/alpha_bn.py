@@ -6,7 +6,7 @@ mu = (1 - w) * mu_s + w * mu_B and var = (1 - w) * var_s + w * var_B(unbiased), 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from pydantic import Field
@@ -15,9 +15,13 @@ from torch import Tensor
 from adapters._bn import (
     AdaptiveBatchNorm2d,
     BasePlan,
+    Segments,
     channel_mean_var,
     check_batch_stats_possible,
+    instance_mean_var,
     normalize_with,
+    record_many,
+    stacked_affine,
 )
 from adapters._strategy import ComposedStrategy
 from adapters.base import STAT_KINDS, ModelHandle, StrategyConfig
@@ -78,6 +82,22 @@ class AlphaPlan(BasePlan):
         var = torch.add(layer.running_var * (1 - self.w), var_b, alpha=self.w * n / (n - 1))
         w, b = self.weight_bias(layer)
         return normalize_with(x, mean, var, w, b, layer.eps)
+
+    @staticmethod
+    def normalize_many(
+        plans: Sequence[AlphaPlan], layer: AdaptiveBatchNorm2d, x: Tensor, seg: Segments
+    ) -> Tensor:
+        """`normalize` for several streams' rows at once (their plans share the weight in practice:
+        streams share a forward only under one config)."""
+        seg.check_batch_stats_possible(x, layer.layer_name)
+        mean_b, var_b = seg.pool(*instance_mean_var(x))
+        record_many(plans, layer, mean_b, var_b)
+        n = seg.counts(x.device) * (x.shape[2] * x.shape[3])  # values per channel, (S, 1)
+        w = torch.tensor([[plan.w] for plan in plans], device=x.device)
+        mean = torch.lerp(layer.running_mean, mean_b, w)
+        var = torch.addcmul(layer.running_var * (1 - w), var_b, w * n / (n - 1))
+        weight, bias = stacked_affine(plans, layer, seg)
+        return normalize_with(x, seg.expand(mean), seg.expand(var), weight, bias, layer.eps)
 
     def updated_tensors(self) -> dict[str, Tensor]:
         return {}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
-from adapters._bn import BatchStatsPlan, SourcePlan
+from adapters._bn import AdaptiveBatchNorm2d, BatchStatsPlan, Segments, SourcePlan
 from adapters._strategy import ComposedStrategy
 from adapters.base import STAT_KINDS, ModelHandle, StrategyConfig
 from adapters.edge import NotExportableError
@@ -85,9 +85,20 @@ class _StatelessPlan:
     """Adapts a BasePlan to the StatPlan protocol: it changes no stored tensors."""
 
     def __init__(self, inner: SourcePlan | BatchStatsPlan) -> None:
+        self.inner = inner
         self.batch_stats = inner.batch_stats
         self.normalize = inner.normalize
         self.affine_param = inner.affine_param
+
+    @staticmethod
+    def normalize_many(
+        plans: Sequence[_StatelessPlan], layer: AdaptiveBatchNorm2d, x: Tensor, seg: Segments
+    ) -> Tensor:
+        inner = [plan.inner for plan in plans]
+        kind = type(inner[0])
+        if any(type(plan) is not kind for plan in inner):
+            raise ValueError("streams in one forward pass have different normalisers")
+        return kind.normalize_many(inner, layer, x, seg)  # type: ignore[arg-type]
 
     def updated_tensors(self) -> dict[str, Tensor]:
         return {}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from adapters._bn import AdaptiveBatchNorm2d, BasePlan, fast_stats_ok, normalize_with
+from adapters._bn import (
+    AdaptiveBatchNorm2d,
+    BasePlan,
+    Segments,
+    instance_mean_var,
+    normalize_with,
+    record_many,
+    stacked_affine,
+)
 from adapters._strategy import ComposedStrategy
 from adapters.base import STAT_KINDS, BatchTooSmallError, ModelHandle, StrategyConfig
 from adapters.edge import NotExportableError
@@ -131,16 +139,21 @@ class UnMixPlan(BasePlan):
         self.tensors = tensors
         self.update = update
         self._updated: dict[str, Tensor] = {}
-        self._tables = ComponentTables.of_state(tensors, cfg.tau)
         # Per-instance statistics of every layer; the batch statistics for drift are pooled from them
         # once, after the forward pass, for all layers together.
         self._instances: list[tuple[int, Tensor, Tensor]] = []
         self._pooled: dict[int, tuple[Tensor, Tensor]] = {}
 
+    @functools.cached_property
+    def _tables(self) -> ComponentTables:
+        # Built at the first single-stream `normalize` (a shared forward builds all streams' at once).
+        return ComponentTables.of_state(self.tensors, self.cfg.tau)
+
     @property
     def batch_stats(self) -> dict[int, tuple[Tensor, Tensor]]:
-        if len(self._pooled) != len(self._instances):
-            self._pooled = pool_instances(self._instances)
+        if self._instances:
+            self._pooled.update(pool_instances(self._instances))
+            self._instances = []
         return self._pooled
 
     @batch_stats.setter
@@ -148,8 +161,7 @@ class UnMixPlan(BasePlan):
         self._pooled = value  # BasePlan.__init__ starts it empty
 
     def normalize(self, layer: AdaptiveBatchNorm2d, x: Tensor) -> Tensor:
-        if x.shape[2] * x.shape[3] < 2:
-            raise BatchTooSmallError(f"unmix_tns needs spatial size >= 2 at BN layer {layer.layer_name!r}")
+        _check_spatial(x, layer)
         table = self._tables[layer.layer_name]
         # Statistics in float32 even under autocast (whose matrix products would be bf16). The instance
         # statistics keep their graph so Tent-style gradients flow through them.
@@ -167,24 +179,78 @@ class UnMixPlan(BasePlan):
         w, b = self.weight_bias(layer)
         return normalize_with(x, mean, var, w, b, layer.eps)
 
+    @staticmethod
+    def normalize_many(
+        plans: Sequence[UnMixPlan], layer: AdaptiveBatchNorm2d, x: Tensor, seg: Segments
+    ) -> Tensor:
+        """`normalize` for several streams' rows in one pass: the streams' component tables stacked
+        (once per forward, for all layers) and read per row, the component updates reduced per stream."""
+        _check_spatial(x, layer)
+        with torch.autocast(x.device.type, enabled=False):
+            mu_i, var_i = instance_mean_var(x)
+            if "unmix" not in seg.memo:  # the first layer: every layer's components, stacked once
+                keys = [k for k in plans[0].tensors if k.startswith(PREFIX)]
+                stacked = {k: torch.stack([plan.tensors[k] for plan in plans]) for k in keys}
+                seg.memo["unmix"] = (stacked, ComponentTables.of_state(stacked, plans[0].cfg.tau))
+            stacked, tables = seg.memo["unmix"]
+            table = tables[layer.layer_name].rows(seg)
+            p = table.assignment(mu_i.detach())
+            mean, var = table.moments(mu_i, var_i, p)
+            if any(plan.record for plan in plans):
+                record_many(plans, layer, *seg.pool(mu_i.detach(), var_i.detach()))
+            updating = [plan for plan in plans if plan.update]
+            if updating:
+                if len(updating) != len(plans):
+                    raise ValueError("streams in one forward pass must all update or all not")
+                k_mean, k_var = _keys(layer.layer_name)
+                new_mu, new_var = component_update_many(
+                    stacked[k_mean],
+                    stacked[k_var],
+                    mu_i.detach(),
+                    var_i.detach(),
+                    p,
+                    seg,
+                    plans[0].cfg,
+                )
+                # Own storage per stream: a view would keep the whole stacked tensor alive in its state.
+                for plan, m, v in zip(plans, new_mu, new_var, strict=True):
+                    plan._updated[k_mean], plan._updated[k_var] = m.clone(), v.clone()
+        w, b = stacked_affine(plans, layer, seg)
+        return normalize_with(x, mean, var, w, b, layer.eps)
+
     def updated_tensors(self) -> dict[str, Tensor]:
         return dict(self._updated)
+
+
+def _check_spatial(x: Tensor, layer: AdaptiveBatchNorm2d) -> None:
+    if x.shape[2] * x.shape[3] < 2:
+        raise BatchTooSmallError(f"unmix_tns needs spatial size >= 2 at BN layer {layer.layer_name!r}")
+
+
+def _rowwise(a: Tensor, m: Tensor) -> Tensor:
+    """a @ m for a (B, K) with one (K, N) matrix, or row b of a times matrix b of a (B, K, N) stack."""
+    return a @ m if m.ndim == 2 else torch.bmm(a[:, None, :], m).squeeze(1)
 
 
 class LayerTable:
     """What the mixture needs from one layer's K components, precomputed (all divided by K).
 
     `rhs` is [M | M^2 | V] / K of shape (K, 3C), `sums` its column sums, `unit` the components'
-    channel-mean vectors normalised to unit length and divided by tau.
+    channel-mean vectors normalised to unit length and divided by tau. Stacked over several streams
+    (a leading dimension: (S, K, 3C), (S, 3C), (S, K, C)), `rows` gives every row its stream's table.
     """
 
     def __init__(self, rhs: Tensor, sums: Tensor, unit: Tensor, k: int) -> None:
         self.rhs, self.sums, self.unit, self.k = rhs, sums, unit, k
-        self.c = unit.shape[1]
+        self.c = unit.shape[-1]
+
+    def rows(self, seg: Segments) -> LayerTable:
+        """A stacked table read per row of the segmented batch."""
+        return LayerTable(seg.expand(self.rhs), seg.expand(self.sums), seg.expand(self.unit), self.k)
 
     def assignment(self, mu_i: Tensor) -> Tensor:
         """p_bk = softmax_k(cos(mu_i_b, mu_k) / tau), shape (B, K)."""
-        return (F.normalize(mu_i, dim=1) @ self.unit.T).softmax(1)
+        return _rowwise(F.normalize(mu_i, dim=1), self.unit.transpose(-1, -2)).softmax(1)
 
     def moments(self, mu_i: Tensor, var_i: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of the equal-weight mixture of mu_hat_bk = (1-p_bk) mu_k + p_bk mu_i_b (same for var).
@@ -194,10 +260,10 @@ class LayerTable:
         (1/K) sum_k mu_hat_bk^2 = (1/K) [sum_k mu_k^2 - 2 p mu^2 + p^2 mu^2 + 2 mu_i (p mu - p^2 mu) + |p_b|^2 mu_i^2].
         """
         c, inv_k = self.c, 1.0 / self.k
-        pm, pm2, pv = (p @ self.rhs).split(c, 1)
+        pm, pm2, pv = _rowwise(p, self.rhs).split(c, 1)
         p2 = p * p
-        p2m, p2m2 = (p2 @ self.rhs[:, : 2 * c]).split(c, 1)
-        sum_m, sum_m2, sum_v = self.sums.split(c)
+        p2m, p2m2 = _rowwise(p2, self.rhs[..., : 2 * c]).split(c, 1)
+        sum_m, sum_m2, sum_v = self.sums.split(c, -1)
         mean = torch.sub(sum_m, pm).add_(mu_i, alpha=inv_k)
         mean_var = torch.sub(sum_v, pv).add_(var_i, alpha=inv_k)
         sq = torch.sub(sum_m2, pm2, alpha=2).add_(p2m2).addcmul_(mu_i, pm - p2m, value=2)
@@ -225,21 +291,24 @@ class ComponentTables(dict[str, LayerTable]):
     def build(
         cls, names: list[str], means: list[Tensor], variances: list[Tensor], tau: float
     ) -> ComponentTables:
+        """Tables from each layer's (K, C) components, or stacked ones (S, K, C) for S streams at once."""
         if not names:
             return cls()
-        k = means[0].shape[0]
-        sizes = [m.shape[1] for m in means]
-        m_all = torch.cat(means, 1)
+        k = means[0].shape[-2]
+        sizes = [m.shape[-1] for m in means]
+        m_all = torch.cat(means, -1)
         m2_all = m_all * m_all
         # Per layer blocks [M_l | M_l^2 | V_l], so every layer's right-hand side is one column slice.
-        pieces = zip(m_all.split(sizes, 1), m2_all.split(sizes, 1), variances, strict=True)
-        rhs = torch.cat([t for block in pieces for t in block], 1).div_(k)
-        sums = rhs.sum(0)
+        pieces = zip(m_all.split(sizes, -1), m2_all.split(sizes, -1), variances, strict=True)
+        rhs = torch.cat([t for block in pieces for t in block], -1).div_(k)
         unit = m_all * _segment_inverse_norms(m2_all, sizes).mul_(1.0 / tau)
+        sums = rhs.sum(-2)
         tables = cls()
         offset = 0
-        for name, c, u in zip(names, sizes, unit.split(sizes, 1), strict=True):
-            tables[name] = LayerTable(rhs[:, offset : offset + 3 * c], sums[offset : offset + 3 * c], u, k)
+        for name, c, u in zip(names, sizes, unit.split(sizes, -1), strict=True):
+            tables[name] = LayerTable(
+                rhs[..., offset : offset + 3 * c], sums[..., offset : offset + 3 * c], u, k
+            )
             offset += 3 * c
         return tables
 
@@ -274,6 +343,27 @@ def component_update(
     return new_mu, new_var
 
 
+def component_update_many(
+    comp_mu: Tensor,
+    comp_var: Tensor,
+    mu_i: Tensor,
+    var_i: Tensor,
+    p: Tensor,
+    seg: Segments,
+    cfg: UnMixTNSConfig,
+) -> tuple[Tensor, Tensor]:
+    """`component_update` of S streams at once: stacked (S, K, C) components, rows (B, C) and (B, K)
+    segmented by `seg`; each stream's momentum from its own row count."""
+    counts = seg.counts(mu_i.device)  # (S, 1)
+    lam = (1 - (1 - cfg.bn_momentum) ** (counts / cfg.batch_size_max))[:, :, None]  # (S, 1, 1)
+    with torch.no_grad():
+        keep = 1 - lam * (seg.sum(p) / counts)[:, :, None]  # (S, K, 1)
+        scale = lam / counts[:, :, None]
+        new_mu = comp_mu * keep + scale * seg.sum(p[:, :, None] * mu_i[:, None, :])
+        new_var = comp_var * keep + scale * seg.sum(p[:, :, None] * var_i[:, None, :])
+    return new_mu, new_var
+
+
 def pool_instances(instances: list[tuple[int, Tensor, Tensor]]) -> dict[int, tuple[Tensor, Tensor]]:
     """Each layer's batch mean and biased variance from its per-instance (B, C) statistics, all layers at once:
     mean over b of mu_i, and mean over b of var_i + (mu_i - mean)^2 (law of total variance)."""
@@ -286,21 +376,6 @@ def pool_instances(instances: list[tuple[int, Tensor, Tensor]]) -> dict[int, tup
     pooled = (var + (mu - mean).square_()).mean(0)
     layers = [index for index, _, _ in instances]
     return dict(zip(layers, zip(mean.split(sizes), pooled.split(sizes), strict=True), strict=True))
-
-
-def instance_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample, per-channel mean and biased variance over (H, W), in float32, shapes (B, C)."""
-    x = x.float()
-    if not fast_stats_ok(x):
-        var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
-        return mean, var
-    # Two passes (mean, then mean squared deviation), a few samples at a time: with a small temporary this
-    # memory-bound work stays in cache. On CPU it is 3-10x faster than var_mean's Welford reduction.
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    step = max(1, (1 << 18) // x[0].numel())
-    chunks = zip(x.split(step), mean.split(step), strict=True)
-    parts = [torch.sub(xs, ms).square_().mean(dim=(2, 3)) for xs, ms in chunks]
-    return mean.view(x.shape[:2]), torch.cat(parts)
 
 
 def assignment(mu_i: Tensor, comp_mu: Tensor, tau: float) -> Tensor:

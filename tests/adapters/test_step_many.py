@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import adapters
-from adapters.base import AdaptationState, ModelHandle, StrategyConfig
+from adapters._bn import BatchStatsPlan, SourcePlan
+from adapters.alpha_bn import AlphaPlan
+from adapters.base import AdaptationState, ModelHandle, StepResult, StrategyConfig
+from adapters.unmix_tns import UnMixPlan
 
 from ._reference import make_batch, small_config
 
@@ -59,6 +62,51 @@ def test_step_many_equals_one_step_per_stream(tiny_handle: ModelHandle, name: st
             assert got.stats.bn_distance is None
         else:
             assert got.stats.bn_distance == pytest.approx(want.stats.bn_distance, rel=1e-4, abs=1e-6)
+
+
+ONE_PASS = ["source", "norm", "alpha_bn", "unmix_tns", "unmix_tns+tent"]
+
+
+def _assert_same(got: StepResult, want: StepResult) -> None:
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    assert got.state.tensors.keys() == want.state.tensors.keys()
+    for key in want.state.tensors:
+        torch.testing.assert_close(got.state.tensors[key], want.state.tensors[key], rtol=1e-5, atol=1e-6)
+        # Each stream's state owns its storage (not a view of the stacked batch's tensors).
+        assert (
+            got.state.tensors[key].untyped_storage().nbytes()
+            == want.state.tensors[key].untyped_storage().nbytes()
+        )
+    if want.stats.bn_distance is not None:
+        assert got.stats.bn_distance == pytest.approx(want.stats.bn_distance, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ONE_PASS)
+@pytest.mark.parametrize("sizes", [(1,) * 6, (3, 1, 5, 2)], ids=["six-single-images", "mixed-sizes"])
+def test_statistics_strategies_normalise_all_streams_in_one_pass(
+    tiny_handle: ModelHandle, name: str, sizes: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every BN layer of a shared forward serves all streams in one pass (segmented reductions over the
+    stacked batch), never stream by stream, and still gives each stream its own step's result."""
+    strategy = adapters.get_strategy(name)
+    cfg = small_config(strategy)
+    adapt = strategy.can_step_many(True)
+    states = [strategy.init_state(tiny_handle, cfg, seed=i) for i in range(len(sizes))]
+    states = [
+        strategy.step(tiny_handle, make_batch(4, seed=50 + i), s, cfg, adapt).state
+        for i, s in enumerate(states)
+    ]
+    batches = [make_batch(n, seed=10 + i) for i, n in enumerate(sizes)]
+    want = [strategy.step(tiny_handle, b, s, cfg, adapt) for b, s in zip(batches, states, strict=True)]
+
+    def per_stream(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a shared forward normalised one stream's rows on their own")
+
+    for cls in (SourcePlan, BatchStatsPlan, AlphaPlan, UnMixPlan):
+        monkeypatch.setattr(cls, "normalize", per_stream)
+    got = strategy.step_many(tiny_handle, batches, states, cfg, adapt)
+    for g, w in zip(got, want, strict=True):
+        _assert_same(g, w)
 
 
 @pytest.mark.parametrize("name", GRADIENT)
