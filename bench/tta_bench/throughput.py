@@ -16,7 +16,11 @@ What one run measures (all at the same batch size, dtype and device):
 (d) each strategy's serialised state size and the Redis round trip of the engine's path
     (`state_to_bytes` + CAS script + HMGET + `state_from_bytes`), p50, as a ratio to the step time.
 
-(c) and (d) use a redis-server of the bench's own on a free loopback port (or `--redis-url`, where they
+(f) with `--fanin N`: one server, each `--fanin-strategies` strategy in rounds that alternate one stream
+    posting `--batch-size` images per request with N streams posting one image each (a camera each),
+    same images in all; the ratio of the two rates, and how many streams shared each forward.
+
+(c), (d) and (f) use a redis-server of the bench's own on a free loopback port (or `--redis-url`, where they
 write keys of their own and delete them, never flush); without `redis-server` (c) runs on the in-process
 store and (d) is skipped.
 
@@ -141,6 +145,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="(e): TTA_SHARE_FORWARD of the servers (default: the server's, on for CUDA only)",
     )
+    p.add_argument(
+        "--fanin",
+        type=int,
+        default=0,
+        help="(f): streams of one image per request, against one stream of --batch-size (0 = skip)",
+    )
+    p.add_argument("--fanin-strategies", default="alpha_bn,unmix_tns", help="(f): comma-separated")
+    p.add_argument("--fanin-rounds", type=int, default=3, help="(f): rounds of each load per strategy")
     p.add_argument("--server-timeout", type=float, default=180.0, help="seconds to wait for the server")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -551,6 +563,7 @@ async def _http_load(base: str, load: HttpLoad) -> dict[str, Any]:
     latencies = np.array([t for times in per_stream for t in times]) * 1000
     return {
         "ips": load.images * len(latencies) / elapsed,
+        "images": load.images * len(latencies),
         "p50_ms": float(np.percentile(latencies, 50)),
         "p99_ms": float(np.percentile(latencies, 99)),
         "requests": len(latencies),
@@ -661,6 +674,94 @@ def measure_merging(
     if "ips" in out["merged"] and "ips" in out["unmerged"]:
         out["speedup"] = out["merged"]["ips"] / out["unmerged"]["ips"]
     return out
+
+
+def _forward_streams(base: str) -> tuple[float, float]:
+    """(sum, count) of the server's `tta_forward_streams` histogram, over all labels."""
+    import httpx
+
+    total = count = 0.0
+    for line in httpx.get(f"{base}/metrics", timeout=30.0).text.splitlines():
+        if line.startswith("tta_forward_streams_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("tta_forward_streams_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def measure_fanin(
+    args: argparse.Namespace, spec: ModelSpec, images: np.ndarray, redis_url: str | None
+) -> dict[str, Any]:
+    """(f) `--fanin` streams x 1 image per request against 1 stream x `--batch-size` images, same server,
+    rounds interleaved (load from other processes hits both alike), per `--fanin-strategies` strategy."""
+    import httpx
+
+    configs = strategy_configs(args.strategy_config)
+    b, n = args.batch_size, args.fanin
+    big = [(npy_body(images[i : i + b]), "application/x-npy") for i in range(0, len(images) - b + 1, b)]
+    single = [(npy_body(images[i : i + 1]), "application/x-npy") for i in range(len(images))]
+    # Each round of either load sends about the same images: iters x batch.
+    per_sender = max(1, args.iters * b // n)
+    env = {"TTA_MAX_PENDING_REQUESTS": str(max(Settings.model_fields["max_pending_requests"].default, 2 * n))}
+    if args.share_forward is not None:
+        env["TTA_SHARE_FORWARD"] = str(args.share_forward).lower()
+    out: dict[str, Any] = {"streams": n, "batch": b, "share_forward": args.share_forward, "strategies": {}}
+    try:
+        with serve(args, spec, redis_url, env) as base:
+            for name in [s.strip() for s in args.fanin_strategies.split(",") if s.strip()]:
+                cfg = configs.get(name, {})
+                loads = {
+                    "batch": HttpLoad(
+                        name, cfg, big, b, 1, max(args.warmup, 1), args.iters, args.phase_seconds
+                    ),
+                    "fanin": HttpLoad(
+                        name, cfg, single, 1, n, max(args.warmup, 1), per_sender, args.phase_seconds
+                    ),
+                }
+                rounds: dict[str, list[dict[str, Any]]] = {"batch": [], "fanin": []}
+                shared = [0.0, 0.0]
+                for _ in range(args.fanin_rounds):
+                    for label, load in loads.items():
+                        before = _forward_streams(base)
+                        rounds[label].append(asyncio.run(_http_load(base, load)))
+                        if label == "fanin":
+                            after = _forward_streams(base)
+                            shared = [shared[0] + after[0] - before[0], shared[1] + after[1] - before[1]]
+                ips = {
+                    k: sum(r["images"] for r in v) / sum(r["wall_s"] for r in v) for k, v in rounds.items()
+                }
+                out["strategies"][name] = {
+                    "batch_ips": ips["batch"],
+                    "fanin_ips": ips["fanin"],
+                    "ratio": ips["fanin"] / ips["batch"],
+                    "fanin_p50_ms": float(np.median([r["p50_ms"] for r in rounds["fanin"]])),
+                    "fanin_p99_ms": float(max(r["p99_ms"] for r in rounds["fanin"])),
+                    "streams_per_forward": shared[0] / shared[1] if shared[1] else None,
+                    "rounds": rounds,
+                }
+    except (BenchError, OSError, httpx.HTTPError) as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _format_fanin(r: dict[str, Any]) -> list[str]:
+    f = r.get("fanin")
+    if not f:
+        return []
+    if "error" in f:
+        return ["", f"fan-in: error: {f['error']}"]
+    lines = [
+        "",
+        f"{'fan-in ' + str(f['streams']) + ' x 1 vs 1 x ' + str(f['batch']):<22}{'1 x b':>10}{'n x 1':>10}"
+        f"{'ratio':>8}{'streams/fwd':>13}{'p50 ms':>10}{'p99 ms':>10}",
+    ]
+    for name, h in f["strategies"].items():
+        spf = h["streams_per_forward"]
+        lines.append(
+            f"{name:<22}{h['batch_ips']:>10.1f}{h['fanin_ips']:>10.1f}{h['ratio']:>8.2f}"
+            f"{spf if spf is None else round(spf, 1)!s:>13}{h['fanin_p50_ms']:>10.1f}{h['fanin_p99_ms']:>10.1f}"
+        )
+    return lines
 
 
 # ----------------------------------------------------------------------------------------- state
@@ -835,6 +936,7 @@ def format_report(r: dict[str, Any]) -> str:
                 f"{kind:<22}{h['ips']:>10.1f}{h['ratio']:>8.2f}{h['p50_ms']:>10.1f}{h['p99_ms']:>10.1f}  {mark}"
             )
     lines += _format_merging(r)
+    lines += _format_fanin(r)
     if r["state"]:
         lines += ["", f"{'state':<22}{'bytes':>10}{'redis rt p50 ms':>17}{'x step':>8}"]
         for name, st in r["state"].items():
@@ -896,6 +998,9 @@ def measure_served(
         store_url = None if redis_error else redis_url
         report["merging"] = measure_merging(args, spec, images, store_url)
         rc = rc or int(any("error" in report["merging"][k] for k in ("merged", "unmerged")))
+    if args.fanin > 0:
+        report["fanin"] = measure_fanin(args, spec, images, None if redis_error else redis_url)
+        rc = rc or int("error" in report["fanin"])
     report["state"] = measure_state(args, runs, report["strategies"], redis_url, redis_error)
     return rc
 
