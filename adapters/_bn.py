@@ -261,7 +261,7 @@ def instance_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     # Two passes (mean, then mean squared deviation), a few samples at a time: with a small temporary this
     # memory-bound work stays in cache. On CPU it is 3-10x faster than var_mean's Welford reduction.
     mean = x.mean(dim=(2, 3), keepdim=True)
-    step = max(1, (1 << 18) // x[0].numel())
+    step = max(1, (1 << 20) // x[0].numel())
     chunks = zip(x.split(step), mean.split(step), strict=True)
     parts = [torch.sub(xs, ms).square_().mean(dim=(2, 3)) for xs, ms in chunks]
     return mean.view(x.shape[:2]), torch.cat(parts)

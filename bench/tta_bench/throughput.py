@@ -689,41 +689,78 @@ def _forward_streams(base: str) -> tuple[float, float]:
     return total, count
 
 
+async def _fanin_round(
+    port: int,
+    strategy: str,
+    config: dict[str, Any],
+    clients: int,
+    bodies: list[bytes],
+    requests: int,
+    cap_s: float,
+) -> dict[str, Any]:
+    """`clients` streams (a keep-alive connection each) post `requests` raw bodies each, closed loop,
+    through the lean load generator; one untimed request per stream first."""
+    from tta_bench.loadgen import Connection, LoadError, closed_loop
+
+    prefix = f"fanin-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    conns = [Connection("127.0.0.1", port) for _ in range(clients)]
+    policy = json.dumps({"strategy": strategy, "config": config}).encode()
+    try:
+        for k, conn in enumerate(conns):
+            status, data = await conn.request("PUT", f"/v1/streams/{prefix}-{k}", policy, "application/json")
+            if status != 200:
+                raise LoadError(f"PUT stream answered {status}: {data[:300]!r}")
+        posts = [("POST", f"/v1/streams/{prefix}-{{client}}/predict", b, "application/x-npy") for b in bodies]
+        await closed_loop(conns, posts, 1, cap_s)
+        timed = await closed_loop(conns, posts, requests, cap_s)
+    finally:
+        for k, conn in enumerate(conns):
+            with contextlib.suppress(OSError, LoadError):
+                await conn.request("DELETE", f"/v1/streams/{prefix}-{k}")
+            await conn.close()
+    lat = np.array(timed.latencies) * 1000
+    return {
+        "requests": len(lat),
+        "wall_s": timed.wall_s,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+    }
+
+
 def measure_fanin(
     args: argparse.Namespace, spec: ModelSpec, images: np.ndarray, redis_url: str | None
 ) -> dict[str, Any]:
     """(f) `--fanin` streams x 1 image per request against 1 stream x `--batch-size` images, same server,
-    rounds interleaved (load from other processes hits both alike), per `--fanin-strategies` strategy."""
-    import httpx
+    rounds interleaved (load from other processes hits both alike), per `--fanin-strategies` strategy.
+    Requests come from `tta_bench.loadgen` (httpx would cost the machine as much CPU as the server)."""
+    from tta_bench.loadgen import LoadError
 
     configs = strategy_configs(args.strategy_config)
     b, n = args.batch_size, args.fanin
-    big = [(npy_body(images[i : i + b]), "application/x-npy") for i in range(0, len(images) - b + 1, b)]
-    single = [(npy_body(images[i : i + 1]), "application/x-npy") for i in range(len(images))]
+    big = [npy_body(images[i : i + b]) for i in range(0, len(images) - b + 1, b)]
+    single = [npy_body(images[i : i + 1]) for i in range(len(images))]
     # Each round of either load sends about the same images: iters x batch.
-    per_sender = max(1, args.iters * b // n)
+    per_client = max(1, args.iters * b // n)
     env = {"TTA_MAX_PENDING_REQUESTS": str(max(Settings.model_fields["max_pending_requests"].default, 2 * n))}
     if args.share_forward is not None:
         env["TTA_SHARE_FORWARD"] = str(args.share_forward).lower()
     out: dict[str, Any] = {"streams": n, "batch": b, "share_forward": args.share_forward, "strategies": {}}
     try:
         with serve(args, spec, redis_url, env) as base:
+            port = int(base.rsplit(":", 1)[1])
             for name in [s.strip() for s in args.fanin_strategies.split(",") if s.strip()]:
                 cfg = configs.get(name, {})
-                loads = {
-                    "batch": HttpLoad(
-                        name, cfg, big, b, 1, max(args.warmup, 1), args.iters, args.phase_seconds
-                    ),
-                    "fanin": HttpLoad(
-                        name, cfg, single, 1, n, max(args.warmup, 1), per_sender, args.phase_seconds
-                    ),
-                }
+                loads = {"batch": (1, big, args.iters, b), "fanin": (n, single, per_client, 1)}
                 rounds: dict[str, list[dict[str, Any]]] = {"batch": [], "fanin": []}
                 shared = [0.0, 0.0]
                 for _ in range(args.fanin_rounds):
-                    for label, load in loads.items():
+                    for label, (clients, bodies, reqs, per_request) in loads.items():
                         before = _forward_streams(base)
-                        rounds[label].append(asyncio.run(_http_load(base, load)))
+                        res = asyncio.run(
+                            _fanin_round(port, name, cfg, clients, bodies, reqs, args.phase_seconds)
+                        )
+                        res["images"] = res["requests"] * per_request
+                        rounds[label].append(res)
                         if label == "fanin":
                             after = _forward_streams(base)
                             shared = [shared[0] + after[0] - before[0], shared[1] + after[1] - before[1]]
@@ -739,7 +776,7 @@ def measure_fanin(
                     "streams_per_forward": shared[0] / shared[1] if shared[1] else None,
                     "rounds": rounds,
                 }
-    except (BenchError, OSError, httpx.HTTPError) as exc:
+    except (BenchError, OSError, LoadError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
     return out
 

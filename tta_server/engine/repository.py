@@ -52,8 +52,9 @@ def prepare(result: StepResult, policy: Policy, num_classes: int, momentum: floa
 def _finite_on_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """Host copies of `tensors`, or None when any of them holds inf or nan."""
     host = to_host(tensors)
-    sums = [t.float().sum() for t in host.values() if t.is_floating_point()]
-    return host if not sums or bool(torch.isfinite(torch.stack(sums)).all()) else None
+    # One check over all values (a state may hold a hundred small tensors: per-tensor ops would cost more).
+    floats = [t.reshape(-1).float() for t in host.values() if t.is_floating_point()]
+    return host if not floats or bool(torch.isfinite(torch.cat(floats)).all()) else None
 
 
 @dataclass
