@@ -103,8 +103,12 @@ class Settings(BaseSettings):
         description=(
             "steps of different streams (same model, strategy and config) that wait for the compute threads "
             "run as one forward, each stream with its own statistics (statistics-only strategies, adapt=false); "
-            "unset: on for CUDA models, off on CPU, where joining the activations costs more than it saves"
+            "unset: always for CUDA models, and on CPU for steps of at most share_forward_cpu_images images "
+            "(one-image camera streams: 2.7x faster; 16-image ResNet-50 steps: slower, docs/BENCHMARKS.md)"
         ),
+    )
+    share_forward_cpu_images: int = Field(
+        8, ge=0, description="with share_forward unset, the largest CPU step that joins a shared forward"
     )
     decode_on_device: bool = Field(
         True, description="decode JPEG uploads with nvJPEG on the model's GPU (CPU models: libjpeg-turbo)"

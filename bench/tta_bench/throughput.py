@@ -151,6 +151,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=0,
         help="(f): streams of one image per request, against one stream of --batch-size (0 = skip)",
     )
+    p.add_argument(
+        "--fanin-images", type=int, default=1, help="(f): images per request of the fan-in streams"
+    )
     p.add_argument("--fanin-strategies", default="alpha_bn,unmix_tns", help="(f): comma-separated")
     p.add_argument("--fanin-rounds", type=int, default=3, help="(f): rounds of each load per strategy")
     p.add_argument("--server-timeout", type=float, default=180.0, help="seconds to wait for the server")
@@ -736,21 +739,27 @@ def measure_fanin(
     from tta_bench.loadgen import LoadError
 
     configs = strategy_configs(args.strategy_config)
-    b, n = args.batch_size, args.fanin
+    b, n, m = args.batch_size, args.fanin, args.fanin_images
     big = [npy_body(images[i : i + b]) for i in range(0, len(images) - b + 1, b)]
-    single = [npy_body(images[i : i + 1]) for i in range(len(images))]
+    small = [npy_body(images[i : i + m]) for i in range(0, len(images) - m + 1, m)]
     # Each round of either load sends about the same images: iters x batch.
-    per_client = max(1, args.iters * b // n)
+    per_client = max(1, args.iters * b // (n * m))
     env = {"TTA_MAX_PENDING_REQUESTS": str(max(Settings.model_fields["max_pending_requests"].default, 2 * n))}
     if args.share_forward is not None:
         env["TTA_SHARE_FORWARD"] = str(args.share_forward).lower()
-    out: dict[str, Any] = {"streams": n, "batch": b, "share_forward": args.share_forward, "strategies": {}}
+    out: dict[str, Any] = {
+        "streams": n,
+        "request_images": m,
+        "batch": b,
+        "share_forward": args.share_forward,
+        "strategies": {},
+    }
     try:
         with serve(args, spec, redis_url, env) as base:
             port = int(base.rsplit(":", 1)[1])
             for name in [s.strip() for s in args.fanin_strategies.split(",") if s.strip()]:
                 cfg = configs.get(name, {})
-                loads = {"batch": (1, big, args.iters, b), "fanin": (n, single, per_client, 1)}
+                loads = {"batch": (1, big, args.iters, b), "fanin": (n, small, per_client, m)}
                 rounds: dict[str, list[dict[str, Any]]] = {"batch": [], "fanin": []}
                 shared = [0.0, 0.0]
                 for _ in range(args.fanin_rounds):
@@ -789,7 +798,8 @@ def _format_fanin(r: dict[str, Any]) -> list[str]:
         return ["", f"fan-in: error: {f['error']}"]
     lines = [
         "",
-        f"{'fan-in ' + str(f['streams']) + ' x 1 vs 1 x ' + str(f['batch']):<22}{'1 x b':>10}{'n x 1':>10}"
+        f"{'fan-in ' + str(f['streams']) + ' x ' + str(f['request_images']) + ' vs 1 x ' + str(f['batch']):<22}"
+        f"{'1 x b':>10}{'n x m':>10}"
         f"{'ratio':>8}{'streams/fwd':>13}{'p50 ms':>10}{'p99 ms':>10}",
     ]
     for name, h in f["strategies"].items():

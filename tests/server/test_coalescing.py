@@ -275,14 +275,30 @@ def test_gradient_steps_and_disabled_sharing_run_alone(
 ) -> None:
     warmup, *batches = _batches(cifar_array, [4, 4, 4])
     calls = _record_step_many(monkeypatch)
-    # tent never shares; norm shares only when asked to or on a CUDA model (these run on the CPU).
-    for strategy, share in (("tent", True), ("norm", False), ("norm", None)):
-        engine = _engine(pool, compute_workers=1, share_forward=share)
+    # tent never shares; norm shares unless told not to, or (on the CPU, by default) when its steps are
+    # larger than share_forward_cpu_images.
+    for strategy, share, largest in (("tent", True, 8), ("norm", False, 8), ("norm", None, 3)):
+        engine = _engine(pool, compute_workers=1, share_forward=share, share_forward_cpu_images=largest)
         _warm_streams(engine, strategy, ["s0", "s1"], warmup)
         jobs = [functools.partial(engine.predict, NS, f"s{i}", batches[i], True) for i in range(2)]
         outs = _blocked_engine_run(engine, jobs)
         assert all(isinstance(o, PredictOutcome) and o.adapted and o.version == 2 for o in outs)
     assert calls == []
+
+
+def test_small_cpu_steps_share_a_forward_by_default(
+    pool: ModelPool, cifar_array: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """share_forward unset on the CPU: steps of at most share_forward_cpu_images images share."""
+    warmup, *batches = _batches(cifar_array, [4, 1, 1, 2])
+    calls = _record_step_many(monkeypatch)
+    engine = _engine(pool, compute_workers=1, share_forward_cpu_images=2)
+    streams = ["s0", "s1", "s2"]
+    _warm_streams(engine, "alpha_bn", streams, warmup)
+    jobs = [functools.partial(engine.predict, NS, s, b, True) for s, b in zip(streams, batches, strict=True)]
+    outs = _blocked_engine_run(engine, jobs)
+    assert all(isinstance(o, PredictOutcome) and o.adapted for o in outs)
+    assert calls == [[1, 1, 2]]
 
 
 def test_a_cancelled_lock_holder_still_serves_the_requests_merged_into_its_step(
