@@ -387,8 +387,12 @@ def run_strategy(
     corruptions: Sequence[str],
     seed: int,
     progress: Any,
+    on_pass: Callable[[StrategyRun], None] | None = None,
 ) -> StrategyRun:
-    """Error % per corruption (and "mean") of one strategy on the scheduled stream, per pass."""
+    """Error % per corruption (and "mean") of one strategy on the scheduled stream, per pass.
+
+    `on_pass` gets the passes completed so far at the end of every pass but the last (a long multi-pass
+    run that is cut short then keeps its finished passes)."""
     import torch
 
     import adapters
@@ -399,7 +403,20 @@ def run_strategy(
     correct = torch.zeros(passes, len(corruptions), dtype=torch.int64)
     total = torch.zeros(passes, len(corruptions), dtype=torch.int64)
     trace: list[float] = []
-    for seg in segments:
+
+    def done(passes_done: int) -> StrategyRun:
+        errors = []
+        for p in range(passes_done):
+            row = {
+                c: round(100.0 * float(1 - correct[p, i] / total[p, i]), 6) for i, c in enumerate(corruptions)
+            }
+            row["mean"] = round(sum(row[c] for c in corruptions) / len(corruptions), 6)
+            errors.append(row)
+        return StrategyRun(errors, list(trace))
+
+    for i, seg in enumerate(segments):
+        if on_pass is not None and i and seg.pass_index != segments[i - 1].pass_index:
+            on_pass(done(seg.pass_index))  # passes 0 .. pass_index - 1 are complete
         if state is None or seg.reset:
             state = strategy.init_state(handle, cfg, seed)
         progress.set_postfix_str(f"{name} / {seg.corruption or 'mixed'}", refresh=False)
@@ -417,12 +434,7 @@ def run_strategy(
             total[seg.pass_index].index_add_(0, ids, torch.ones_like(hit))
             trace.append(round(100.0 * (1 - float(hit.float().mean())), 4))
             progress.update(1)
-    errors = []
-    for p in range(passes):
-        row = {c: round(100.0 * float(1 - correct[p, i] / total[p, i]), 6) for i, c in enumerate(corruptions)}
-        row["mean"] = round(sum(row[c] for c in corruptions) / len(corruptions), 6)
-        errors.append(row)
-    return StrategyRun(errors, trace)
+    return done(passes)
 
 
 def trace_boundaries(segments: Sequence[Segment]) -> list[dict[str, Any]]:
@@ -618,19 +630,25 @@ def run(args: argparse.Namespace) -> int:
     ) as bar:
         for name in runnable:
             start = time.perf_counter()
+
+            def keep(outcome: StrategyRun, name: str = name) -> None:
+                results[name] = outcome.errors[0]
+                for p, errs in enumerate(outcome.errors[1:], start=2):
+                    results[f"{name} (pass {p})"] = errs
+                traces[name] = outcome.trace
+                if args.json is not None:  # after every pass, so a run that is cut short keeps its results
+                    write_json(args.json, results, config, {"batches": traces, "boundaries": boundaries})
+
             try:
-                outcome = run_strategy(name, handle, configs[name], segments, corruptions, args.seed, bar)
+                outcome = run_strategy(
+                    name, handle, configs[name], segments, corruptions, args.seed, bar, on_pass=keep
+                )
             except adapters.AdaptError as exc:  # e.g. eata on a model declared without source data
                 failed.append(name)
                 bar.write(f"error: {name} failed: {exc}", file=sys.stderr)
                 continue
             timings[name] = time.perf_counter() - start
-            results[name] = outcome.errors[0]
-            for p, errs in enumerate(outcome.errors[1:], start=2):
-                results[f"{name} (pass {p})"] = errs
-            traces[name] = outcome.trace
-            if args.json is not None:  # after every strategy, so a run that is cut short keeps its results
-                write_json(args.json, results, config, {"batches": traces, "boundaries": boundaries})
+            keep(outcome)
             bar.write(
                 f"{name}: mean error {results[name]['mean']:.2f} %, {timings[name]:.1f} s", file=sys.stdout
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -185,6 +186,36 @@ def test_continual_with_two_passes_and_mixed_settings(tmp_path: Path) -> None:
             round(payload["results"]["norm"][c] * 16 / 100)
         )
     assert not mixed.with_suffix(".png").exists()
+
+
+@pytest.mark.slow
+def test_a_multi_pass_run_cut_short_keeps_its_finished_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The JSON is written at the end of every pass: a run stopped in pass 2 still has pass 1 on disk."""
+    import adapters
+
+    strategy = adapters.get_strategy("norm")
+    real_step = strategy.step
+    calls = 0
+
+    def stopping_step(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 5:  # pass 1 is 4 batches (2 corruptions x 2 batches of 8)
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(strategy, "step", stopping_step)
+    out = tmp_path / "cut.json"
+    argv = ["--corruptions", "none,gaussian_noise", "--n", "16", "--batch-size", "8", "--threads", "1"]
+    argv += ["--strategies", "norm", "--setting", "continual", "--passes", "2", "--json", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.main([*argv, "--no-progress", "--no-plot"])
+    payload = json.loads(out.read_text())
+    assert list(payload["results"]) == ["norm"]
+    assert set(payload["results"]["norm"]) == {"none", "gaussian_noise", "mean"}
+    assert len(payload["trace"]["batches"]["norm"]) == 4
 
 
 def test_the_plot_counts_images_not_batches() -> None:
