@@ -93,7 +93,9 @@ class AlphaPlan(BasePlan):
         mean_b, var_b = seg.pool(*instance_mean_var(x))
         record_many(plans, layer, mean_b, var_b)
         n = seg.counts(x.device) * (x.shape[2] * x.shape[3])  # values per channel, (S, 1)
-        w = torch.tensor([[plan.w] for plan in plans], device=x.device)
+        if "alpha_bn.w" not in seg.memo:  # once per forward, not per layer (a host-to-device copy on a GPU)
+            seg.memo["alpha_bn.w"] = torch.tensor([[plan.w] for plan in plans], device=x.device)
+        w = seg.memo["alpha_bn.w"]
         mean = torch.lerp(layer.running_mean, mean_b, w)
         var = torch.addcmul(layer.running_var * (1 - w), var_b, w * n / (n - 1))
         weight, bias = stacked_affine(plans, layer, seg)
