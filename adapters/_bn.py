@@ -316,6 +316,9 @@ class Segments:
         number of values)."""
         if self.singletons:
             return mu_i, var_i
+        if len(self.sizes) == 1:  # one stream: plain means over the rows
+            mean = mu_i.mean(0, keepdim=True)
+            return mean, (var_i + (mu_i - mean).square_()).mean(0, keepdim=True)
         counts = self.counts(mu_i.device)
         mean = self.sum(mu_i) / counts
         return mean, self.sum(var_i + (mu_i - self.expand(mean)).square_()) / counts

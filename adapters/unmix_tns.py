@@ -372,8 +372,7 @@ def pool_instances(instances: list[tuple[int, Tensor, Tensor]]) -> dict[int, tup
     sizes = [mu.shape[1] for _, mu, _ in instances]
     mu = torch.cat([mu for _, mu, _ in instances], 1)
     var = torch.cat([var for _, _, var in instances], 1)
-    mean = mu.mean(0)
-    pooled = (var + (mu - mean).square_()).mean(0)
+    mean, pooled = (t[0] for t in Segments([mu.shape[0]]).pool(mu, var))
     layers = [index for index, _, _ in instances]
     return dict(zip(layers, zip(mean.split(sizes), pooled.split(sizes), strict=True), strict=True))
 
