@@ -416,11 +416,26 @@ class BasePlan:
 
 
 class SourcePlan(BasePlan):
-    """Normalise with the frozen source running statistics (eval-mode BN)."""
+    """Normalise with the frozen source running statistics (eval-mode BN).
+
+    The recorded statistics serve only the drift figures, and are the one pass over each layer's input
+    this plan adds to the stock forward: `drift_images` bounds them to the batch's first images (a
+    contiguous slice, so no copy), None to every image.
+    """
+
+    def __init__(
+        self,
+        affine: Mapping[str, Tensor] | None = None,
+        record: bool = False,
+        drift_images: int | None = None,
+    ) -> None:
+        super().__init__(affine, record)
+        self.drift_images = drift_images
 
     def normalize(self, layer: AdaptiveBatchNorm2d, x: Tensor) -> Tensor:
         if self.record:
-            mean, var = channel_mean_var(x.detach())
+            k = self.drift_images
+            mean, var = channel_mean_var((x if k is None else x[:k]).detach())
             self._record(layer, mean, var)
         w, b = self.weight_bias(layer)
         return F.batch_norm(x, layer.running_mean, layer.running_var, w, b, False, 0.0, layer.eps)
@@ -430,11 +445,34 @@ class SourcePlan(BasePlan):
         plans: Sequence[SourcePlan], layer: AdaptiveBatchNorm2d, x: Tensor, seg: Segments
     ) -> Tensor:
         if any(plan.record for plan in plans):
-            record_many(plans, layer, *seg.pool(*instance_mean_var(x.detach())))
+            rows, sample = SourcePlan._drift_sample(plans, seg, x.device)
+            xs = x if rows is None else x.index_select(0, rows)
+            record_many(plans, layer, *sample.pool(*instance_mean_var(xs.detach())))
         w, b = stacked_affine(plans, layer, seg)
         if w.ndim == 1:
             return F.batch_norm(x, layer.running_mean, layer.running_var, w, b, False, 0.0, layer.eps)
         return normalize_with(x, layer.running_mean, layer.running_var, w, b, layer.eps)
+
+    @staticmethod
+    def _drift_sample(
+        plans: Sequence[SourcePlan], seg: Segments, device: torch.device
+    ) -> tuple[Tensor | None, Segments]:
+        """The rows whose statistics each stream records (its first `drift_images`), as in `normalize`:
+        None and `seg` itself when that is every row. Made once per forward."""
+        got: tuple[Tensor | None, Segments] | None = seg.memo.get("source_drift_sample")
+        if got is None:
+            kept = [
+                n if plan.drift_images is None else min(n, plan.drift_images)
+                for plan, n in zip(plans, seg.sizes, strict=True)
+            ]
+            if kept == seg.sizes:
+                got = (None, seg)
+            else:
+                starts = [sum(seg.sizes[:i]) for i in range(len(kept))]
+                rows = torch.cat([torch.arange(s, s + k) for s, k in zip(starts, kept, strict=True)])
+                got = (rows.to(device), Segments(kept))
+            seg.memo["source_drift_sample"] = got
+        return got
 
 
 class BatchStatsPlan(BasePlan):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from pydantic import Field
 from torch import Tensor
 
 from adapters._bn import AdaptiveBatchNorm2d, BatchStatsPlan, Segments, SourcePlan
@@ -20,10 +21,21 @@ class _Stateless:
         return {}
 
 
+class SourceConfig(StrategyConfig):
+    drift_images: int | None = Field(
+        16,
+        ge=1,
+        description="Drift figures (bn_distance) from at most this many images of each batch, its first "
+        "ones; null: every image. Predictions never depend on it: it only bounds the one pass over each "
+        "BatchNorm input that measuring drift adds to a source forward.",
+    )
+
+
 class SourceStats(_Stateless):
     """Frozen source running statistics: the control arm."""
 
     name = "source"
+    config_cls = SourceConfig
     min_batch_size = 1
     stat_kinds: frozenset[str] = frozenset()
     requires_stats = False
@@ -31,17 +43,17 @@ class SourceStats(_Stateless):
     def plan(
         self,
         handle: ModelHandle,
-        cfg: StrategyConfig,
+        cfg: SourceConfig,
         tensors: Mapping[str, Tensor],
         affine: Mapping[str, Tensor] | None,
         *,
         update: bool,
         record: bool,
     ) -> _StatelessPlan:
-        return _StatelessPlan(SourcePlan(affine, record))
+        return _StatelessPlan(SourcePlan(affine, record, cfg.drift_images))
 
     def edge_stats(
-        self, handle: ModelHandle, cfg: StrategyConfig, tensors: Mapping[str, Tensor]
+        self, handle: ModelHandle, cfg: SourceConfig, tensors: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         return {}  # the source statistics
 

@@ -159,3 +159,22 @@ def test_bn_distance_is_mean_symmetric_kl_to_source(tiny_handle: ModelHandle) ->
     stats = strategy.step(tiny_handle, x, strategy.init_state(tiny_handle, cfg), cfg).stats
     assert stats.bn_distance == pytest.approx(expected, rel=1e-4)
     assert expected > 0.01
+
+
+def test_source_drift_figures_come_from_the_first_drift_images(tiny_handle: ModelHandle) -> None:
+    """`drift_images` bounds the images whose statistics make bn_distance; predictions never change."""
+    strategy = adapters.get_strategy("source")
+    x = make_batch(6, seed=11)
+
+    def step(batch: Tensor, drift_images: int | None) -> adapters.StepResult:
+        cfg = strategy.config_cls(drift_images=drift_images)
+        return strategy.step(tiny_handle, batch, strategy.init_state(tiny_handle, cfg), cfg)
+
+    every, first_two, head = step(x, None), step(x, 2), step(x[:2], None)
+    assert torch.equal(first_two.logits, every.logits)
+    assert first_two.stats.bn_distance == pytest.approx(head.stats.bn_distance, rel=1e-5)
+    assert first_two.stats.bn_distance != pytest.approx(every.stats.bn_distance, rel=1e-3)
+    assert step(x, 6).stats.bn_distance == every.stats.bn_distance
+    assert strategy.config_cls().model_dump() == {"drift_images": 16}
+    with pytest.raises(ValueError):
+        strategy.config_cls(drift_images=0)

@@ -137,3 +137,16 @@ def test_streams_do_not_leak_into_each_other(tiny_handle: ModelHandle) -> None:
     # While one step over the concatenation does mix the batches' statistics:
     mixed = strategy.step(tiny_handle, torch.cat([make_batch(9, seed=1) * 0.3, mine]), state, cfg).logits[9:]
     assert not torch.allclose(mixed, alone, atol=1e-3)
+
+
+def test_a_shared_source_forward_samples_drift_rows_per_stream(tiny_handle: ModelHandle) -> None:
+    """Each stream's drift figures come from its own first `drift_images` rows, as in its own step."""
+    strategy = adapters.get_strategy("source")
+    cfg = strategy.config_cls(drift_images=2)
+    batches = [make_batch(n, seed=20 + n) for n in (4, 1, 3)]
+    states = [strategy.init_state(tiny_handle, cfg, seed=i) for i in range(3)]
+    got = strategy.step_many(tiny_handle, batches, states, cfg, True)
+    for g, batch, state in zip(got, batches, states, strict=True):
+        _assert_same(g, strategy.step(tiny_handle, batch, state, cfg, True))
+        head = strategy.step(tiny_handle, batch[:2], state, cfg, True)
+        assert g.stats.bn_distance == pytest.approx(head.stats.bn_distance, rel=1e-4)
