@@ -15,6 +15,7 @@ COMMANDS = {
     "prepare-source": "tta_bench.prepare_source",
     "state": "tta_bench.state_size",
     "merge": "tta_bench.merge_runs",
+    "sidebyside": "tta_bench.sidebyside",
 }
 
 

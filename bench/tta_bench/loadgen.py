@@ -53,9 +53,12 @@ class Connection:
                 length = int(value)
             elif name == b"transfer-encoding":
                 raise LoadError(f"{method} {path}: chunked answers are not supported")
+        status = int(parts[1])
+        if length is None and (status in (204, 304) or 100 <= status < 200):
+            length = 0  # answers that never have a body (RFC 9110 §6.4.1)
         if length is None:
             raise LoadError(f"{method} {path}: answer without Content-Length")
-        return int(parts[1]), await self._reader.readexactly(length)
+        return status, await self._reader.readexactly(length)
 
     async def close(self) -> None:
         if self._writer is not None:
