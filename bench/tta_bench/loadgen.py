@@ -30,15 +30,18 @@ class Connection:
     async def request(
         self, method: str, path: str, body: bytes = b"", content_type: str = "application/octet-stream"
     ) -> tuple[int, bytes]:
-        if self._writer is None:
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-        assert self._reader is not None
         head = (
             f"{method} {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: {content_type}\r\n"
             f"content-length: {len(body)}\r\n\r\n"
         ).encode()
-        self._writer.write(head + body)
-        status_line = await self._reader.readline()
+        reused = self._writer is not None
+        status_line = await self._send(head + body)
+        if not status_line and reused:
+            # The server closed the idle keep-alive connection (its keep-alive timeout) before reading
+            # this request: nothing was served, so send it once more on a new connection.
+            await self.close()
+            status_line = await self._send(head + body)
+        assert self._reader is not None
         parts = status_line.split()
         if len(parts) < 2 or not parts[1].isdigit():
             raise LoadError(f"{method} {path}: no HTTP status line ({status_line[:80]!r})")
@@ -59,6 +62,16 @@ class Connection:
         if length is None:
             raise LoadError(f"{method} {path}: answer without Content-Length")
         return status, await self._reader.readexactly(length)
+
+    async def _send(self, data: bytes) -> bytes:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        assert self._reader is not None
+        try:
+            self._writer.write(data)
+            return await self._reader.readline()
+        except ConnectionError:
+            return b""
 
     async def close(self) -> None:
         if self._writer is not None:
