@@ -86,6 +86,26 @@ class Timings:
     latencies: list[float] = field(default_factory=list)
     wall_s: float = 0.0
 
+    def summary(self) -> dict[str, float]:
+        """Requests, wall time and latency percentiles (ms) of the run."""
+        ms = sorted(1000 * t for t in self.latencies)
+        return {
+            "requests": len(ms),
+            "wall_s": self.wall_s,
+            "p50_ms": _percentile(ms, 50),
+            "p99_ms": _percentile(ms, 99),
+        }
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default method)."""
+    if not ordered:
+        return float("nan")
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
 
 async def closed_loop(
     conns: list[Connection],

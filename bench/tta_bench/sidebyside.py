@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,10 @@ from tta_bench.loadgen import Connection, LoadError, closed_loop
 from tta_bench.paths import MODELS_CONFIG, REPO_ROOT
 from tta_bench.redis_server import free_port
 from tta_bench.throughput import BenchError, input_images, npy_body, resolve_spec, serve
+
+Post = tuple[str, str, bytes, str]  # method, path (`{client}` filled in), body, content type
+Cleanup = Callable[[list[Connection]], Awaitable[None]]
+Setup = Callable[[list[Connection]], Awaitable[Cleanup]]  # prepares a target for a round's clients
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -118,7 +122,7 @@ def litserve_body(batch_u8: np.ndarray) -> bytes:
 
 
 async def _round(
-    port: int, clients: int, posts: list[tuple[str, str, bytes, str]], requests: int, cap_s: float, setup: Any
+    port: int, clients: int, posts: list[Post], requests: int, cap_s: float, setup: Setup
 ) -> dict[str, Any]:
     """One closed-loop round; `setup(conns)` prepares the target (streams) and returns its cleanup."""
     conns = [Connection("127.0.0.1", port) for _ in range(clients)]
@@ -130,20 +134,16 @@ async def _round(
         await cleanup(conns)
         for conn in conns:
             await conn.close()
-    lat = np.array(timed.latencies) * 1000
-    return {
-        "requests": len(lat),
-        "wall_s": timed.wall_s,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)),
-    }
+    return dict(timed.summary())
 
 
-def _stream_setup(strategy: str) -> Any:
+def _stream_setup(strategy: str) -> tuple[Setup, str]:
+    """A Setup that gives each client a stream of its own under `strategy` (deleted after the round),
+    and the streams' name prefix."""
     prefix = f"sbs-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     policy = json.dumps({"strategy": strategy}).encode()
 
-    async def setup(conns: list[Connection]) -> Any:
+    async def setup(conns: list[Connection]) -> Cleanup:
         for k, conn in enumerate(conns):
             status, data = await conn.request("PUT", f"/v1/streams/{prefix}-{k}", policy, "application/json")
             if status != 200:
@@ -159,7 +159,7 @@ def _stream_setup(strategy: str) -> Any:
     return setup, prefix
 
 
-async def _no_setup(conns: list[Connection]) -> Any:
+async def _no_setup(conns: list[Connection]) -> Cleanup:
     async def cleanup(conns: list[Connection]) -> None:
         return None
 
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(5.0)
         report["idle_cpu_s"] = {"litserve_per_5s": _cpu_seconds(ls_proc.pid) - cpu0}
         report["same_predictions"] = asyncio.run(_same_predictions(ls_port, tta_port, js[0], raw[0]))
-        targets: dict[str, tuple[int, list[tuple[str, str, bytes, str]], Any]] = {
+        targets: dict[str, tuple[int, list[Post], Setup]] = {
             "litserve": (ls_port, [("POST", "/predict", body, "application/json") for body in js], _no_setup)
         }
         for name in args.strategy_names:

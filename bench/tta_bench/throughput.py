@@ -721,13 +721,7 @@ async def _fanin_round(
             with contextlib.suppress(OSError, LoadError):
                 await conn.request("DELETE", f"/v1/streams/{prefix}-{k}")
             await conn.close()
-    lat = np.array(timed.latencies) * 1000
-    return {
-        "requests": len(lat),
-        "wall_s": timed.wall_s,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)),
-    }
+    return dict(timed.summary())
 
 
 def measure_fanin(
