@@ -11,6 +11,7 @@ from torch import Tensor, nn
 import adapters
 from adapters.alpha_bn import AlphaBNConfig
 from adapters.base import ModelHandle
+from adapters.source import SourceConfig
 
 from ._reference import batch_stat_bn, make_batch, replace_bn
 
@@ -167,7 +168,7 @@ def test_source_drift_figures_come_from_the_first_drift_images(tiny_handle: Mode
     x = make_batch(6, seed=11)
 
     def step(batch: Tensor, drift_images: int | None) -> adapters.StepResult:
-        cfg = strategy.config_cls(drift_images=drift_images)
+        cfg = SourceConfig(drift_images=drift_images)
         return strategy.step(tiny_handle, batch, strategy.init_state(tiny_handle, cfg), cfg)
 
     every, first_two, head = step(x, None), step(x, 2), step(x[:2], None)
@@ -175,6 +176,6 @@ def test_source_drift_figures_come_from_the_first_drift_images(tiny_handle: Mode
     assert first_two.stats.bn_distance == pytest.approx(head.stats.bn_distance, rel=1e-5)
     assert first_two.stats.bn_distance != pytest.approx(every.stats.bn_distance, rel=1e-3)
     assert step(x, 6).stats.bn_distance == every.stats.bn_distance
-    assert strategy.config_cls().model_dump() == {"drift_images": 16}
+    assert strategy.config_cls is SourceConfig and SourceConfig().model_dump() == {"drift_images": 16}
     with pytest.raises(ValueError):
-        strategy.config_cls(drift_images=0)
+        SourceConfig(drift_images=0)

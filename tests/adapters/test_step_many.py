@@ -9,6 +9,7 @@ import adapters
 from adapters._bn import BatchStatsPlan, SourcePlan
 from adapters.alpha_bn import AlphaPlan
 from adapters.base import AdaptationState, ModelHandle, StepResult, StrategyConfig
+from adapters.source import SourceConfig
 from adapters.unmix_tns import UnMixPlan
 
 from ._reference import make_batch, small_config
@@ -142,7 +143,7 @@ def test_streams_do_not_leak_into_each_other(tiny_handle: ModelHandle) -> None:
 def test_a_shared_source_forward_samples_drift_rows_per_stream(tiny_handle: ModelHandle) -> None:
     """Each stream's drift figures come from its own first `drift_images` rows, as in its own step."""
     strategy = adapters.get_strategy("source")
-    cfg = strategy.config_cls(drift_images=2)
+    cfg = SourceConfig(drift_images=2)
     batches = [make_batch(n, seed=20 + n) for n in (4, 1, 3)]
     states = [strategy.init_state(tiny_handle, cfg, seed=i) for i in range(3)]
     got = strategy.step_many(tiny_handle, batches, states, cfg, True)
