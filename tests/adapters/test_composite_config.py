@@ -13,6 +13,7 @@ from adapters._strategy import compose_config
 from adapters.base import ModelHandle, StrategyConfig
 from adapters.eata import FISHER_PREFIX, EATAConfig, ETAConfig
 from adapters.sar import SARConfig
+from adapters.source import SourceConfig
 from adapters.tent import TentConfig
 from adapters.unmix_tns import UnMixTNSConfig
 
@@ -48,7 +49,7 @@ def test_a_composite_config_has_one_field_per_part(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "cls"),
     [
-        ("source", StrategyConfig),
+        ("source", SourceConfig),
         ("norm", StrategyConfig),
         ("alpha_bn", adapters.get_strategy("alpha_bn").normalizer.config_cls),
         ("unmix_tns", UnMixTNSConfig),
