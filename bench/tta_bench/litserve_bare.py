@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from fastapi import Request
 
+from adapters.losses import softmax_entropy
+
 TOP_K = 3
 
 
@@ -51,7 +53,7 @@ class BareModelAPI(ls.LitAPI):  # type: ignore[misc,unused-ignore]  # litserve i
 
     def encode_response(self, logits: torch.Tensor) -> dict[str, Any]:
         probs = logits.float().softmax(1)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
+        entropy = softmax_entropy(logits)  # the service's definition
         top_p, top_i = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
         return {
             "predictions": [
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator="cpu",
         devices=1,
         workers_per_device=1,
+        fast_queue=args.fast_queue,
     )
     server.run(
         host="127.0.0.1", port=args.port, num_api_servers=1, log_level="warning", generate_client_file=False
