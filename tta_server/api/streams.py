@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from adapters import ModelHandle
+from adapters.losses import softmax_entropy
 from tta_server import codec
 from tta_server.admission import Deadline, Ticket
 from tta_server.api.deps import EngineDep, NamespaceDep, SettingsDep, StreamId
@@ -234,7 +235,7 @@ def _response(stream: str, out: PredictOutcome, classes: tuple[str, ...], top_k:
     probs = logits.softmax(1)
     k = min(top_k, probs.shape[1])
     top_p, top_i = probs.topk(k, dim=1)
-    entropy = -(probs * logits.log_softmax(1)).sum(1)
+    entropy = softmax_entropy(logits)
     preds = [
         Prediction(
             top_k=[TopK(index=i, label=classes[i], probability=p) for i, p in zip(idx, ps, strict=True)],
