@@ -10,6 +10,7 @@ LayerNorm and GroupNorm layers (of any subclass) keep computing their own statis
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -468,7 +469,7 @@ class SourcePlan(BasePlan):
             if kept == seg.sizes:
                 got = (None, seg)
             else:
-                starts = [sum(seg.sizes[:i]) for i in range(len(kept))]
+                starts = itertools.accumulate(seg.sizes[:-1], initial=0)
                 rows = torch.cat([torch.arange(s, s + k) for s, k in zip(starts, kept, strict=True)])
                 got = (rows.to(device), Segments(kept))
             seg.memo["source_drift_sample"] = got

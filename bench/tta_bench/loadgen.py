@@ -14,6 +14,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 class LoadError(RuntimeError):
     """A request failed (connection, status, or an answer this client cannot read)."""
@@ -88,23 +90,13 @@ class Timings:
 
     def summary(self) -> dict[str, float]:
         """Requests, wall time and latency percentiles (ms) of the run."""
-        ms = sorted(1000 * t for t in self.latencies)
+        ms = np.array(self.latencies) * 1000
         return {
             "requests": len(ms),
             "wall_s": self.wall_s,
-            "p50_ms": _percentile(ms, 50),
-            "p99_ms": _percentile(ms, 99),
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)),
         }
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default method)."""
-    if not ordered:
-        return float("nan")
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 async def closed_loop(
