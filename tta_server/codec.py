@@ -219,6 +219,23 @@ def _scan_end(data: bytes, pos: int) -> int:
             return pos
 
 
+def jpeg_chroma_subsampled(data: bytes) -> bool:
+    """Whether a JPEG's frame header gives its colour components coarser sampling than its luma (4:2:0,
+    4:2:2, ...). A grey JPEG is not subsampled; a file whose header cannot be read counts as subsampled
+    (the CPU decoder, which reports errors best, takes it)."""
+    try:
+        for marker, seg, _ in _jpeg_segments(data):
+            if marker in _SOF_HUFFMAN or marker in _SOF_OTHER:
+                ncomp = seg[5] if len(seg) > 5 else 0
+                factors = {seg[7 + 3 * i] for i in range(ncomp) if len(seg) > 7 + 3 * i}
+                return len(factors) != 1
+            if marker == 0xDA:
+                break
+    except InvalidImageError:
+        pass
+    return True
+
+
 def decode_image_bytes(data: bytes, max_pixels: int) -> torch.Tensor:
     """One JPEG/PNG/WebP file -> uint8 tensor (3, H, W), decoded by Pillow (the reference decoder)."""
     with _open_image(data, max_pixels) as img:
@@ -246,8 +263,8 @@ def decode_files(
     """Several image files -> uint8 (N, 3, H, W) at the model's input size, on `device` (default CPU).
 
     Every header is checked first (or was: `infos` from `scan_files`). JPEGs are decoded together by
-    torchvision (on the GPU when `device` is CUDA), other formats and any JPEG torchvision refuses by
-    Pillow; then images of one size are resized as one batch.
+    torchvision (on the GPU when `device` is CUDA, for JPEGs without chroma subsampling), other formats
+    and any JPEG torchvision refuses by Pillow; then images of one size are resized as one batch.
     """
     device = device or torch.device("cpu")
     formats = (
@@ -255,15 +272,23 @@ def decode_files(
     )
     images: list[torch.Tensor | None] = [None] * len(files)
     jpeg_idx = [i for i, fmt in enumerate(formats) if fmt == "JPEG"]
-    jpegs = [files[i] for i in jpeg_idx]
-    decoded = _decode_jpegs(jpegs, device) if jpegs else None
-    if decoded is None and jpegs and device.type != "cpu":
-        # The device decoder refused a file (say nvJPEG and an unusual sampling): try the CPU decoder.
-        on_host = _decode_jpegs(jpegs, torch.device("cpu"))
-        decoded = None if on_host is None else [img.to(device) for img in on_host]
-    if decoded is not None:
-        for i, img in zip(jpeg_idx, decoded, strict=True):
-            images[i] = img
+    host = torch.device("cpu")
+    if device.type == "cpu":
+        groups = [(jpeg_idx, device)]
+    else:
+        # nvJPEG upsamples subsampled chroma differently from libjpeg-turbo (Pillow's decoder, which the
+        # models were trained on): on an H200, 4:2:0 CIFAR-size JPEGs came out 8.6 grey levels apart on
+        # average (docs/BENCHMARKS.md §7). Only JPEGs without chroma subsampling go to the device decoder.
+        full = [i for i in jpeg_idx if not jpeg_chroma_subsampled(files[i])]
+        groups = [(full, device), (sorted(set(jpeg_idx) - set(full)), host)]
+    for idx, where in groups:
+        decoded = _decode_jpegs([files[i] for i in idx], where) if idx else None
+        if decoded is None and idx and where.type != "cpu":
+            # The device decoder refused a file (say an unusual sampling): try the CPU decoder.
+            decoded = _decode_jpegs([files[i] for i in idx], host)
+        if decoded is not None:
+            for i, img in zip(idx, decoded, strict=True):
+                images[i] = img.to(device)
     for i, found in enumerate(images):
         if found is None:
             images[i] = decode_image_bytes(files[i], max_pixels).to(device)

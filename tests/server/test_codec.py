@@ -138,3 +138,39 @@ def test_npy_headers_are_parsed_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -
         shapes = list(pool.map(lambda _: codec.decode_npy(data, (8, 8)).shape, range(16)))
     assert shapes == [torch.Size([2, 3, 8, 8])] * 16
     assert overlaps == 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "subsampling", "expected"),
+    [("RGB", 2, True), ("RGB", 1, True), ("RGB", 0, False), ("L", 0, False)],
+)
+def test_chroma_subsampling_is_read_from_the_frame_header(
+    photos: list[np.ndarray], mode: str, subsampling: int, expected: bool
+) -> None:
+    data = _encode(photos[1], "JPEG", mode=mode, quality=90, subsampling=subsampling)
+    assert codec.jpeg_chroma_subsampled(data) is expected
+    assert codec.jpeg_chroma_subsampled(data[:40]) is True  # unreadable header: the CPU decoder takes it
+
+
+def test_only_jpegs_without_chroma_subsampling_go_to_the_device_decoder(
+    photos: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nvJPEG's 4:2:0 output differs from libjpeg-turbo's (docs/BENCHMARKS.md §7): the device decodes only
+    4:4:4 files. The device decoder is stood in for (no GPU here); the routing is what is checked."""
+    files = [
+        _encode(p, "JPEG", quality=90, subsampling=s) for p, s in zip(photos, [0, 2, 0, 1, 2], strict=True)
+    ]
+    calls: list[tuple[list[int], str]] = []
+    real = codec._decode_jpegs
+
+    def recording(batch: list[bytes], device: torch.device) -> list[torch.Tensor] | None:
+        calls.append(([files.index(f) for f in batch], device.type))
+        return real(batch, torch.device("cpu"))
+
+    monkeypatch.setattr(codec, "_decode_jpegs", recording)
+    monkeypatch.setattr(
+        codec, "fit_batch", lambda images, size: torch.stack([i[:, :32, :32] for i in images])
+    )
+    out = codec.decode_files(files, (32, 32), MAX_PIXELS, torch.device("meta"))
+    assert calls == [([0, 2], "meta"), ([1, 3, 4], "cpu")]
+    assert out.device.type == "meta" and out.shape == (5, 3, 32, 32)
