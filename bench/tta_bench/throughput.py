@@ -394,7 +394,7 @@ def in_process(
         "bare_forward": fwd.summary() | ops["bare_forward"],
         "bare_train": train.summary() | ops["bare_train"],
         "bare_train_affine": affine.summary() | ops["bare_train_affine"],
-        "bare_vs_source_max_abs_diff": float((bare_logits - src_logits.float()).abs().max()),
+        "bare_vs_source_max_abs_diff": float((bare_logits.cpu() - src_logits.float().cpu()).abs().max()),
     }
     bare_f, bare_t = out["bare_forward"]["ips"], out["bare_train"]["ips"]
     bare_a = out["bare_train_affine"]["ips"]
@@ -1086,16 +1086,24 @@ def main(argv: list[str] | None = None) -> int:
         "bare": bare,
         "skipped": skipped,
     }
+    # Progress, and a JSON that keeps the in-process figures if a served phase is cut short.
+    ratios = ", ".join(f"{n} {v['ratio']:.2f}" for n, v in report["strategies"].items())
+    print(f"in-process done (ratio to bare): {ratios}; served phases next", file=sys.stderr, flush=True)
+    _write_json(args.json, report)
     with own_redis(args.redis_url) as (redis_url, redis_error):
         report["redis"] = "given with --redis-url" if args.redis_url else "own redis-server"
         report["redis_error"] = redis_error = redis_error or redis_reachable(redis_url)
         rc = measure_served(args, spec, report, runs, images, batches_u8, redis_url, redis_error)
     report["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     print(format_report(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    _write_json(args.json, report)
     return rc
+
+
+def _write_json(path: Path | None, report: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

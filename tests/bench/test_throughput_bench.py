@@ -121,3 +121,22 @@ def test_ops_command_counts_kernels_and_syncs_per_call(tmp_path: Path) -> None:
     assert ops["sar"]["host_syncs"] == 3  # the result and one per filter
     # Recording BN statistics for drift adds kernels to the forward; a backward adds more.
     assert ops["bare forward"]["kernels"] < ops["source"]["kernels"] < ops["bare fwd+bwd"]["kernels"]
+
+
+@pytest.mark.timeout(120)
+def test_in_process_figures_survive_a_served_phase_cut_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The JSON is written once the in-process phase ends: a run killed in a served phase keeps it."""
+
+    def killed(*args: object, **kwargs: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(throughput, "measure_served", killed)
+    out = tmp_path / "throughput.json"
+    argv = ["throughput", "--model", "wrn", "--iters", "1", "--warmup", "0", "--batch-size", "4"]
+    argv += ["--strategies", "source", "--threads", "1", "--skip-http", "--json", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    report = json.loads(out.read_text())
+    assert set(report["strategies"]) == {"source"} and _positive(report["strategies"]["source"]["ips"])
