@@ -111,7 +111,11 @@ class Settings(BaseSettings):
         8, ge=0, description="with share_forward unset, the largest CPU step that joins a shared forward"
     )
     decode_on_device: bool = Field(
-        True, description="decode JPEG uploads with nvJPEG on the model's GPU (CPU models: libjpeg-turbo)"
+        True,
+        description=(
+            "decode JPEG uploads without chroma subsampling with nvJPEG on the model's GPU (subsampled ones, "
+            "whose nvJPEG pixels differ from the reference decoder's, and CPU models: libjpeg-turbo)"
+        ),
     )
     max_step_images: int = Field(
         256,
