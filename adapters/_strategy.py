@@ -187,7 +187,7 @@ class ComposedStrategy:
         summary: str,
         normalizer: Normalizer[NormConfigT],
         updater: Updater[UpdateConfigT] | None = None,
-        state_version: int = 1,
+        state_version: int | None = None,
     ) -> None:
         self.name = name
         self.summary = summary
@@ -197,7 +197,8 @@ class ComposedStrategy:
         self.stat_kinds = normalizer.stat_kinds
         self.affine_kinds: frozenset[str] = updater.affine_kinds if updater is not None else frozenset()
         self.autocast_ok = updater is None or updater.autocast_ok
-        self.state_version = state_version
+        # The state's schema is the normaliser's (an updater's tensors are keyed by parameter name).
+        self.state_version: int = state_version or int(getattr(normalizer, "state_version", 1))
         parts: dict[str, type[StrategyConfig]] = {normalizer.name: normalizer.config_cls}
         if updater is not None:
             if updater.name == normalizer.name:
@@ -290,6 +291,26 @@ class ComposedStrategy:
             tensors.update(upd_tensors)
             meta.update(upd_meta)
         return AdaptationState({k: v.detach() for k, v in tensors.items()}, meta)
+
+    def upgrade_state(self, handle: ModelHandle, state: AdaptationState) -> AdaptationState:
+        """A stored state of an older schema version in the current one, where the normaliser can convert it
+        (`upgrade_tensors`); any other state unchanged, for `check_state` to judge."""
+        meta = state.meta
+        version = meta.get("schema_version")
+        upgrade = getattr(self.normalizer, "upgrade_tensors", None)
+        if (
+            upgrade is None
+            or not isinstance(version, int)
+            or version >= self.state_version
+            or meta.get("strategy") != self.name
+            or meta.get("model") != handle.fingerprint
+        ):
+            return state
+        try:
+            tensors = upgrade(handle, state.tensors, version)
+        except KeyError:
+            return state
+        return AdaptationState(tensors, {**meta, "schema_version": self.state_version})
 
     def check_state(self, handle: ModelHandle, state: AdaptationState) -> None:
         meta = state.meta

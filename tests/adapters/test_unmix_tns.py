@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 import adapters
 from adapters.base import AdaptationState, ModelHandle
-from adapters.unmix_tns import UnMixTNSConfig, assignment, mixture_moments
+from adapters.unmix_tns import MEANS, VARS, UnMixTNSConfig, assignment, layer_components, mixture_moments
 
 from ._reference import assert_states_equal, make_batch, replace_bn
 
@@ -20,8 +21,8 @@ TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
 STRATEGY = adapters.get_strategy("unmix_tns")
 
 
-def _keys(layer: str) -> tuple[str, str]:
-    return f"unmix.{layer}.means", f"unmix.{layer}.vars"
+def _layer(handle: ModelHandle, tensors: Mapping[str, Tensor], layer: str) -> tuple[Tensor, Tensor]:
+    return layer_components(handle, tensors, layer)
 
 
 class InstanceNormBN(nn.Module):
@@ -65,18 +66,18 @@ def _reference_step(
     lam = 1 - (1 - cfg.bn_momentum) ** (x.shape[0] / cfg.batch_size_max)
 
     def factory(name: str, bn: nn.BatchNorm2d) -> nn.Module:
-        k_mean, k_var = _keys(name)
-        return ReferenceUnMix(bn, state.tensors[k_mean], state.tensors[k_var], cfg.tau, lam)
+        return ReferenceUnMix(bn, *_layer(handle, state.tensors, name), cfg.tau, lam)
 
     model, refs = replace_bn(handle, factory)
     with torch.no_grad():
         logits = model(x)
-    updated: dict[str, Tensor] = {}
-    for name, ref in refs.items():
-        k_mean, k_var = _keys(name)
+    means, variances = [], []
+    for layer in handle.bn_layers:  # the state packs the layers' columns in this order
+        ref = refs[layer.name]
         assert isinstance(ref, ReferenceUnMix) and ref.new_means is not None and ref.new_variances is not None
-        updated[k_mean], updated[k_var] = ref.new_means, ref.new_variances
-    return logits, updated
+        means.append(ref.new_means)
+        variances.append(ref.new_variances)
+    return logits, {MEANS: torch.cat(means, 1), VARS: torch.cat(variances, 1)}
 
 
 def test_single_component_is_instance_normalisation(tiny_handle: ModelHandle) -> None:
@@ -149,7 +150,7 @@ def test_init_components_spread_around_source(tiny_handle: ModelHandle, k: int) 
     for seed in range(max(4, 512 // k)):
         state = STRATEGY.init_state(tiny_handle, cfg, seed=seed)
         for layer in tiny_handle.bn_layers:
-            means, variances = (state.tensors[key] for key in _keys(layer.name))
+            means, variances = _layer(tiny_handle, state.tensors, layer.name)
             assert means.shape == variances.shape == (k, layer.num_features)
             sigma = layer.running_var.sqrt()
             expected_var = ((1 - cfg.init_spread) * layer.running_var).expand_as(variances)
@@ -174,7 +175,7 @@ def test_moment_matched_init_matches_source_moments_exactly(tiny_handle: ModelHa
     for seed in range(3):
         state = STRATEGY.init_state(tiny_handle, cfg, seed=seed)
         for layer in tiny_handle.bn_layers:
-            means, variances = (state.tensors[key] for key in _keys(layer.name))
+            means, variances = _layer(tiny_handle, state.tensors, layer.name)
             torch.testing.assert_close(
                 variances, ((1 - cfg.init_spread) * layer.running_var).expand_as(variances)
             )
@@ -192,9 +193,9 @@ def test_moment_matched_init_is_the_reference_draw_centred_and_rescaled(tiny_han
     ref = STRATEGY.init_state(tiny_handle, UnMixTNSConfig(init="random"), seed=3).tensors
     mm = STRATEGY.init_state(tiny_handle, UnMixTNSConfig(init="moment_matched"), seed=3).tensors
     for layer in tiny_handle.bn_layers:
-        key, _ = _keys(layer.name)
-        d_ref = ref[key] - ref[key].mean(0)
-        d_mm = mm[key] - layer.running_mean
+        ref_means, mm_means = _layer(tiny_handle, ref, layer.name)[0], _layer(tiny_handle, mm, layer.name)[0]
+        d_ref = ref_means - ref_means.mean(0)
+        d_mm = mm_means - layer.running_mean
         # Per channel, the centred reference offsets and the moment-matched offsets are proportional.
         scale = (d_mm * d_ref).sum(0) / (d_ref * d_ref).sum(0)
         torch.testing.assert_close(d_mm, d_ref * scale, rtol=1e-4, atol=1e-5)
@@ -204,7 +205,7 @@ def test_moment_matched_init_is_the_reference_draw_centred_and_rescaled(tiny_han
 def test_single_component_starts_at_source_statistics(tiny_handle: ModelHandle) -> None:
     state = STRATEGY.init_state(tiny_handle, UnMixTNSConfig(k=1), seed=5)
     for layer in tiny_handle.bn_layers:
-        means, variances = (state.tensors[key] for key in _keys(layer.name))
+        means, variances = _layer(tiny_handle, state.tensors, layer.name)
         torch.testing.assert_close(means, layer.running_mean[None], rtol=0, atol=0)
         torch.testing.assert_close(variances, layer.running_var[None], rtol=0, atol=0)
 
@@ -215,9 +216,11 @@ def test_init_is_seeded(tiny_handle: ModelHandle) -> None:
     assert_states_equal(first, STRATEGY.init_state(tiny_handle, cfg, seed=7))
     other = STRATEGY.init_state(tiny_handle, cfg, seed=8)
     for layer in tiny_handle.bn_layers:
-        k_mean, k_var = _keys(layer.name)
-        assert not torch.equal(first.tensors[k_mean], other.tensors[k_mean])
-        assert torch.equal(first.tensors[k_var], other.tensors[k_var])
+        (first_m, first_v), (other_m, other_v) = (
+            _layer(tiny_handle, st.tensors, layer.name) for st in (first, other)
+        )
+        assert not torch.equal(first_m, other_m)
+        assert torch.equal(first_v, other_v)
 
 
 def test_no_adapt_leaves_components_unchanged(tiny_handle: ModelHandle) -> None:
@@ -253,8 +256,7 @@ def test_drift_statistics_are_each_layers_batch_moments(tiny_handle: ModelHandle
     seen: dict[str, tuple[Tensor, Tensor]] = {}
 
     def factory(name: str, bn: nn.BatchNorm2d) -> nn.Module:
-        k_mean, k_var = _keys(name)
-        ref = ReferenceUnMix(bn, state.tensors[k_mean], state.tensors[k_var], cfg.tau, 0.0)
+        ref = ReferenceUnMix(bn, *_layer(tiny_handle, state.tensors, name), cfg.tau, 0.0)
         ref.register_forward_pre_hook(
             lambda _, args: seen.__setitem__(
                 name, (args[0].mean(dim=(0, 2, 3)), args[0].var(dim=(0, 2, 3), correction=0))
@@ -285,3 +287,42 @@ def test_result_does_not_depend_on_the_order_of_state_keys(cifar_handle: ModelHa
     a, b = STRATEGY.step(cifar_handle, x, state, cfg), STRATEGY.step(cifar_handle, x, shuffled, cfg)
     assert torch.equal(a.logits, b.logits)
     assert_states_equal(a.state, b.state)
+
+
+def test_the_state_is_two_packed_tensors_in_layer_order(tiny_handle: ModelHandle) -> None:
+    """All layers' components in two (K, sum C) tensors, columns in `handle.bn_layers` order."""
+    cfg = UnMixTNSConfig(k=3)
+    state = STRATEGY.init_state(tiny_handle, cfg, seed=1)
+    channels = sum(layer.num_features for layer in tiny_handle.bn_layers)
+    assert {k: tuple(v.shape) for k, v in state.tensors.items()} == {
+        MEANS: (3, channels),
+        VARS: (3, channels),
+    }
+    start = 0
+    for layer in tiny_handle.bn_layers:
+        c = layer.num_features
+        means, _ = _layer(tiny_handle, state.tensors, layer.name)
+        assert torch.equal(means, state.tensors[MEANS][:, start : start + c])
+        torch.testing.assert_close(means.mean(0), layer.running_mean, rtol=1e-5, atol=1e-5)
+        start += c
+
+
+def test_a_version_1_state_is_upgraded_to_the_packed_layout(tiny_handle: ModelHandle) -> None:
+    """A state stored per layer (schema version 1) is read into the packed layout, equal to the original."""
+    cfg = UnMixTNSConfig(k=4)
+    state = STRATEGY.init_state(tiny_handle, cfg, seed=2)
+    v1: dict[str, Tensor] = {}
+    for layer in reversed(tiny_handle.bn_layers):  # any key order
+        means, variances = _layer(tiny_handle, state.tensors, layer.name)
+        v1[f"unmix.{layer.name}.means"], v1[f"unmix.{layer.name}.vars"] = means.clone(), variances.clone()
+    old = AdaptationState(v1, {**state.meta, "schema_version": 1})
+    with pytest.raises(adapters.StateMismatchError, match="schema version 1"):
+        STRATEGY.check_state(tiny_handle, old)
+    upgraded = STRATEGY.upgrade_state(tiny_handle, old)
+    STRATEGY.check_state(tiny_handle, upgraded)
+    assert_states_equal(upgraded, state)
+    # Another model's state, or a version with no upgrade, is left for check_state to refuse.
+    other_model = AdaptationState(v1, {**old.meta, "model": "another"})
+    assert STRATEGY.upgrade_state(tiny_handle, other_model) is other_model
+    unknown = AdaptationState(v1, {**old.meta, "schema_version": 0})
+    assert STRATEGY.upgrade_state(tiny_handle, unknown) is unknown

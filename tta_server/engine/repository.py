@@ -135,6 +135,7 @@ class StateRepository:
                 "stored state was written under another policy; reset the stream", detail={"stream": stream}
             )
         state = await self._run(state_from_bytes, record.blob, handle.device)
+        state = strat.upgrade_state(handle, state)  # a state stored by an older release of the strategy
         strat.check_state(handle, state)  # adapters.StateMismatchError -> 409 state_mismatch
         return record.version, state
 
