@@ -18,6 +18,7 @@ Deviation: B is the request's batch size (the reference divides by its configure
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from adapters._augment import generator_for, tta_augment
 from adapters._grad import apply_gradients, init_affine_state, leaf_params
 from adapters._optim import OptimConfig
 from adapters._strategy import ComposedStrategy, Forward, UpdateOutcome
-from adapters.base import AFFINE_KINDS, AdaptationState, ModelHandle
+from adapters.base import AFFINE_KINDS, AdaptationState, BatchTooSmallError, ModelHandle
 from adapters.registry import register_strategy
 from adapters.source import BatchStats
 
@@ -132,9 +133,12 @@ class ROIDUpdater:
                     x[idx], generator_for(seed, step, salt=1), padding_mode="reflect", cotta=False
                 )
                 if kept * x.shape[2] * x.shape[3] >= 2:
-                    logits_aug, _ = forward(x_aug, params, update_stats=False, record=False)
-                    sce = symmetric_cross_entropy(logits_aug, logits[idx])
-                    loss = loss + (sce * weights[idx]).sum() / n
+                    # A deep layer may still see one value per channel (one kept image at 1x1 there):
+                    # then the batch of kept images has no statistics and the consistency term is left out.
+                    with contextlib.suppress(BatchTooSmallError):
+                        logits_aug, _ = forward(x_aug, params, update_stats=False, record=False)
+                        sce = symmetric_cross_entropy(logits_aug, logits[idx])
+                        loss = loss + (sce * weights[idx]).sum() / n
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         grads = tuple(
             torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads, strict=True)
