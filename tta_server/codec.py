@@ -174,10 +174,10 @@ def _parse_frame(seg: bytes, progressive: bool) -> _Frame:
     """SOF segment -> (progressive, width, height, {component id: (blocks wide, blocks high)})."""
     if len(seg) < 6:
         raise InvalidImageError("truncated JPEG frame header")
-    height, width, ncomp = int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5]
-    if width == 0 or height == 0 or ncomp == 0 or len(seg) < 6 + 3 * ncomp:
+    height, width = int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big")
+    if width == 0 or height == 0:
         raise InvalidImageError("corrupt JPEG frame header")
-    sampling = {seg[6 + 3 * i]: (seg[7 + 3 * i] >> 4, seg[7 + 3 * i] & 15) for i in range(ncomp)}
+    sampling = _sampling_factors(seg)
     hmax = max(h for h, _ in sampling.values())
     vmax = max(v for _, v in sampling.values())
     if min(min(h, v) for h, v in sampling.values()) < 1:
@@ -187,6 +187,14 @@ def _parse_frame(seg: bytes, progressive: bool) -> _Frame:
         for cid, (h, v) in sampling.items()
     }
     return progressive, width, height, blocks
+
+
+def _sampling_factors(seg: bytes) -> dict[int, tuple[int, int]]:
+    """SOF segment -> {component id: (horizontal, vertical) sampling factor}."""
+    ncomp = seg[5] if len(seg) > 5 else 0
+    if ncomp == 0 or len(seg) < 6 + 3 * ncomp:
+        raise InvalidImageError("corrupt JPEG frame header")
+    return {seg[6 + 3 * i]: (seg[7 + 3 * i] >> 4, seg[7 + 3 * i] & 15) for i in range(ncomp)}
 
 
 def _scan_cost(seg: bytes, frame: _Frame) -> tuple[set[int], int]:
@@ -226,9 +234,7 @@ def jpeg_chroma_subsampled(data: bytes) -> bool:
     try:
         for marker, seg, _ in _jpeg_segments(data):
             if marker in _SOF_HUFFMAN or marker in _SOF_OTHER:
-                ncomp = seg[5] if len(seg) > 5 else 0
-                factors = {seg[7 + 3 * i] for i in range(ncomp) if len(seg) > 7 + 3 * i}
-                return len(factors) != 1
+                return len(set(_sampling_factors(seg).values())) != 1
             if marker == 0xDA:
                 break
     except InvalidImageError:
