@@ -19,6 +19,7 @@ Deviations from the reference, both measured (docs/BENCHMARKS.md):
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -82,9 +83,7 @@ class Layout:
 
     @functools.cached_property
     def offsets(self) -> dict[str, tuple[int, int]]:
-        starts = [0]
-        for c in self.sizes[:-1]:
-            starts.append(starts[-1] + c)
+        starts = itertools.accumulate(self.sizes[:-1], initial=0)
         return {n: (start, c) for n, start, c in zip(self.names, starts, self.sizes, strict=True)}
 
     def column(self, name: str, packed: Tensor) -> Tensor:
@@ -92,9 +91,17 @@ class Layout:
         start, c = self.offsets[name]
         return packed[..., start : start + c]
 
-    def pack(self, pieces: Mapping[str, Tensor], old: Tensor) -> Tensor:
-        """A new packed tensor from per-layer `pieces`; the layers without one keep their columns of `old`."""
-        return torch.cat([pieces[n] if n in pieces else self.column(n, old) for n in self.names], -1)
+    def pack(
+        self, updated: Mapping[str, tuple[Tensor, Tensor]], means: Tensor, variances: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """New packed means and variances from per-layer `updated` (means, variances); the layers without an
+        update keep their columns of `means` and `variances`."""
+
+        def packed(part: int, old: Tensor) -> Tensor:
+            pieces = [updated[n][part] if n in updated else self.column(n, old) for n in self.names]
+            return torch.cat(pieces, -1)
+
+        return packed(0, means), packed(1, variances)
 
 
 def layer_components(handle: ModelHandle, tensors: Mapping[str, Tensor], layer: str) -> tuple[Tensor, Tensor]:
@@ -255,6 +262,9 @@ class UnMixPlan(BasePlan):
                 means = torch.stack([plan.tensors[MEANS] for plan in plans])
                 variances = torch.stack([plan.tensors[VARS] for plan in plans])
                 shared = _SharedUpdate(layout, means, variances)
+                for i, plan in enumerate(plans):
+                    if plan.update:  # this stream's new state is its row of the joint update
+                        plan._shared = (shared, i)
                 seg.memo["unmix"] = (
                     shared,
                     ComponentTables.build(layout, means, variances, plans[0].cfg.tau),
@@ -279,8 +289,6 @@ class UnMixPlan(BasePlan):
                     seg,
                     plans[0].cfg,
                 )
-                for i, plan in enumerate(plans):
-                    plan._shared = (shared, i)
         w, b = stacked_affine(plans, layer, seg)
         return normalize_with(x, mean, var, w, b, layer.eps)
 
@@ -290,12 +298,8 @@ class UnMixPlan(BasePlan):
             return shared.stream(row)
         if not self._updated:
             return {}
-        means = {n: m for n, (m, _) in self._updated.items()}
-        variances = {n: v for n, (_, v) in self._updated.items()}
-        return {
-            MEANS: self.layout.pack(means, self.tensors[MEANS]),
-            VARS: self.layout.pack(variances, self.tensors[VARS]),
-        }
+        means, variances = self.layout.pack(self._updated, self.tensors[MEANS], self.tensors[VARS])
+        return {MEANS: means, VARS: variances}
 
 
 class _SharedUpdate:
@@ -309,8 +313,7 @@ class _SharedUpdate:
 
     def stream(self, row: int) -> dict[str, Tensor]:
         if self._streams is None:
-            means = self.layout.pack({n: m for n, (m, _) in self.updated.items()}, self.means)
-            variances = self.layout.pack({n: v for n, (_, v) in self.updated.items()}, self.variances)
+            means, variances = self.layout.pack(self.updated, self.means, self.variances)
             # Own storage per stream: a view would keep the whole stacked tensor alive in its state.
             self._streams = [
                 {MEANS: m.clone(), VARS: v.clone()} for m, v in zip(means, variances, strict=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -19,10 +18,6 @@ from ._reference import assert_states_equal, make_batch, replace_bn
 
 TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-5}
 STRATEGY = adapters.get_strategy("unmix_tns")
-
-
-def _layer(handle: ModelHandle, tensors: Mapping[str, Tensor], layer: str) -> tuple[Tensor, Tensor]:
-    return layer_components(handle, tensors, layer)
 
 
 class InstanceNormBN(nn.Module):
@@ -66,7 +61,7 @@ def _reference_step(
     lam = 1 - (1 - cfg.bn_momentum) ** (x.shape[0] / cfg.batch_size_max)
 
     def factory(name: str, bn: nn.BatchNorm2d) -> nn.Module:
-        return ReferenceUnMix(bn, *_layer(handle, state.tensors, name), cfg.tau, lam)
+        return ReferenceUnMix(bn, *layer_components(handle, state.tensors, name), cfg.tau, lam)
 
     model, refs = replace_bn(handle, factory)
     with torch.no_grad():
@@ -150,7 +145,7 @@ def test_init_components_spread_around_source(tiny_handle: ModelHandle, k: int) 
     for seed in range(max(4, 512 // k)):
         state = STRATEGY.init_state(tiny_handle, cfg, seed=seed)
         for layer in tiny_handle.bn_layers:
-            means, variances = _layer(tiny_handle, state.tensors, layer.name)
+            means, variances = layer_components(tiny_handle, state.tensors, layer.name)
             assert means.shape == variances.shape == (k, layer.num_features)
             sigma = layer.running_var.sqrt()
             expected_var = ((1 - cfg.init_spread) * layer.running_var).expand_as(variances)
@@ -175,7 +170,7 @@ def test_moment_matched_init_matches_source_moments_exactly(tiny_handle: ModelHa
     for seed in range(3):
         state = STRATEGY.init_state(tiny_handle, cfg, seed=seed)
         for layer in tiny_handle.bn_layers:
-            means, variances = _layer(tiny_handle, state.tensors, layer.name)
+            means, variances = layer_components(tiny_handle, state.tensors, layer.name)
             torch.testing.assert_close(
                 variances, ((1 - cfg.init_spread) * layer.running_var).expand_as(variances)
             )
@@ -193,7 +188,10 @@ def test_moment_matched_init_is_the_reference_draw_centred_and_rescaled(tiny_han
     ref = STRATEGY.init_state(tiny_handle, UnMixTNSConfig(init="random"), seed=3).tensors
     mm = STRATEGY.init_state(tiny_handle, UnMixTNSConfig(init="moment_matched"), seed=3).tensors
     for layer in tiny_handle.bn_layers:
-        ref_means, mm_means = _layer(tiny_handle, ref, layer.name)[0], _layer(tiny_handle, mm, layer.name)[0]
+        ref_means, mm_means = (
+            layer_components(tiny_handle, ref, layer.name)[0],
+            layer_components(tiny_handle, mm, layer.name)[0],
+        )
         d_ref = ref_means - ref_means.mean(0)
         d_mm = mm_means - layer.running_mean
         # Per channel, the centred reference offsets and the moment-matched offsets are proportional.
@@ -205,7 +203,7 @@ def test_moment_matched_init_is_the_reference_draw_centred_and_rescaled(tiny_han
 def test_single_component_starts_at_source_statistics(tiny_handle: ModelHandle) -> None:
     state = STRATEGY.init_state(tiny_handle, UnMixTNSConfig(k=1), seed=5)
     for layer in tiny_handle.bn_layers:
-        means, variances = _layer(tiny_handle, state.tensors, layer.name)
+        means, variances = layer_components(tiny_handle, state.tensors, layer.name)
         torch.testing.assert_close(means, layer.running_mean[None], rtol=0, atol=0)
         torch.testing.assert_close(variances, layer.running_var[None], rtol=0, atol=0)
 
@@ -217,7 +215,7 @@ def test_init_is_seeded(tiny_handle: ModelHandle) -> None:
     other = STRATEGY.init_state(tiny_handle, cfg, seed=8)
     for layer in tiny_handle.bn_layers:
         (first_m, first_v), (other_m, other_v) = (
-            _layer(tiny_handle, st.tensors, layer.name) for st in (first, other)
+            layer_components(tiny_handle, st.tensors, layer.name) for st in (first, other)
         )
         assert not torch.equal(first_m, other_m)
         assert torch.equal(first_v, other_v)
@@ -256,7 +254,7 @@ def test_drift_statistics_are_each_layers_batch_moments(tiny_handle: ModelHandle
     seen: dict[str, tuple[Tensor, Tensor]] = {}
 
     def factory(name: str, bn: nn.BatchNorm2d) -> nn.Module:
-        ref = ReferenceUnMix(bn, *_layer(tiny_handle, state.tensors, name), cfg.tau, 0.0)
+        ref = ReferenceUnMix(bn, *layer_components(tiny_handle, state.tensors, name), cfg.tau, 0.0)
         ref.register_forward_pre_hook(
             lambda _, args: seen.__setitem__(
                 name, (args[0].mean(dim=(0, 2, 3)), args[0].var(dim=(0, 2, 3), correction=0))
@@ -301,7 +299,7 @@ def test_the_state_is_two_packed_tensors_in_layer_order(tiny_handle: ModelHandle
     start = 0
     for layer in tiny_handle.bn_layers:
         c = layer.num_features
-        means, _ = _layer(tiny_handle, state.tensors, layer.name)
+        means, _ = layer_components(tiny_handle, state.tensors, layer.name)
         assert torch.equal(means, state.tensors[MEANS][:, start : start + c])
         torch.testing.assert_close(means.mean(0), layer.running_mean, rtol=1e-5, atol=1e-5)
         start += c
@@ -313,7 +311,7 @@ def test_a_version_1_state_is_upgraded_to_the_packed_layout(tiny_handle: ModelHa
     state = STRATEGY.init_state(tiny_handle, cfg, seed=2)
     v1: dict[str, Tensor] = {}
     for layer in reversed(tiny_handle.bn_layers):  # any key order
-        means, variances = _layer(tiny_handle, state.tensors, layer.name)
+        means, variances = layer_components(tiny_handle, state.tensors, layer.name)
         v1[f"unmix.{layer.name}.means"], v1[f"unmix.{layer.name}.vars"] = means.clone(), variances.clone()
     old = AdaptationState(v1, {**state.meta, "schema_version": 1})
     with pytest.raises(adapters.StateMismatchError, match="schema version 1"):
