@@ -62,6 +62,17 @@ STAT_KINDS: frozenset[LayerKind] = frozenset({"batchnorm2d"})
 AFFINE_KINDS: frozenset[LayerKind] = frozenset({"batchnorm2d", "layernorm", "groupnorm"})
 
 
+def merge_config(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` laid over `base`, recursing where both hold a mapping under the same key."""
+    out = dict(base)
+    for key, value in over.items():
+        below = out.get(key)
+        out[key] = (
+            merge_config(below, value) if isinstance(below, Mapping) and isinstance(value, Mapping) else value
+        )
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class AffineLayer:
     """A normalisation layer of the base model whose affine parameters an updater may train."""
@@ -100,6 +111,8 @@ class ModelHandle:
     normalisation layer with trainable affine parameters (BN2d, LayerNorm, GroupNorm), in module order
     (empty: the BN layers); `layer_counts` counts the normalisation layers the forward runs, by kind.
     `top_modules`: module-name prefixes of the top of the network, whose layers SAR leaves frozen.
+    `strategy_defaults`: per strategy name, the hyper-parameters it starts from on this model (models.yaml),
+    under whatever a stream's own config sets (`strategy_config`).
     """
 
     model_id: str
@@ -120,9 +133,15 @@ class ModelHandle:
     # Source-dependent tensors made once by `tta-bench prepare-source` (the model's `source_artifact`), e.g.
     # EATA's Fisher under `eata.fisher.<key digest>.<parameter>`; empty: computed at first use.
     prepared: Mapping[str, Tensor] = field(default_factory=dict)
+    strategy_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     _moments: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = field(
         default_factory=dict, init=False, repr=False
     )
+
+    def strategy_config(self, strategy: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
+        """`config` laid over this model's declared defaults for `strategy`; a composite's part configs
+        (nested mappings) merge key by key, so a stream that sets one field keeps the model's others."""
+        return merge_config(self.strategy_defaults.get(strategy, {}), config or {})
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The forward pass's reduced-precision context (a no-op for float32 models)."""

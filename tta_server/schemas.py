@@ -124,6 +124,10 @@ class ModelInfo(BaseModel):
     strategies: list[str] = Field(
         default_factory=list, description="the strategies that apply to this model (the others answer 422)"
     )
+    strategy_defaults: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="hyper-parameters a strategy starts from on this model, under a stream's own config",
+    )
 
 
 class ModelList(BaseModel):

@@ -121,6 +121,13 @@ class ModelSpec(BaseModel):
             "--model <id>` (safetensors: EATA's Fisher); a missing file is computed at first use instead"
         ),
     )
+    strategy_defaults: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description=(
+            "per strategy name, the hyper-parameters it starts from on this model, under what a stream's own "
+            "config sets, e.g. {tent: {lr: 2.5e-4}}; a composite's part configs nest under the part's name"
+        ),
+    )
     random_init_seed: int | None = Field(None, description="required to allow weights=None (benchmarks)")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
@@ -163,6 +170,26 @@ class ModelSpec(BaseModel):
                 raise _unknown("timm", name, list(timm.list_models()))
             return arch
         raise ValueError(f"unknown arch source {source!r} in {arch!r}: use torchvision:<name> or timm:<name>")
+
+    @field_validator("strategy_defaults")
+    @classmethod
+    def _known_strategies(cls, defaults: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        import adapters  # the registry imports this module: look it up at validation time
+
+        for name, config in defaults.items():
+            try:
+                adapters.get_strategy(name).parse_config(config)
+            except adapters.UnknownStrategyError as exc:
+                raise ValueError(f"strategy_defaults: {exc}") from None
+            except ValueError as exc:  # pydantic.ValidationError: name each bad field
+                errors = getattr(exc, "errors", None)
+                bad = (
+                    [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors()]
+                    if errors
+                    else [str(exc)]
+                )
+                raise ValueError(f"strategy_defaults.{name}: {'; '.join(bad)}") from None
+        return defaults
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -407,6 +434,7 @@ def build_handle(
         layer_counts=counts,
         top_modules=tuple(top),
         prepared=_read_source_artifact(spec, fingerprint, device),
+        strategy_defaults=spec.strategy_defaults,
     )
 
 

@@ -572,8 +572,7 @@ def run(args: argparse.Namespace) -> int:
     strategies = resolve_strategies(args.strategies)
     corruptions = resolve_corruptions(args.corruptions, args.dataset, args.layout)
     overrides = parse_overrides(args.config, strategies)
-
-    configs = parse_configs(strategies, overrides)
+    parse_configs(strategies, overrides)  # a bad --config fails before the model is built
 
     import torch
     from tqdm import tqdm
@@ -583,6 +582,8 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     handle = load_handle(args.models_config, args.model, args.device, args.precision)
+    # As the server does: --config over the model's declared strategy_defaults.
+    configs = parse_configs(strategies, {n: handle.strategy_config(n, overrides.get(n)) for n in strategies})
     if args.dataset is not None:
         cache = StreamCache(
             None, args.severity, args.n, args.order, args.delta, args.seed, args.batch_size,
@@ -738,6 +739,9 @@ def config_dict(
         "setting": args.setting,
         "passes": args.passes,
         "config": overrides,
+        "model_defaults": {
+            n: dict(handle.strategy_defaults[n]) for n in strategies if n in handle.strategy_defaults
+        },
         "threads": args.threads,
     }
 

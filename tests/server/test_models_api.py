@@ -4,8 +4,10 @@ BatchNorm serves the affine strategies and refuses the statistics ones at PUT (4
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from adapters.models import ModelSpec, build_handle, build_network
@@ -51,3 +53,40 @@ def test_models_list_layer_kinds_and_strategies_and_gn_model_serves_tent(
             assert len(r.json()["predictions"]) == 4
         stream = client.get("/v1/streams/cam").json()
         assert stream["strategy"] == "tent"
+
+
+def test_a_models_strategy_defaults_reach_its_streams_under_their_own_config(tiny_spec: ModelSpec) -> None:
+    defaults = {"tent": {"lr": 2.5e-4}, "unmix_tns+tent": {"tent": {"lr": 1e-4, "optimizer": "sgd"}}}
+    spec = ModelSpec.model_validate({**tiny_spec.model_dump(), "strategy_defaults": defaults})
+    pool = ModelPool({"tiny": build_handle(spec)}, {"tiny": spec}, "tiny")
+    with app_clients(pool, MODELS_YAML) as factory:
+        client = factory()
+        listed = client.get("/v1/models").json()["models"][0]
+        assert listed["strategy_defaults"] == defaults
+
+        def config(stream: str, body: dict[str, object]) -> dict[str, Any]:
+            r = client.put(f"/v1/streams/{stream}", json=body)
+            assert r.status_code == 200, r.text
+            return client.get(f"/v1/streams/{stream}").json()["config"]
+
+        assert config("a", {"strategy": "tent"})["lr"] == 2.5e-4
+        assert config("b", {"strategy": "tent", "config": {"lr": 1e-3}})["lr"] == 1e-3
+        assert config("c", {"strategy": "eta"})["lr"] == 1e-3  # no defaults declared for eta
+        # A composite's part configs merge field by field: the stream's momentum, the model's lr and optimiser.
+        tent_part = config("d", {"strategy": "unmix_tns+tent", "config": {"tent": {"momentum": 0.5}}})["tent"]
+        assert (tent_part["lr"], tent_part["optimizer"], tent_part["momentum"]) == (1e-4, "sgd", 0.5)
+
+
+@pytest.mark.parametrize(
+    ("defaults", "message"),
+    [
+        ({"tentt": {"lr": 1e-3}}, r"strategy_defaults: unknown strategy 'tentt'"),
+        ({"tent": {"lr": -1.0}}, r"strategy_defaults\.tent: lr: Input should be greater than 0"),
+        ({"tent": {"learning_rate": 1e-3}}, r"strategy_defaults\.tent: learning_rate: Extra inputs"),
+    ],
+)
+def test_bad_strategy_defaults_are_refused_when_the_models_file_is_read(
+    tiny_spec: ModelSpec, defaults: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelSpec.model_validate({**tiny_spec.model_dump(), "strategy_defaults": defaults})

@@ -28,6 +28,7 @@ async def list_models(engine: EngineDep) -> ModelList:
                 default=h.model_id == pool.default_model,
                 norm_layers=dict(h.layer_counts),
                 strategies=[n for n in adapters.list_strategies() if adapters.get_strategy(n).applies_to(h)],
+                strategy_defaults={k: dict(v) for k, v in h.strategy_defaults.items()},
             )
             for h in pool.handles.values()
         ]

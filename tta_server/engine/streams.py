@@ -95,7 +95,7 @@ def validate_policy(
     """The policy a PUT asks for, fully checked against its model (no incarnation yet)."""
     handle = pool.get(model)
     strat = strategy(strategy_name)
-    cfg = parse_config(strat, config)
+    cfg = parse_config(strat, handle.strategy_config(strategy_name, config))
     check_runs_on(strat, cfg, handle)
     return Policy(handle.model_id, strategy_name, cfg.model_dump(mode="json"), seed)
 
