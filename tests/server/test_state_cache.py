@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adapters import AdaptationState
-from tta_server.engine.repository import Prepared, StateRepository, _Cached
+from tta_server.engine.repository import Prepared, StateRepository, _Cached, _finite_on_host
 from tta_server.errors import StoreUnavailableError
 from tta_server.metrics import Metrics
 from tta_server.records import Policy
@@ -110,3 +110,18 @@ def test_a_commit_whose_outcome_is_unknown_drops_the_cached_state() -> None:
             assert raw.state is not None and int(raw.state["v"]) == 1
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_state_with_a_non_finite_value_is_refused_whatever_its_dtype(dtype: torch.dtype, bad: float) -> None:
+    good = {"a": torch.ones(3, 4, dtype=dtype), "steps": torch.tensor([5], dtype=torch.int64)}
+    assert _finite_on_host(good) is not None
+    view = torch.zeros(4, 3, dtype=dtype)
+    view[2, 1] = bad
+    # A transposed view and a tensor that requires grad are checked like any other.
+    assert _finite_on_host({**good, "b": view.t()}) is None
+    leaf = torch.zeros(5, dtype=dtype).requires_grad_(dtype.is_floating_point)
+    with torch.no_grad():
+        leaf[3] = bad
+    assert _finite_on_host({**good, "c": leaf}) is None
