@@ -114,7 +114,9 @@ def test_a_commit_whose_outcome_is_unknown_drops_the_cached_state() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_a_state_with_a_non_finite_value_is_refused_whatever_its_dtype(dtype: torch.dtype, bad: float) -> None:
+def test_a_state_with_a_non_finite_value_is_refused_whatever_its_dtype(
+    dtype: torch.dtype, bad: float
+) -> None:
     good = {"a": torch.ones(3, 4, dtype=dtype), "steps": torch.tensor([5], dtype=torch.int64)}
     assert _finite_on_host(good) is not None
     view = torch.zeros(4, 3, dtype=dtype)
