@@ -15,6 +15,7 @@ tests are skipped on a developer machine and fail under CI=true; every test that
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 from collections.abc import Callable, Generator, Iterator
@@ -120,6 +121,16 @@ def require_redis_server(*, cli: bool = False) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail("redis-server is required when CI=true (Debian: apt-get install redis-server)")
     pytest.skip("redis-server not installed (Debian: apt-get install redis-server)")
+
+
+def require_timm() -> None:
+    """Skip without timm (the server's optional `timm` extra) on a developer machine; `scripts/install`
+    installs it, so under CI=true its absence is a failure."""
+    if importlib.util.find_spec("timm") is not None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("timm is required when CI=true: pip install -e '.[timm]' (scripts/install does)")
+    pytest.skip("timm not installed (pip install -e '.[timm]')")
 
 
 #: Fixtures that start (or use) a redis-server: a test that requests one is marked `redis`.

@@ -25,6 +25,7 @@ from adapters import BatchTooSmallError, IncompatibleModelError, ModelHandle
 from adapters.base import ModelLoadError
 from adapters.models import ModelSpec, build_handle, build_network
 from adapters.tent import TentConfig
+from tests.conftest import require_timm
 
 from ._reference import SMALL
 
@@ -335,7 +336,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
     ],
 )
 def test_timm_models_by_name(tmp_path: Path, arch: str, kwargs: dict[str, Any], kind: str) -> None:
-    pytest.importorskip("timm")
+    require_timm()
     size = 64 if kind == "batchnorm2d" else 32
     spec = ModelSpec(id="t", arch=arch, kwargs=kwargs, input_size=(size, size), random_init_seed=0)
     handle = build_handle(_saved_spec(tmp_path, spec))
