@@ -185,6 +185,7 @@ class StateStore(Protocol):
         meta: bytes,
         rec: bytes,
         drift: float | None,
+        steps: int = 1,
     ) -> int: ...
     async def set_drift(self, ns: str, stream: str, score: float | None) -> None: ...
     async def top_drift(self, ns: str, n: int) -> list[tuple[str, float]]: ...
@@ -270,6 +271,7 @@ class InMemoryStateStore:
         meta: bytes,
         rec: bytes,
         drift: float | None,
+        steps: int = 1,
     ) -> int:
         async with self._lock:
             pk, sk = policy_key(ns, stream), state_key(ns, stream)
@@ -282,11 +284,11 @@ class InMemoryStateStore:
             if current != expected:
                 self._set_drift(ns, stream, drift)
                 return CasOutcome.CONFLICT
-            nv = str(expected + 1).encode()
+            nv = str(expected + steps).encode()
             self._put(sk, {"inc": inc.encode(), "v": nv, "blob": blob, "meta": meta, "policy": rec})
             self._put(pk, {**policy, "v": nv})
             self._set_drift(ns, stream, drift)
-            return expected + 1
+            return expected + steps
 
     async def set_drift(self, ns: str, stream: str, score: float | None) -> None:
         self._set_drift(ns, stream, score)
@@ -341,7 +343,8 @@ for _, x in ipairs(s) do out[#out + 1] = x end
 return out
 """
 
-# KEYS: policy, state. ARGV: incarnation, expected version, blob, meta, policy copy, TTL ms, commit token.
+# KEYS: policy, state. ARGV: incarnation, expected version, blob, meta, policy copy, TTL ms, commit token,
+# steps (the new version is expected + steps: a write-back of several steps held on a replica counts them all).
 # The token makes a re-sent commit idempotent: redis-py re-sends a command whose connection dropped (a Cluster
 # failover), and when the first send had been applied the second finds its own token and answers the version
 # it wrote, instead of a conflict that would make the engine apply the same batch a second time.
@@ -352,9 +355,9 @@ local t = redis.call('TYPE', KEYS[2])['ok']
 if t ~= 'hash' and t ~= 'none' then return -3 end
 local cur = 0
 if redis.call('HGET', KEYS[2], 'inc') == ARGV[1] then cur = tonumber(redis.call('HGET', KEYS[2], 'v')) or -1 end
-if cur == tonumber(ARGV[2]) + 1 and redis.call('HGET', KEYS[2], 'tok') == ARGV[7] then return cur end
+local nv = tonumber(ARGV[2]) + tonumber(ARGV[8])
+if cur == nv and redis.call('HGET', KEYS[2], 'tok') == ARGV[7] then return cur end
 if cur ~= tonumber(ARGV[2]) then return -1 end
-local nv = cur + 1
 redis.call('HSET', KEYS[2], 'inc', ARGV[1], 'v', nv, 'blob', ARGV[3], 'meta', ARGV[4], 'policy', ARGV[5],
   'tok', ARGV[7])
 redis.call('HSET', KEYS[1], 'v', nv)
@@ -513,6 +516,7 @@ class RedisStateStore:
         meta: bytes,
         rec: bytes,
         drift: float | None,
+        steps: int = 1,
     ) -> int:
         """The compare-and-set and the drift-board update in one round trip (the board lives in other hash
         slots, so no script may touch both). The board is advisory: a conflicting step's score is still
@@ -520,7 +524,7 @@ class RedisStateStore:
         skip streams that no longer exist."""
         keys = [policy_key(ns, stream), state_key(ns, stream)]
         token = secrets.token_hex(8)  # one per commit; every re-send of it carries the same
-        args: list[EncodableT] = [inc, expected, blob, meta, rec, self.ttl_ms, token]
+        args: list[EncodableT] = [inc, expected, blob, meta, rec, self.ttl_ms, token, steps]
         board = drift_key(ns, drift_shard(stream))
         extra: list[tuple[Any, ...]] = (
             [("ZREM", board, stream)]

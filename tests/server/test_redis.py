@@ -145,6 +145,12 @@ def test_store_compare_and_set_refuses_stale_versions(kind, request) -> None:
         # A cached copy of this incarnation and version: the blob is not sent again.
         cached = await store.load("ns", "s", ("inc-a", 2))
         assert cached.state is not None and "blob" not in cached.state
+        # A write-back of steps held on a replica moves the version by their number, from the stored one only.
+        assert await store.cas("ns", "s", "inc-a", 1, b"x", b"{}", b"{}", 0.2, steps=3) == CasOutcome.CONFLICT
+        assert await store.cas("ns", "s", "inc-a", 2, b"five", b"{}", b"{}", 0.2, steps=3) == 5
+        got = await store.load("ns", "s", None)
+        assert got.state is not None and (got.state["v"], got.state["blob"]) == (b"5", b"five")
+        assert got.policy is not None and got.policy["v"] == b"5"
         # A conditional replace only replaces the incarnation it names, and drops the old state.
         assert not await store.replace("ns", "s", "inc-c", b"{}", expected="inc-b")
         assert await store.replace("ns", "s", "inc-c", b"{}", expected="inc-a")
@@ -177,6 +183,9 @@ def test_a_re_sent_commit_is_applied_once(kind, request, monkeypatch: pytest.Mon
         monkeypatch.setattr("tta_server.state_store.secrets.token_hex", lambda n: "another-commit")
         assert await store.cas("ns", "s", "inc-a", 0, b"stale", b"{}", b"{}", 0.1) == CasOutcome.CONFLICT
         assert await store.cas("ns", "s", "inc-a", 1, b"two", b"{}", b"{}", 0.1) == 2
+        monkeypatch.setattr("tta_server.state_store.secrets.token_hex", lambda n: "write-back")
+        assert await store.cas("ns", "s", "inc-a", 2, b"five", b"{}", b"{}", 0.1, steps=3) == 5
+        assert await store.cas("ns", "s", "inc-a", 2, b"five", b"{}", b"{}", 0.1, steps=3) == 5  # re-send
         await store.close()
 
     asyncio.run(scenario())

@@ -88,8 +88,9 @@ class _FailingCas(InMemoryStateStore):
         meta: bytes,
         rec: bytes,
         drift: float | None,
+        steps: int = 1,
     ) -> int:
-        await super().cas(ns, stream, inc, expected, blob, meta, rec, drift)
+        await super().cas(ns, stream, inc, expected, blob, meta, rec, drift, steps)
         raise StoreUnavailableError("connection lost mid-commit")
 
 
