@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None, pool: ModelPool | None = None) 
             metrics.store_up.set(0)
             log.warning("state store not reachable at start-up (%s); /readyz reports it", exc)
         app.state.engine = Engine(settings, models, store, metrics)
+        app.state.engine.start()
         grpc_server = None
         if settings.grpc_port is not None:
             # Imported here: its generated protobuf module is loaded only when the service is on.
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None, pool: ModelPool | None = None) 
         finally:
             if grpc_server is not None:
                 await grpc_server.stop(grace=5)
+            await app.state.engine.shutdown()
             app.state.engine.close()
             await store.close()
 

@@ -100,6 +100,25 @@ class Metrics:
             "Bytes of stream states this replica keeps on its device between steps (TTA_STATE_CACHE_BYTES bounds it)",
             registry=r,
         )
+        self.unwritten_steps = Gauge(
+            "tta_state_unwritten_steps",
+            "Adapting steps this replica holds in its cache and has not yet written to the store "
+            "(TTA_WRITE_BACK_STEPS > 1): what a crash of the replica would lose",
+            registry=r,
+        )
+        self.write_backs = Counter(
+            "tta_state_write_backs",
+            "Writes of states held on this replica, by reason: steps (the N-th step), idle, shutdown",
+            ("reason",),
+            registry=r,
+        )
+        self.write_back_lost = Counter(
+            "tta_state_write_back_lost_steps",
+            "Steps held on this replica that never reached the store, by reason: conflict (another replica "
+            "committed the stream first), replaced (the stream was reset, re-configured or deleted)",
+            ("reason",),
+            registry=r,
+        )
         self.discarded = Counter(
             "tta_updates_discarded",
             "Adapting steps computed but not stored, by reason (conflict, stream_replaced, non_finite, "
@@ -186,6 +205,10 @@ class Metrics:
                     metric.labels(model, strategy)
         for result in ("hit", "miss"):
             self.state_cache.labels(result)
+        for reason in ("steps", "idle", "shutdown"):
+            self.write_backs.labels(reason)
+        for reason in ("conflict", "replaced"):
+            self.write_back_lost.labels(reason)
         for event in ("created_implicit", "lost_state", "lost_policy"):
             self.stream_events.labels(event)
         self.store_writable.set(1)

@@ -99,7 +99,15 @@ class PredictResponse(BaseModel):
             "state); `policy`: its policy record had vanished and was restored from the state"
         ),
     )
-    adapted: bool = Field(description="this request's update was stored")
+    adapted: bool = Field(description="this request's update was applied to the stream's state")
+    durable: bool = Field(
+        True,
+        description=(
+            "the update is in the state store; false: held on the serving replica and written with a later "
+            "step, when the stream goes idle, or at shutdown (TTA_WRITE_BACK_STEPS > 1; a crash of that "
+            "replica loses it)"
+        ),
+    )
     not_adapted: Literal["conflict", "stream_replaced", "non_finite", "store_unwritable"] | None = Field(
         None, description="why an adapting request's update was not stored"
     )

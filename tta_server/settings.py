@@ -70,6 +70,27 @@ class Settings(BaseSettings):
             "used go first, and a state larger than this is not cached"
         ),
     )
+    write_back_steps: int = Field(
+        1,
+        ge=1,
+        le=10_000,
+        description=(
+            "commit a large state (write_back_min_bytes or more) to the store every N-th adapting step; between "
+            "commits it lives only in this replica's cache, so a crash loses up to N-1 steps of adaptation "
+            "(the stream resumes from its last stored state). 1 = every step is stored before it is answered"
+        ),
+    )
+    write_back_min_bytes: int = Field(
+        1024**2,
+        ge=0,
+        description="states smaller than this are always stored at every step (write_back_steps applies above)",
+    )
+    write_back_idle_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="a state held with unwritten steps is written once its stream has had no step this long",
+    )
     require_configured_streams: bool = Field(
         False,
         description=(

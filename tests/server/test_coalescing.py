@@ -155,7 +155,7 @@ def test_a_failing_step_fails_every_merged_request_and_keeps_the_state(
     batches = _batches(cifar_array, [8, 8, 8])
     engine = _engine(pool)
 
-    async def broken(*args: Any) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("device lost")
 
     async def scenario() -> tuple[list[Any], list[Any], int]:

@@ -252,6 +252,7 @@ def _response(stream: str, out: PredictOutcome, classes: tuple[str, ...], top_k:
         created=out.created,
         lost=out.lost,  # type: ignore[arg-type]
         adapted=out.adapted,
+        durable=out.durable,
         not_adapted=out.not_adapted,
         conflict=out.conflict,
         version=out.version,

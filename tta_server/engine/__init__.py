@@ -15,6 +15,7 @@ one place (tta_server.errors.to_http).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -29,7 +30,14 @@ from safetensors.torch import save as st_save
 from adapters import AdaptationState, ComposedStrategy, ModelHandle, StepResult, StrategyConfig, edge
 from adapters.serialization import to_host
 from tta_server.engine.observer import Observer
-from tta_server.engine.repository import CasOutcome, Prepared, StateRepository, prepare
+from tta_server.engine.repository import (
+    CasOutcome,
+    Prepared,
+    StateRepository,
+    WriteBack,
+    encode_state,
+    prepare,
+)
 from tta_server.engine.scheduler import Deadline, Pending, Scheduler
 from tta_server.engine.streams import Resolved, StreamService, parse_config, strategy, validate_policy
 from tta_server.errors import (
@@ -74,6 +82,7 @@ class PredictOutcome:
     not_adapted: NotAdapted | None = None
     created: bool = False
     lost: str | None = None
+    durable: bool = True  # False: the update is held on this replica, not yet in the store (write-back)
 
     @property
     def conflict(self) -> bool:
@@ -124,9 +133,13 @@ class Engine:
         )
         self.observer = Observer(metrics)
         self.scheduler = Scheduler(self.executor, settings.max_step_images, settings.max_stream_queue)
-        self.repository = StateRepository(
-            store, self.executor, metrics, settings.state_cache_size, settings.state_cache_bytes
+        write_back = WriteBack(
+            settings.write_back_steps, settings.write_back_min_bytes, settings.write_back_idle_seconds
         )
+        self.repository = StateRepository(
+            store, self.executor, metrics, settings.state_cache_size, settings.state_cache_bytes, write_back
+        )
+        self._write_back_task: asyncio.Task[None] | None = None
         self.default_policy = validate_policy(
             pool, None, settings.default_strategy, settings.default_config, 0
         )
@@ -138,6 +151,40 @@ class Engine:
     async def decode(self, fn: Callable[..., T], *args: Any) -> T:
         """Payload decoding, off the event loop and off the compute threads."""
         return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
+
+    def start(self) -> None:
+        """Background work of a running server: the idle write-back of held states (write_back_steps > 1)."""
+        if self.repository.write_back.steps > 1 and self._write_back_task is None:
+            self._write_back_task = asyncio.create_task(self._write_back_idle())
+
+    async def write_back(self, reason: str = "shutdown", idle_for: float = 0.0) -> int:
+        """Store the held steps of every stream idle for `idle_for` seconds; the number of streams written."""
+        written = 0
+        for ns, stream in self.repository.held_streams(idle_for):
+            async with self.scheduler.locks.hold(f"{ns}/{stream}"):
+                written += await self.repository.write_back_now(ns, stream, reason)
+        return written
+
+    async def _write_back_idle(self) -> None:
+        idle = self.repository.write_back.idle_seconds
+        while True:
+            await asyncio.sleep(min(1.0, idle / 2))
+            try:
+                await self.write_back("idle", idle)
+            except Exception:  # keep the loop alive: the next round retries what is still held
+                log.exception("idle write-back round failed")
+
+    async def shutdown(self) -> None:
+        """Stop the idle write-back and store every held state (a graceful stop loses no adaptation)."""
+        if self._write_back_task is not None:
+            self._write_back_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._write_back_task
+            self._write_back_task = None
+        written = await self.write_back("shutdown")
+        left = len(self.repository.held_streams())
+        if written or left:
+            log.info("shutdown: %d held states written, %d could not be", written, left)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -199,6 +246,9 @@ class Engine:
 
     async def describe(self, ns: str, stream: str) -> StreamView:
         resolved = await self.resolve(ns, stream, create=False)
+        held = self.repository.held_view(ns, stream, resolved.policy, resolved.state)
+        if held is not None:  # this replica has steps of the stream the store has not yet
+            return StreamView(resolved.policy, held[1], held[0])
         meta = resolved.state.meta if resolved.state is not None else {}
         return StreamView(resolved.policy, meta, resolved.version)
 
@@ -327,19 +377,28 @@ class Engine:
                 record = await self._reread(step)  # _Replaced: predict() serves it under the new incarnation
                 continue
             version, state = loaded
-            result, prepared = await self._compute(step, x, state)
+            hold = adapt and self.repository.holds(ns, stream, policy, version, state)
+            result, prepared = await self._compute(step, x, state, not hold)
             if not adapt or prepared is None:
                 return PredictOutcome(policy, result, False, version, rows, **base)
             if all(p.gone() for p in group):
                 # Nobody waits for this answer any more: do not commit what nobody will see acknowledged.
                 self.observer.discarded(policy, "deadline")
                 raise DeadlineExceededError("the request's deadline passed during its step")
-            if prepared.blob is None:
+            if not prepared.finite:
                 # Never store a broken update: the stream keeps its last good state.
                 log.warning("non-finite adapted state for %s/%s discarded", ns, stream)
                 self.observer.discarded(policy, "non_finite")
                 self.observer.reset(policy, "non_finite_rollback")
                 return PredictOutcome(policy, result, False, version, rows, not_adapted="non_finite", **base)
+            blob = prepared.blob
+            if blob is None:  # a held step (write-back)
+                held = self.repository.hold(ns, stream, policy, version, prepared)
+                if held is not None:
+                    return PredictOutcome(policy, result, True, held, rows, durable=False, **base)
+                # No room beside the other held states: store it now.
+                blob = await self.scheduler.run(encode_state, prepared.state)
+                prepared = replace(prepared, blob=blob)
             try:
                 new_version = await self.repository.commit(ns, stream, policy, version, prepared)
             except StoreFullError as exc:
@@ -349,7 +408,7 @@ class Engine:
                     policy, result, False, version, rows, not_adapted="store_unwritable", **base
                 )
             if new_version > 0:
-                self.observer.committed(policy, len(prepared.blob), prepared.drift.get("class_shift"))
+                self.observer.committed(policy, len(blob), prepared.drift.get("class_shift"))
                 return PredictOutcome(policy, result, True, new_version, rows, **base)
             if new_version == CasOutcome.GONE:
                 self.observer.discarded(policy, "stream_replaced")
@@ -380,23 +439,24 @@ class Engine:
         return current.state
 
     async def _compute(
-        self, step: _Step, x: list[torch.Tensor], state: AdaptationState
+        self, step: _Step, x: list[torch.Tensor], state: AdaptationState, encode: bool = True
     ) -> tuple[StepResult, Prepared | None]:
-        """The step and, when adapting, its state prepared for storage: one compute-thread hop (or one
-        shared forward with other streams' steps, where the strategy allows it)."""
+        """The step and, when adapting, its state prepared for storage (`encode=False`: checked, not
+        encoded, for a held step): one compute-thread hop (or one shared forward with other streams'
+        steps, where the strategy allows it)."""
         if self._shares_forward(step.handle, sum(b.shape[0] for b in x)) and step.strat.can_step_many(
             step.adapt
         ):
             return await self.scheduler.shared(
                 (step.policy.model, step.policy.strategy, step.policy.config, step.adapt),
-                lambda: self._step_one(step, x, state),
-                (x, state),
+                lambda: self._step_one(step, x, state, encode),
+                (x, state, encode),
                 lambda jobs: self._step_many(step, jobs),
             )
-        return await self.scheduler.run(self._step_one, step, x, state)
+        return await self.scheduler.run(self._step_one, step, x, state, encode)
 
     def _step_one(
-        self, step: _Step, x: list[torch.Tensor], state: AdaptationState
+        self, step: _Step, x: list[torch.Tensor], state: AdaptationState, encode: bool = True
     ) -> tuple[StepResult, Prepared | None]:
         """Compute thread."""
         t0 = time.perf_counter()
@@ -413,28 +473,28 @@ class Engine:
                 step.handle, _to_unit_float(x, step.handle.device), fresh, step.cfg, step.adapt
             )
         self._observe_compute(step, time.perf_counter() - t0, 1)
-        return result, self._prepare(step, result)
+        return result, self._prepare(step, result, encode)
 
     def _step_many(
-        self, step: _Step, jobs: list[tuple[list[torch.Tensor], AdaptationState]]
+        self, step: _Step, jobs: list[tuple[list[torch.Tensor], AdaptationState, bool]]
     ) -> list[tuple[StepResult, Prepared | None]]:
         """Compute thread: several streams' steps in one forward, each with its own statistics."""
         t0 = time.perf_counter()
-        xs = [_to_unit_float(x, step.handle.device) for x, _ in jobs]
-        results = step.strat.step_many(step.handle, xs, [s for _, s in jobs], step.cfg, step.adapt)
+        xs = [_to_unit_float(x, step.handle.device) for x, _, _ in jobs]
+        results = step.strat.step_many(step.handle, xs, [s for _, s, _ in jobs], step.cfg, step.adapt)
         self._observe_compute(step, time.perf_counter() - t0, len(jobs))
         out: list[tuple[StepResult, Prepared | None]] = []
-        for (x, state), result in zip(jobs, results, strict=True):
+        for (x, state, encode), result in zip(jobs, results, strict=True):
             if not bool(torch.isfinite(result.logits).all()):
-                out.append(self._step_one(step, x, state))  # rare: redo this stream alone
+                out.append(self._step_one(step, x, state, encode))  # rare: redo this stream alone
             else:
-                out.append((result, self._prepare(step, result)))
+                out.append((result, self._prepare(step, result, encode)))
         return out
 
-    def _prepare(self, step: _Step, result: StepResult) -> Prepared | None:
+    def _prepare(self, step: _Step, result: StepResult, encode: bool) -> Prepared | None:
         if not step.adapt:
             return None
-        return prepare(result, step.policy, step.handle.num_classes, self.settings.drift_momentum)
+        return prepare(result, step.policy, step.handle.num_classes, self.settings.drift_momentum, encode)
 
     def _observe_compute(self, step: _Step, seconds: float, streams: int) -> None:
         labels = (step.policy.model, step.policy.strategy)

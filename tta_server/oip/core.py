@@ -414,6 +414,8 @@ async def infer(
         }
         if out.not_adapted is not None:
             params["not_adapted"] = out.not_adapted
+        if not out.durable:
+            params["durable"] = False
         if "sequence_id" in req.parameters:
             params["sequence_id"] = req.parameters["sequence_id"]
     return InferResponse(handle.model_id, req.id, _outputs(logits, handle, wanted, sreq.top_k), params)
