@@ -16,6 +16,7 @@ COMMANDS = {
     "state": "tta_bench.state_size",
     "merge": "tta_bench.merge_runs",
     "sidebyside": "tta_bench.sidebyside",
+    "writeback": "tta_bench.write_back",
 }
 
 
