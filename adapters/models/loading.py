@@ -128,6 +128,15 @@ class ModelSpec(BaseModel):
             "config sets, e.g. {tent: {lr: 2.5e-4}}; a composite's part configs nest under the part's name"
         ),
     )
+    max_cached_streams: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "streams of this model whose states a replica keeps on its device between steps, at most (a few "
+            "for mean-teacher strategies on a large network: 0.4 GB per ResNet-50 cotta stream); None = only "
+            "the replica's TTA_STATE_CACHE_SIZE / TTA_STATE_CACHE_BYTES bounds"
+        ),
+    )
     random_init_seed: int | None = Field(None, description="required to allow weights=None (benchmarks)")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",

@@ -306,3 +306,49 @@ def test_a_graceful_restart_keeps_the_held_steps(make_client: Any, redis_url: st
     after = second.post("/v1/streams/wb/predict?adapt=false", content=probe, headers=NPY).json()
     assert after["version"] == 4 and second.get("/v1/streams/wb").json()["steps"] == 4
     assert [p["top_k"] for p in after["predictions"]] == [p["top_k"] for p in before["predictions"]]
+
+
+def test_a_models_bound_limits_its_cached_and_held_streams() -> None:
+    """models.yaml `max_cached_streams`: at most that many streams of the model stay cached (held ones count
+    and are never evicted); other models keep only the replica's bounds."""
+
+    async def scenario() -> None:
+        store = InMemoryStateStore(60)
+        with ThreadPoolExecutor(1) as pool:
+            wb = WriteBack(steps=5, min_bytes=0)
+            repo = StateRepository(store, pool, Metrics(), 10, 10**6, wb, {"big": 2})
+            policies = {
+                f"{m}{i}": Policy(m, "tent", {}, incarnation=f"inc-{m}{i}")
+                for m in ("big", "small")
+                for i in range(3)
+            }
+            for name, policy in policies.items():
+                await store.create(NS, name, policy.incarnation, policy.encode())
+            # One held stream of `big`, then three stored ones: only the newest stored one stays beside it.
+            assert repo.hold(NS, "big0", policies["big0"], 0, _prepared(10)) == 1
+            for name in ("big1", "big2", "small0", "small1", "small2"):
+                encoded = Prepared(_prepared(10).state, b"blob", b"{}", {})
+                assert await repo.commit(NS, name, policies[name], 0, encoded) == 1
+            cached = {s for (_, s) in repo._cache}
+            assert cached == {"big0", "big2", "small0", "small1", "small2"}
+            # A second held stream of `big` would exceed its bound with big0 held... after big2 went clean, one
+            # more held one fits (2 held at most); a third does not.
+            assert repo.holds(NS, "big1", policies["big1"], 1, _prepared(10).state)
+            assert repo.hold(NS, "big1", policies["big1"], 1, _prepared(10)) == 2
+            assert not repo.holds(NS, "big2", policies["big2"], 1, _prepared(10).state)
+            assert repo.hold(NS, "big2", policies["big2"], 1, _prepared(10)) is None
+            assert sorted(s for (_, s) in repo.held_streams()) == ["big0", "big1"]
+
+    asyncio.run(scenario())
+
+
+def test_max_cached_streams_of_a_model_spec_bounds_the_engines_cache(pool: ModelPool) -> None:
+    from adapters.models import ModelSpec
+
+    spec = pool.specs["cifar10_wrn40_2"].model_copy(update={"max_cached_streams": 3})
+    limited = ModelPool(dict(pool.handles), {**pool.specs, spec.id: spec}, pool.default_model)
+    engine = Engine(Settings(models_config=MODELS_YAML), limited, InMemoryStateStore(60), Metrics())
+    assert engine.repository.model_limits == {"cifar10_wrn40_2": 3}
+    engine.close()
+    with pytest.raises(ValueError):
+        ModelSpec.model_validate({**spec.model_dump(), "max_cached_streams": -1})

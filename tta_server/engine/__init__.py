@@ -137,7 +137,17 @@ class Engine:
             settings.write_back_steps, settings.write_back_min_bytes, settings.write_back_idle_seconds
         )
         self.repository = StateRepository(
-            store, self.executor, metrics, settings.state_cache_size, settings.state_cache_bytes, write_back
+            store,
+            self.executor,
+            metrics,
+            settings.state_cache_size,
+            settings.state_cache_bytes,
+            write_back,
+            {
+                m: spec.max_cached_streams
+                for m, spec in pool.specs.items()
+                if spec.max_cached_streams is not None
+            },
         )
         self._write_back_task: asyncio.Task[None] | None = None
         self.default_policy = validate_policy(

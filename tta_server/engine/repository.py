@@ -102,6 +102,7 @@ class _Cached:
     version: int
     state: AdaptationState
     stored: int = -1  # the version the store has of this incarnation (-1: `version`, nothing held)
+    model: str = ""  # the stream's model, for its per-model bound
     policy: Policy | None = None  # while steps are held: what their write-back commits under
     drift: float | None = None  # while steps are held: the drift board's score at write-back
     last_step: float = 0.0  # time.monotonic() of the latest held step
@@ -133,6 +134,7 @@ class StateRepository:
         cache_size: int,
         cache_bytes: int = 2 * 1024**3,
         write_back: WriteBack | None = None,
+        model_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -140,6 +142,7 @@ class StateRepository:
         self.cache_size = cache_size
         self.cache_bytes = cache_bytes
         self.write_back = write_back or WriteBack()
+        self.model_limits = dict(model_limits or {})  # model -> most cached streams (models.yaml)
         self._cache: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
         self._bytes = 0  # sum of the entries' nbytes
         self.writable = True  # False after the store refused a write for lack of memory
@@ -181,17 +184,24 @@ class StateRepository:
             return False
         if version + 1 - self._stored(ns, stream, policy, version) >= wb.steps:
             return False  # this is the N-th step: it is stored
-        return self._fits(ns, stream, size)
+        return self._fits(ns, stream, policy.model, size)
 
     def hold(self, ns: str, stream: str, policy: Policy, version: int, prepared: Prepared) -> int | None:
         """Keep `prepared` as version+1 in the cache only (the store keeps the version it has): the new
         version, or None when it does not fit beside the other held states (then it must be stored)."""
-        if not self._fits(ns, stream, _nbytes(prepared.state)):
+        if not self._fits(ns, stream, policy.model, _nbytes(prepared.state)):
             return None
         stored = self._stored(ns, stream, policy, version)
         score = prepared.drift.get("bn_distance")
         held = _Cached(
-            policy.incarnation, version + 1, prepared.state, stored, policy, score, time.monotonic()
+            policy.incarnation,
+            version + 1,
+            prepared.state,
+            stored,
+            policy.model,
+            policy,
+            score,
+            time.monotonic(),
         )
         self._remember(ns, stream, held)
         self._count_held()
@@ -204,10 +214,16 @@ class StateRepository:
             return entry.stored
         return version
 
-    def _fits(self, ns: str, stream: str, size: int) -> bool:
-        """Whether a held state of `size` bytes fits in the cache beside the other streams' held states."""
+    def _fits(self, ns: str, stream: str, model: str, size: int) -> bool:
+        """Whether a held state of `size` bytes fits in the cache beside the other streams' held states, within
+        the replica's bounds and its model's."""
         others = [e for k, e in self._cache.items() if e.held and k != (ns, stream)]
-        return len(others) < self.cache_size and sum(e.nbytes for e in others) + size <= self.cache_bytes
+        same_model = sum(e.model == model for e in others)
+        return (
+            len(others) < self.cache_size
+            and same_model < self.model_limits.get(model, self.cache_size)
+            and sum(e.nbytes for e in others) + size <= self.cache_bytes
+        )
 
     def held_view(
         self, ns: str, stream: str, policy: Policy, record: StateRecord | None
@@ -297,7 +313,9 @@ class StateRepository:
         if result > 0:
             if version > stored:
                 self.metrics.write_backs.labels("steps").inc()
-            self._remember(ns, stream, _Cached(policy.incarnation, result, prepared.state))
+            self._remember(
+                ns, stream, _Cached(policy.incarnation, result, prepared.state, model=policy.model)
+            )
         else:
             self.forget(ns, stream, "conflict" if result == CasOutcome.CONFLICT else "replaced")
         self._count_held()
@@ -342,7 +360,7 @@ class StateRepository:
     def _remember(self, ns: str, stream: str, entry: _Cached) -> None:
         """Cache `entry`, then drop the least recently used entries without held steps beyond the count and
         byte bounds. A state larger than the byte bound is not cached (its next step decodes the store's
-        blob); `holds` keeps the held entries within both bounds."""
+        blob); `holds` keeps the held entries within both bounds and their model's."""
         old = self._cache.pop((ns, stream), None)
         if old is not None:
             self._account(-old.nbytes)
@@ -355,6 +373,12 @@ class StateRepository:
             if len(self._cache) <= self.cache_size and self._bytes <= self.cache_bytes:
                 break
             if not self._cache[key].held:
+                self._account(-self._cache.pop(key).nbytes)
+        limit = self.model_limits.get(entry.model)
+        if limit is not None:  # the model's own bound (models.yaml max_cached_streams), least recent first
+            clean = [k for k, e in self._cache.items() if e.model == entry.model and not e.held]
+            held = sum(e.model == entry.model and e.held for e in self._cache.values())
+            for key in clean[: max(0, held + len(clean) - limit)]:
                 self._account(-self._cache.pop(key).nbytes)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
