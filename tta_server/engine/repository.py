@@ -67,7 +67,7 @@ def prepare(
     state = result.state.with_updates(drift=new_drift, policy=policy.config_hash())
     meta = encode_meta(dict(state.meta))
     if not encode:
-        finite = all(bool(torch.isfinite(t).all()) for t in state.tensors.values() if t.is_floating_point())
+        finite = all(_finite(t) for t in state.tensors.values() if t.is_floating_point())
         return Prepared(state, None, meta, new_drift, finite)
     host = _finite_on_host(state.tensors)
     blob = None if host is None else state_to_bytes(AdaptationState(host, state.meta))
@@ -91,9 +91,9 @@ _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 def _finite(t: torch.Tensor) -> bool:
     # numpy checks a host tensor in place, single-threaded: torch's isfinite + all costs a temporary and a
     # wake-up of the intra-op thread pool per call, 10x the time on a 350 KB state, more while the cores are busy.
-    if t.dtype in _NUMPY_FLOATS:
+    if t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS:
         return bool(np.isfinite(t.detach().numpy()).all())
-    return bool(torch.isfinite(t).all())  # bfloat16 and other dtypes numpy lacks
+    return bool(torch.isfinite(t).all())  # device tensors (a held state), bfloat16 and dtypes numpy lacks
 
 
 @dataclass
@@ -104,7 +104,6 @@ class _Cached:
     stored: int = -1  # the version the store has of this incarnation (-1: `version`, nothing held)
     model: str = ""  # the stream's model, for its per-model bound
     policy: Policy | None = None  # while steps are held: what their write-back commits under
-    drift: float | None = None  # while steps are held: the drift board's score at write-back
     last_step: float = 0.0  # time.monotonic() of the latest held step
 
     def __post_init__(self) -> None:
@@ -192,16 +191,8 @@ class StateRepository:
         if not self._fits(ns, stream, policy.model, _nbytes(prepared.state)):
             return None
         stored = self._stored(ns, stream, policy, version)
-        score = prepared.drift.get("bn_distance")
         held = _Cached(
-            policy.incarnation,
-            version + 1,
-            prepared.state,
-            stored,
-            policy.model,
-            policy,
-            score,
-            time.monotonic(),
+            policy.incarnation, version + 1, prepared.state, stored, policy.model, policy, time.monotonic()
         )
         self._remember(ns, stream, held)
         self._count_held()
@@ -249,9 +240,8 @@ class StateRepository:
         if entry is None or not entry.held or entry.policy is None:
             return False
         blob = await self._run(encode_state, entry.state)
-        prepared = Prepared(
-            entry.state, blob, encode_meta(dict(entry.state.meta)), {"bn_distance": entry.drift}
-        )
+        meta = dict(entry.state.meta)  # the drift figures of the held step are in it, as prepare() put them
+        prepared = Prepared(entry.state, blob, encode_meta(meta), meta.get("drift") or {})
         try:
             result = await self._cas(
                 ns, stream, entry.policy, entry.stored, entry.version - entry.stored, prepared
@@ -311,14 +301,14 @@ class StateRepository:
         stored = self._stored(ns, stream, policy, version)
         result = await self._cas(ns, stream, policy, stored, version + 1 - stored, prepared)
         if result > 0:
-            if version > stored:
-                self.metrics.write_backs.labels("steps").inc()
             self._remember(
                 ns, stream, _Cached(policy.incarnation, result, prepared.state, model=policy.model)
             )
+            if version > stored:  # it stored the steps held before it too
+                self.metrics.write_backs.labels("steps").inc()
+                self._count_held()
         else:
             self.forget(ns, stream, "conflict" if result == CasOutcome.CONFLICT else "replaced")
-        self._count_held()
         return result
 
     async def _cas(
@@ -369,11 +359,12 @@ class StateRepository:
             return
         self._cache[(ns, stream)] = entry
         self._account(size)
-        for key in list(self._cache):
-            if len(self._cache) <= self.cache_size and self._bytes <= self.cache_bytes:
-                break
-            if not self._cache[key].held:
-                self._account(-self._cache.pop(key).nbytes)
+        if len(self._cache) > self.cache_size or self._bytes > self.cache_bytes:
+            for key in list(self._cache):
+                if len(self._cache) <= self.cache_size and self._bytes <= self.cache_bytes:
+                    break
+                if not self._cache[key].held:
+                    self._account(-self._cache.pop(key).nbytes)
         limit = self.model_limits.get(entry.model)
         if limit is not None:  # the model's own bound (models.yaml max_cached_streams), least recent first
             clean = [k for k, e in self._cache.items() if e.model == entry.model and not e.held]
