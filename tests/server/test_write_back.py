@@ -352,3 +352,22 @@ def test_max_cached_streams_of_a_model_spec_bounds_the_engines_cache(pool: Model
     engine.close()
     with pytest.raises(ValueError):
         ModelSpec.model_validate({**spec.model_dump(), "max_cached_streams": -1})
+
+
+def test_a_step_after_a_reset_counts_the_old_incarnations_held_steps_as_lost(
+    pool: ModelPool, cifar_array: np.ndarray
+) -> None:
+    async def scenario() -> None:
+        store = InMemoryStateStore(60)
+        engine = _engine(pool, store, write_back_steps=5)
+        await engine.put_policy(NS, STREAM, None, "tent", {}, 0)
+        batches = _batches(cifar_array, 3)
+        await _steps(engine, batches[:2])
+        await engine.reset(NS, STREAM)
+        (first,) = await _steps(engine, batches[2:])  # the new incarnation's entry replaces the old one
+        assert first.version == 1 and not first.durable
+        m = engine.metrics
+        assert _count(m.write_back_lost, "replaced") == 2 and m.unwritten_steps._value.get() == 1
+        engine.close()
+
+    asyncio.run(scenario())

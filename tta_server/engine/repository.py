@@ -351,6 +351,9 @@ class StateRepository:
         """Cache `entry`, then drop the least recently used entries without held steps beyond the count and
         byte bounds. A state larger than the byte bound is not cached (its next step decodes the store's
         blob); `holds` keeps the held entries within both bounds and their model's."""
+        old = self._cache.get((ns, stream))
+        if old is not None and old.held and old.incarnation != entry.incarnation:
+            self.forget(ns, stream, "replaced")  # steps held under the stream's old incarnation go with it
         old = self._cache.pop((ns, stream), None)
         if old is not None:
             self._account(-old.nbytes)
