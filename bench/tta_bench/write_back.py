@@ -76,14 +76,15 @@ async def _round(
         await engine.put_policy("bench", stream, None, strategy, config, 0)
         for b in batches[:warmup]:
             await engine.predict("bench", stream, b, True)
-        times, written = [], 0.0
-        before = engine.metrics.state_bytes.labels(engine.default_policy.model, strategy)._sum.get()
+        times = []
+        stored = engine.metrics.state_bytes.labels(engine.default_policy.model, strategy)  # bytes per commit
+        before = stored._sum.get()
         for b in batches[warmup:]:
             t0 = time.perf_counter()
             out = await engine.predict("bench", stream, b, True)
             times.append(time.perf_counter() - t0)
             assert out.adapted, out.not_adapted
-        written = engine.metrics.state_bytes.labels(engine.default_policy.model, strategy)._sum.get() - before
+        written = stored._sum.get() - before
         unwritten = engine.metrics.unwritten_steps._value.get()
         state_bytes = engine.repository.cached_bytes
         await engine.shutdown()
