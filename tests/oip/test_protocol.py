@@ -154,6 +154,20 @@ def test_versions_and_stream_header(make_client) -> None:
     assert r.json()["parameters"]["adapted"] is False and r.json()["parameters"]["version"] == 2
 
 
+def test_an_input_that_cannot_be_served_neither_creates_nor_restarts_a_stream(make_client) -> None:
+    c = make_client()
+    wrong = np.zeros((2, 28, 28, 3), np.uint8)  # the model takes 32 x 32
+    body, headers = binary_body(wrong, sequence_id="fresh")
+    r = c.post(INFER, content=body, headers=headers)
+    assert (r.status_code, r.json()["error_type"]) == (400, "invalid_image")
+    assert c.get("/v1/streams/fresh").status_code == 404
+    body, headers = binary_body(images(4), sequence_id="kept")
+    assert c.post(INFER, content=body, headers=headers).json()["parameters"]["version"] == 1
+    body, headers = binary_body(wrong, sequence_id="kept", sequence_start=True)
+    assert c.post(INFER, content=body, headers=headers).status_code == 400
+    assert c.get("/v1/streams/kept").json()["version"] == 1  # not reset by the refused request
+
+
 def test_infer_is_admitted_like_predict(make_client) -> None:
     """The edge middleware's queue bound covers v2 infer: with none allowed, 503 overloaded."""
     c = make_client(max_pending_requests=1)

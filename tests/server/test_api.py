@@ -139,6 +139,29 @@ def test_bad_payloads_are_4xx_and_leave_state_alone(
     assert client.get("/v1/streams/b").json()["version"] == 1
 
 
+@pytest.mark.parametrize(
+    ("content", "headers", "status"),
+    [
+        (b"not an image", {"content-type": "text/plain"}, 415),
+        (b"\x93NUMPYgarbage", NPY, 400),
+        (npy_bytes(np.zeros((2, 32, 32, 3), np.float32)), NPY, 400),
+        (npy_bytes(np.zeros((2, 32, 32), np.uint8)), NPY, 400),
+        (npy_bytes(np.zeros((9, 32, 32, 3), np.uint8)), NPY, 413),
+        (
+            b"--b\r\nContent-Disposition: form-data; name=x\r\n\r\n1\r\n--b--\r\n",
+            {"content-type": "multipart/form-data; boundary=b"},
+            400,
+        ),
+    ],
+)
+def test_a_body_that_cannot_be_read_creates_no_stream(make_client, content, headers, status) -> None:
+    """The body is framed and its headers read before the stream is looked up: refused, it leaves nothing."""
+    client = make_client(max_batch=8)
+    r = client.post("/v1/streams/never/predict", content=content, headers=headers)
+    assert r.status_code == status, r.text
+    assert client.get("/v1/streams/never").status_code == 404
+
+
 def test_corrupt_jpeg_is_400(make_client, cifar_jpegs) -> None:
     truncated = cifar_jpegs[0][0][: len(cifar_jpegs[0][0]) // 3]
     r = make_client().post("/v1/streams/c/predict", files=files([b"GIF89a....", truncated]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import torch
@@ -37,9 +38,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 router = APIRouter(prefix="/v1", tags=["streams"], responses=ERRORS)
 
-#: The predict body in the OpenAPI document. The route reads the body itself (`_read_batch`: it must be
+#: The predict body in the OpenAPI document. The route reads the body itself (`_read_body`: it must be
 #: admitted and charged before anything is parsed), so FastAPI cannot infer it; this describes what
-#: `_read_batch` accepts, for generated clients and schema fuzzers.
+#: `_read_body` accepts, for generated clients and schema fuzzers.
 PREDICT_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -165,16 +166,19 @@ async def drift_top(
     return DriftTop(streams=rows)
 
 
-async def _read_batch(
-    request: Request, handle: ModelHandle, settings: SettingsDep, engine: Engine
-) -> torch.Tensor:
-    """The request's images as a uint8 batch, decoded only once the request may still be answered and
-    the pixels its headers declare are charged to its admission ticket (413 over the per-request
-    budget, 503 while the replica's budget is in use). The ticket holds them until the request is over."""
-    ticket: Ticket = request.state.ticket
-    size = handle.input_size
+@dataclass(frozen=True)
+class _Body:
+    """A predict body whose framing and image headers have been read: how many pixels decoding it will
+    charge, and how to decode it for a model."""
+
+    pixels: int
+    decode: Callable[[ModelHandle], torch.Tensor]
+
+
+async def _read_body(request: Request, settings: SettingsDep) -> _Body:
+    """The predict body's framing and image headers, read before the stream is looked up so that a body
+    that cannot be served (415, 413, 400) creates no stream. Nothing is decoded yet."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    decode: Callable[[], torch.Tensor]
     if ctype == "multipart/form-data":
         async with request.form(max_files=settings.max_batch + 1, max_fields=16) as form:
             files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
@@ -185,22 +189,32 @@ async def _read_batch(
             blobs = [await f.read() for f in files]
         # Headers only (format, size, JPEG scan lengths): off the event loop, but not queued behind decodes.
         infos = await asyncio.to_thread(codec.scan_files, blobs, settings.max_image_pixels)
-        pixels = sum(info.pixels for info in infos)
-        device = handle.device if settings.decode_on_device else None
-        decode = functools.partial(codec.decode_files, blobs, size, settings.max_image_pixels, device, infos)
-    elif ctype in ("application/x-npy", "application/octet-stream"):
+
+        def decode_files(handle: ModelHandle) -> torch.Tensor:
+            device = handle.device if settings.decode_on_device else None
+            return codec.decode_files(blobs, handle.input_size, settings.max_image_pixels, device, infos)
+
+        return _Body(sum(info.pixels for info in infos), decode_files)
+    if ctype in ("application/x-npy", "application/octet-stream"):
         body = await request.body()
         images, pixels = codec.npy_images(codec.npy_shape(body))
         if images > settings.max_batch:
             raise PayloadTooLargeError(f"at most {settings.max_batch} images per request, got {images}")
-        decode = functools.partial(codec.decode_npy, body, size)
-    else:
-        raise UnsupportedMediaTypeError(
-            f"unsupported content type {ctype or 'none'!r}; send multipart/form-data `files` or application/x-npy"
-        )
+        return _Body(pixels, lambda handle: codec.decode_npy(body, handle.input_size))
+    raise UnsupportedMediaTypeError(
+        f"unsupported content type {ctype or 'none'!r}; send multipart/form-data `files` or application/x-npy"
+    )
+
+
+async def _decode(request: Request, body: _Body, handle: ModelHandle, engine: Engine) -> torch.Tensor:
+    """The body's images as a uint8 batch for `handle`'s model, decoded only once the request may still be
+    answered and the pixels its headers declare are charged to its admission ticket (413 over the
+    per-request budget, 503 while the replica's budget is in use). The ticket holds them until the request
+    is over."""
+    ticket: Ticket = request.state.ticket
     await _still_wanted(request, ticket.deadline, "before decoding")
     # A cancelled request still holds its pixels until the decode thread has finished.
-    batch = await ticket.decode(pixels, lambda: engine.decode(decode))
+    batch = await ticket.decode(body.pixels, lambda: engine.decode(functools.partial(body.decode, handle)))
     await _still_wanted(request, ticket.deadline, "after decoding")
     return batch
 
@@ -223,9 +237,10 @@ async def predict(
     top_k: Annotated[int, Query(ge=1, le=1000)] = 3,
 ) -> PredictResponse:
     """Predict a batch of images for a stream, adapting its state unless adapt=false."""
+    body = await _read_body(request, settings)
     resolved = await engine.resolve(ns, stream_id)
     handle = engine.pool.get(resolved.policy.model)
-    batch = await _read_batch(request, handle, settings, engine)
+    batch = await _decode(request, body, handle, engine)
     outcome = await engine.predict(ns, stream_id, batch, adapt, resolved, deadline=request.state.deadline)
     return _response(stream_id, outcome, handle.classes, top_k)
 

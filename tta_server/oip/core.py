@@ -381,6 +381,9 @@ async def infer(
     handle = model_handle(engine, req.model, req.version)
     sreq = stream_request(req)
     wanted = _requested(req)
+    # The input tensor is checked before the stream is touched: a request that cannot be served neither
+    # creates nor restarts a stream.
+    images = await asyncio.to_thread(_images, req, handle, settings)
     resolved = None
     if sreq.stream is not None:
         if sreq.start:
@@ -392,7 +395,6 @@ async def infer(
                 f"stream {sreq.stream!r} serves model {resolved.policy.model!r}, not {handle.model_id!r}; "
                 f"PUT /v1/streams/{sreq.stream} with model {handle.model_id!r} to move it"
             )
-    images = await asyncio.to_thread(_images, req, handle, settings)
     await still_wanted("before decoding")
     batch = await ticket.decode(images.pixels, lambda: engine.decode(images.decode))
     await still_wanted("after decoding")
