@@ -11,6 +11,7 @@ LayerNorm and GroupNorm layers (of any subclass) keep computing their own statis
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -416,12 +417,30 @@ class BasePlan:
             self.batch_stats[layer.layer_index] = (mean.detach(), var_biased.detach())
 
 
+def grid_stride(height: int, width: int, positions: int | None) -> int:
+    """The stride, in both directions, of an even grid of at least `positions` of a (height, width) feature
+    map (1: every position; also when `positions` is None)."""
+    if positions is None:
+        return 1
+    return max(1, math.isqrt(height * width // positions))
+
+
+def on_grid(x: Tensor, stride: int) -> Tensor:
+    """`x` (N, C, H, W) read every `stride` rows and columns, as a compact tensor in `x`'s memory layout: the
+    reductions over a strided view are slower than the full pass they replace, over a copy of it they are not."""
+    if stride == 1:
+        return x
+    return x[:, :, ::stride, ::stride].clone(memory_format=torch.preserve_format)
+
+
 class SourcePlan(BasePlan):
     """Normalise with the frozen source running statistics (eval-mode BN).
 
     The recorded statistics serve only the drift figures, and are the one pass over each layer's input
-    this plan adds to the stock forward: `drift_images` bounds them to the batch's first images (a
-    contiguous slice, so no copy), None to every image.
+    this plan adds to the stock forward, so they are taken from a sample of it: the batch's first
+    `drift_images` images (None: every image), each read on an even grid of at least `drift_positions`
+    positions per layer (None: every position). The grid depends only on the layer, so a stream's figures
+    are the same in its own step and in a shared forward.
     """
 
     def __init__(
@@ -429,14 +448,17 @@ class SourcePlan(BasePlan):
         affine: Mapping[str, Tensor] | None = None,
         record: bool = False,
         drift_images: int | None = None,
+        drift_positions: int | None = None,
     ) -> None:
         super().__init__(affine, record)
         self.drift_images = drift_images
+        self.drift_positions = drift_positions
 
     def normalize(self, layer: AdaptiveBatchNorm2d, x: Tensor) -> Tensor:
         if self.record:
             k = self.drift_images
-            mean, var = channel_mean_var((x if k is None else x[:k]).detach())
+            stride = grid_stride(x.shape[2], x.shape[3], self.drift_positions)
+            mean, var = channel_mean_var(on_grid((x if k is None else x[:k]).detach(), stride))
             self._record(layer, mean, var)
         w, b = self.weight_bias(layer)
         return F.batch_norm(x, layer.running_mean, layer.running_var, w, b, False, 0.0, layer.eps)
@@ -447,8 +469,10 @@ class SourcePlan(BasePlan):
     ) -> Tensor:
         if any(plan.record for plan in plans):
             rows, sample = SourcePlan._drift_sample(plans, seg, x.device)
-            xs = x if rows is None else x.index_select(0, rows)
-            record_many(plans, layer, *sample.pool(*instance_mean_var(xs.detach())))
+            # One grid for all: the streams of a shared forward share their config.
+            stride = grid_stride(x.shape[2], x.shape[3], plans[0].drift_positions)
+            xs = on_grid(x.detach() if rows is None else x.detach().index_select(0, rows), stride)
+            record_many(plans, layer, *sample.pool(*instance_mean_var(xs)))
         w, b = stacked_affine(plans, layer, seg)
         if w.ndim == 1:
             return F.batch_norm(x, layer.running_mean, layer.running_var, w, b, False, 0.0, layer.eps)

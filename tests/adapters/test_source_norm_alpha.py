@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 import adapters
+from adapters._bn import grid_stride, on_grid
 from adapters.alpha_bn import AlphaBNConfig
 from adapters.base import ModelHandle
 from adapters.source import SourceConfig
@@ -162,6 +164,37 @@ def test_bn_distance_is_mean_symmetric_kl_to_source(tiny_handle: ModelHandle) ->
     assert expected > 0.01
 
 
+def test_the_drift_grid_strides_each_bn_input_to_at_least_drift_positions() -> None:
+    assert [grid_stride(h, h, 256) for h in (112, 56, 32, 28, 16, 14, 7)] == [7, 3, 2, 1, 1, 1, 1]
+    assert grid_stride(112, 112, None) == 1 and grid_stride(3, 3, 1) == 3
+    for h in (7, 16, 28, 32, 56, 112):
+        s = grid_stride(h, h, 256)
+        assert math.ceil(h / s) ** 2 >= min(256, h * h)  # at least that many positions (or every one)
+    x = torch.randn(2, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+    sample = on_grid(x, 4)
+    assert torch.equal(sample, x[:, :, ::4, ::4]) and sample.shape[2:] == (3, 3)
+    assert sample.is_contiguous(memory_format=torch.channels_last)  # compact, in the input's layout
+    assert on_grid(x, 1) is x
+
+
+def test_source_drift_figures_on_a_position_grid_leave_predictions_alone(tiny_handle: ModelHandle) -> None:
+    """`drift_positions` samples each BN input's positions for bn_distance; the logits never change."""
+    strategy = adapters.get_strategy("source")
+    x = make_batch(6, seed=12)
+
+    def step(positions: int | None) -> adapters.StepResult:
+        cfg = SourceConfig(drift_positions=positions)
+        return strategy.step(tiny_handle, x, strategy.init_state(tiny_handle, cfg), cfg)
+
+    every, grid, whole = step(None), step(16), step(16 * 16)  # the tiny model's maps are at most 16x16
+    assert torch.equal(grid.logits, every.logits)
+    assert whole.stats.bn_distance == every.stats.bn_distance
+    assert grid.stats.bn_distance != pytest.approx(every.stats.bn_distance, rel=1e-3)
+    assert grid.stats.bn_distance == pytest.approx(every.stats.bn_distance, rel=0.5)  # an estimate of it
+    with pytest.raises(ValueError):
+        SourceConfig(drift_positions=0)
+
+
 def test_source_drift_figures_come_from_the_first_drift_images(tiny_handle: ModelHandle) -> None:
     """`drift_images` bounds the images whose statistics make bn_distance; predictions never change."""
     strategy = adapters.get_strategy("source")
@@ -176,6 +209,9 @@ def test_source_drift_figures_come_from_the_first_drift_images(tiny_handle: Mode
     assert first_two.stats.bn_distance == pytest.approx(head.stats.bn_distance, rel=1e-5)
     assert first_two.stats.bn_distance != pytest.approx(every.stats.bn_distance, rel=1e-3)
     assert step(x, 6).stats.bn_distance == every.stats.bn_distance
-    assert strategy.config_cls is SourceConfig and SourceConfig().model_dump() == {"drift_images": 16}
+    assert strategy.config_cls is SourceConfig and SourceConfig().model_dump() == {
+        "drift_images": 16,
+        "drift_positions": 256,
+    }
     with pytest.raises(ValueError):
         SourceConfig(drift_images=0)

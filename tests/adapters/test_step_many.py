@@ -140,10 +140,14 @@ def test_streams_do_not_leak_into_each_other(tiny_handle: ModelHandle) -> None:
     assert not torch.allclose(mixed, alone, atol=1e-3)
 
 
-def test_a_shared_source_forward_samples_drift_rows_per_stream(tiny_handle: ModelHandle) -> None:
-    """Each stream's drift figures come from its own first `drift_images` rows, as in its own step."""
+@pytest.mark.parametrize("positions", [256, 16])
+def test_a_shared_source_forward_samples_drift_rows_per_stream(
+    tiny_handle: ModelHandle, positions: int
+) -> None:
+    """Each stream's drift figures come from its own first `drift_images` rows, on the same position grid,
+    as in its own step."""
     strategy = adapters.get_strategy("source")
-    cfg = SourceConfig(drift_images=2)
+    cfg = SourceConfig(drift_images=2, drift_positions=positions)
     batches = [make_batch(n, seed=20 + n) for n in (4, 1, 3)]
     states = [strategy.init_state(tiny_handle, cfg, seed=i) for i in range(3)]
     got = strategy.step_many(tiny_handle, batches, states, cfg, True)
