@@ -5,9 +5,9 @@ each on its own port. For every `--clients` count, rounds visit the targets in t
 every other round, so load from other processes hits all alike): LitServe serving the bare network
 (`tta_bench.litserve_bare`) and the service with each `--strategies` strategy, one stream per client.
 In a round each client posts `--requests` batches of `--batch-size` images back to back on its own
-keep-alive connection (`tta_bench.loadgen`). The service gets raw arrays (`application/x-npy`);
-LitServe, which hands its decoder parsed JSON, the same array base64-encoded in JSON. Both answer with
-the top 3 classes and the entropy per image. `ratio` is the strategy's img/s over LitServe's at the
+keep-alive connection (`tta_bench.loadgen`), after `--warmup-rounds` untimed rounds of every target.
+The service gets raw arrays (`application/x-npy`); LitServe, which hands its decoder parsed JSON, the
+same array base64-encoded in JSON. Both answer with the top 3 classes and the entropy per image. `ratio` is the strategy's img/s over LitServe's at the
 same client count; img/s is images over summed round wall time.
 
     tta-bench sidebyside --model wrn --batch-size 64 --clients 4,16 --strategies source,norm \\
@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--strategies", default="source,norm", help="the service's strategies, comma-separated")
     p.add_argument("--requests", type=int, default=4, help="requests per client per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=1,
+        help="untimed rounds of every target before each client count's timed ones (first-request costs)",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each server")
     p.add_argument("--server-timeout", type=float, default=180.0)
     p.add_argument("--round-seconds", type=float, default=300.0, help="cap on one round's wall time")
@@ -66,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.strategy_names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if not args.client_counts or min(args.client_counts) < 1 or args.requests < 1 or args.rounds < 1:
         p.error("--clients, --requests and --rounds must be positive")
+    if args.warmup_rounds < 0:
+        p.error("--warmup-rounds must be 0 or more")
     return args
 
 
@@ -222,6 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "requests_per_client": args.requests,
         "rounds": args.rounds,
+        "warmup_rounds": args.warmup_rounds,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "loadavg_start": list(os.getloadavg()),
         "results": {},
@@ -244,16 +253,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             targets[name] = (tta_port, posts, setup)
         for clients in args.client_counts:
             rounds: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
-            for r in range(args.rounds):
+            # Warm-up rounds first (reported, not counted): a server's first requests at a new load pay
+            # one-time costs (allocator growth, oneDNN primitives for new shapes) that are not its speed.
+            for r in range(-args.warmup_rounds, args.rounds):
                 order = list(targets) if r % 2 == 0 else list(reversed(targets))
                 for t in order:
                     port, posts, setup = targets[t]
                     res = asyncio.run(_round(port, clients, posts, args.requests, args.round_seconds, setup))
                     res["images"] = res["requests"] * b
-                    rounds[t].append(res)
+                    label = (
+                        f"warm-up {r + args.warmup_rounds + 1}/{args.warmup_rounds}"
+                        if r < 0
+                        else (f"round {r + 1}/{args.rounds}")
+                    )
+                    if r >= 0:
+                        rounds[t].append(res)
                     print(
-                        f"sidebyside: {clients} clients, round {r + 1}/{args.rounds}, {t}: "
-                        f"{res['images'] / res['wall_s']:.1f} img/s",
+                        f"sidebyside: {clients} clients, {label}, {t}: {res['images'] / res['wall_s']:.1f} img/s",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -275,7 +291,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"sidebyside: {report['model']} batch {report['batch']}, {report['threads']} torch threads per server, "
-        f"{report['rounds']} rounds x {report['requests_per_client']} requests per client",
+        f"{report['rounds']} rounds (after {report.get('warmup_rounds', 0)} warm-up) x "
+        f"{report['requests_per_client']} requests per client",
         f"same network: top-3 classes equal {report['same_predictions']['same_top_k']}, "
         f"max probability difference {report['same_predictions']['max_probability_diff']:.1e}",
         f"{'clients':>8}  {'target':<12}{'img/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}",

@@ -31,14 +31,14 @@ def test_tiny_side_by_side_run_serves_the_same_network_and_reports_ratios(tmp_pa
     # LitServe's bare network and the service's `source` answer one batch alike.
     same = report["same_predictions"]
     assert same["images"] == 4 and same["same_top_k"] is True and same["max_probability_diff"] < 1e-4
-    assert set(report["results"]) == {"1", "2"}
+    assert set(report["results"]) == {"1", "2"} and report["warmup_rounds"] == 1
     for clients, targets in report["results"].items():
         assert set(targets) == {"litserve", "source", "norm"}
         assert targets["litserve"]["ratio"] == 1.0
         for row in targets.values():
             assert math.isfinite(row["ips"]) and row["ips"] > 0
             assert row["p99_ms"] >= row["p50_ms"] > 0
-            (only,) = row["rounds"]
+            (only,) = row["rounds"]  # the warm-up round is not counted
             assert only["requests"] == int(clients) and only["images"] == 4 * int(clients)
     assert report["idle_cpu_s"]["litserve_per_5s"] >= 0
 
@@ -48,3 +48,5 @@ def test_bad_arguments_are_refused() -> None:
         sidebyside.parse_args(["--clients", "0"])
     with pytest.raises(SystemExit):
         sidebyside.parse_args(["--rounds", "0"])
+    with pytest.raises(SystemExit):
+        sidebyside.parse_args(["--warmup-rounds", "-1"])
