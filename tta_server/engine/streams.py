@@ -100,6 +100,22 @@ def validate_policy(
     return Policy(handle.model_id, strategy_name, cfg.model_dump(mode="json"), seed)
 
 
+def same_settings(current: Policy, new: Policy) -> bool:
+    """Whether `new` (a validated PUT) asks for the settings a stream's stored policy has. The stored config is
+    read through its strategy's config class first: a field the strategy gained since the record was written
+    takes its default when the stream steps, so a PUT with that default is no change (a rolling upgrade does
+    not restart every stream whose client re-sends its policy)."""
+    if current.settings() == new.settings():
+        return True
+    if (current.model, current.strategy, current.seed) != (new.model, new.strategy, new.seed):
+        return False
+    try:
+        filled = strategy(current.strategy).parse_config(current.config).model_dump(mode="json")
+    except (UnknownStrategyError, ValueError):  # pydantic.ValidationError is a ValueError
+        return False
+    return bool(filled == new.config)
+
+
 class StreamService:
     def __init__(
         self,
@@ -179,7 +195,7 @@ class StreamService:
             current = (await self.resolve(ns, stream, None, create=False)).policy
         except (UnknownStreamError, StateCorruptError, CorruptRecordError, StateMismatchError):
             current = None
-        if current is not None and current.settings() == new.settings():
+        if current is not None and same_settings(current, new):
             return current
         policy = Policy(new.model, new.strategy, new.config, new.seed, new_incarnation(), "put")
         await self.store.replace(ns, stream, policy.incarnation, policy.encode())
