@@ -425,12 +425,15 @@ def grid_stride(height: int, width: int, positions: int | None) -> int:
     return max(1, math.isqrt(height * width // positions))
 
 
-def on_grid(x: Tensor, stride: int) -> Tensor:
-    """`x` (N, C, H, W) read every `stride` rows and columns, as a compact tensor in `x`'s memory layout: the
-    reductions over a strided view are slower than the full pass they replace, over a copy of it they are not."""
-    if stride == 1:
-        return x
-    return x[:, :, ::stride, ::stride].clone(memory_format=torch.preserve_format)
+def on_grid(x: Tensor, stride: int, rows: Tensor | None = None) -> Tensor:
+    """`x` (N, C, H, W) read every `stride` rows and columns (and only its batch rows `rows`, None: all) as one
+    compact copy (`x` itself when nothing is dropped): the reductions over a strided view are slower than the
+    full pass they replace, over a copy of it they are not. The grid view is taken before the rows are
+    selected, so only the sample is copied."""
+    grid = x if stride == 1 else x[:, :, ::stride, ::stride]
+    if rows is not None:
+        return grid.index_select(0, rows)
+    return grid if stride == 1 else grid.clone(memory_format=torch.preserve_format)
 
 
 class SourcePlan(BasePlan):
@@ -471,7 +474,7 @@ class SourcePlan(BasePlan):
             rows, sample = SourcePlan._drift_sample(plans, seg, x.device)
             # One grid for all: the streams of a shared forward share their config.
             stride = grid_stride(x.shape[2], x.shape[3], plans[0].drift_positions)
-            xs = on_grid(x.detach() if rows is None else x.detach().index_select(0, rows), stride)
+            xs = on_grid(x.detach(), stride, rows)
             record_many(plans, layer, *sample.pool(*instance_mean_var(xs)))
         w, b = stacked_affine(plans, layer, seg)
         if w.ndim == 1:

@@ -175,6 +175,8 @@ def test_the_drift_grid_strides_each_bn_input_to_at_least_drift_positions() -> N
     assert torch.equal(sample, x[:, :, ::4, ::4]) and sample.shape[2:] == (3, 3)
     assert sample.is_contiguous(memory_format=torch.channels_last)  # compact, in the input's layout
     assert on_grid(x, 1) is x
+    rows = torch.tensor([1])
+    assert torch.equal(on_grid(x, 4, rows), x[1:, :, ::4, ::4]) and torch.equal(on_grid(x, 1, rows), x[1:])
 
 
 def test_source_drift_figures_on_a_position_grid_leave_predictions_alone(tiny_handle: ModelHandle) -> None:
