@@ -7,8 +7,9 @@ every other round, so load from other processes hits all alike): LitServe servin
 In a round each client posts `--requests` batches of `--batch-size` images back to back on its own
 keep-alive connection (`tta_bench.loadgen`), after `--warmup-rounds` untimed rounds of every target.
 The service gets raw arrays (`application/x-npy`); LitServe, which hands its decoder parsed JSON, the
-same array base64-encoded in JSON. Both answer with the top 3 classes and the entropy per image. `ratio` is the strategy's img/s over LitServe's at the
-same client count; img/s is images over summed round wall time.
+same array base64-encoded in JSON. Both answer with the top 3 classes and the entropy per image.
+`ratio` is the strategy's img/s over LitServe's at the same client count; img/s is images over summed
+round wall time.
 
     tta-bench sidebyside --model wrn --batch-size 64 --clients 4,16 --strategies source,norm \\
         --threads 2 --rounds 3 --json .bench/sidebyside.json
@@ -261,12 +262,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     port, posts, setup = targets[t]
                     res = asyncio.run(_round(port, clients, posts, args.requests, args.round_seconds, setup))
                     res["images"] = res["requests"] * b
-                    label = (
-                        f"warm-up {r + args.warmup_rounds + 1}/{args.warmup_rounds}"
-                        if r < 0
-                        else (f"round {r + 1}/{args.rounds}")
-                    )
-                    if r >= 0:
+                    if r < 0:
+                        label = f"warm-up {r + args.warmup_rounds + 1}/{args.warmup_rounds}"
+                    else:
+                        label = f"round {r + 1}/{args.rounds}"
                         rounds[t].append(res)
                     print(
                         f"sidebyside: {clients} clients, {label}, {t}: {res['images'] / res['wall_s']:.1f} img/s",
